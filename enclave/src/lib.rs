@@ -1,0 +1,5 @@
+//! The nitro-keystore enclave: it talks to the Nitro Security Module
+//! ([`nsm`]), holds an ephemeral RSA recipient key, opens KMS
+//! `CiphertextForRecipient` blobs ([`cms`]), keeps secrets sealed in memory
+//! ([`store`]) and serves them over vsock ([`server`]).
+#![forbid(unsafe_code)]

@@ -1,0 +1,4 @@
+//! `keystore-host`: client, proxy and operator commands on the parent instance.
+#![forbid(unsafe_code)]
+
+fn main() {}

@@ -1,0 +1,2 @@
+//! End-to-end tests and local stand-ins for nitro-keystore.
+#![forbid(unsafe_code)]
