@@ -3,3 +3,5 @@
 //! `CiphertextForRecipient` blobs ([`cms`]), keeps secrets sealed in memory
 //! ([`store`]) and serves them over vsock ([`server`]).
 #![forbid(unsafe_code)]
+
+pub mod nsm;
