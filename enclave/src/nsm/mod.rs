@@ -6,6 +6,12 @@
 
 use std::path::PathBuf;
 
+pub mod device;
+pub mod mock;
+
+pub use device::{DeviceNsm, NSM_DEVICE_PATH};
+pub use mock::{MockConfig, MockNsm, MockPki};
+
 /// The most bytes NSM accepts in each of `public_key`, `user_data` and
 /// `nonce` (real documents carry exactly 1024 of each).
 pub const MAX_ATTESTATION_FIELD: usize = 1024;
@@ -72,6 +78,12 @@ pub enum NsmError {
         /// What went wrong.
         reason: String,
     },
+    /// The mock NSM's configuration was refused.
+    #[error("invalid mock NSM configuration: {0}")]
+    InvalidConfig(String),
+    /// A local failure (OS random generator, clock, signing).
+    #[error("NSM internal error: {0}")]
+    Internal(String),
 }
 
 impl AttestationRequest {
