@@ -5,3 +5,5 @@
 #![forbid(unsafe_code)]
 
 pub mod nsm;
+pub mod recipient;
+pub mod store;
