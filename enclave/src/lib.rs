@@ -4,4 +4,5 @@
 //! ([`store`]) and serves them over vsock ([`server`]).
 #![forbid(unsafe_code)]
 
+pub mod cms;
 pub mod nsm;
