@@ -37,9 +37,7 @@ fn walk(reader: &mut SliceReader<'_>, depth: usize, max_depth: usize) -> Result<
         }
         let header = Header::decode(reader)?;
         if header.is_constructed() {
-            reader.read_nested(header.length(), |nested| {
-                walk(nested, depth + 1, max_depth)
-            })?;
+            reader.read_nested(header.length(), |nested| walk(nested, depth + 1, max_depth))?;
         } else {
             reader.read_slice(header.length())?;
         }

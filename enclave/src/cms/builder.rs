@@ -94,19 +94,18 @@ where
         .encrypt(rng, Oaep::<Sha256>::new(), content_key.as_slice())
         .map_err(|_| CmsError::KeyWrap)?;
 
-    let recipient_infos = RecipientInfos::try_from(vec![RecipientInfo::Ktri(
-        KeyTransRecipientInfo {
+    let recipient_infos =
+        RecipientInfos::try_from(vec![RecipientInfo::Ktri(KeyTransRecipientInfo {
             version: CmsVersion::V2,
-            rid: RecipientIdentifier::SubjectKeyIdentifier(SubjectKeyIdentifier(
-                OctetString::new(ski)?,
-            )),
+            rid: RecipientIdentifier::SubjectKeyIdentifier(SubjectKeyIdentifier(OctetString::new(
+                ski,
+            )?)),
             key_enc_alg: AlgorithmIdentifierOwned {
                 oid: rfc5912::ID_RSAES_OAEP,
                 parameters: Some(Any::encode_from(&kms_oaep_params()?)?),
             },
             enc_key: OctetString::new(encrypted_key)?,
-        },
-    )])?;
+        })])?;
     let content_enc_alg = AlgorithmIdentifierOwned {
         oid: rfc5911::ID_AES_256_CBC,
         parameters: Some(Any::encode_from(&OctetStringRef::new(&iv)?)?),

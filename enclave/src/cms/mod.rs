@@ -276,7 +276,7 @@ pub fn parse(blob: &[u8]) -> Result<EnvelopeInfo, CmsError> {
         .as_ref()
         .ok_or(CmsError::MissingContent)?
         .as_bytes();
-    if ciphertext.is_empty() || ciphertext.len() % BLOCK_LEN != 0 {
+    if ciphertext.is_empty() || !ciphertext.len().is_multiple_of(BLOCK_LEN) {
         return Err(CmsError::CiphertextLength(ciphertext.len()));
     }
 
@@ -399,22 +399,32 @@ fn check_key_encryption(alg: &AlgorithmIdentifierOwned) -> Result<(), CmsError> 
     let params: OaepParams = params.decode_as_encoding(EncodingRules::Ber)?;
 
     if !params.hash.as_ref().is_some_and(is_sha256) {
-        return Err(CmsError::UnsupportedKeyEncryption("OAEP hash is not SHA-256"));
+        return Err(CmsError::UnsupportedKeyEncryption(
+            "OAEP hash is not SHA-256",
+        ));
     }
     let mgf = params
         .mask_gen
         .as_ref()
-        .ok_or(CmsError::UnsupportedKeyEncryption("MGF1 hash is not SHA-256"))?;
+        .ok_or(CmsError::UnsupportedKeyEncryption(
+            "MGF1 hash is not SHA-256",
+        ))?;
     if mgf.oid != rfc5912::ID_MGF_1 {
-        return Err(CmsError::UnsupportedKeyEncryption("mask generation is not MGF1"));
+        return Err(CmsError::UnsupportedKeyEncryption(
+            "mask generation is not MGF1",
+        ));
     }
     let mgf_hash: AlgorithmIdentifierOwned = mgf
         .parameters
         .as_ref()
-        .ok_or(CmsError::UnsupportedKeyEncryption("MGF1 hash is not SHA-256"))?
+        .ok_or(CmsError::UnsupportedKeyEncryption(
+            "MGF1 hash is not SHA-256",
+        ))?
         .decode_as_encoding(EncodingRules::Ber)?;
     if !is_sha256(&mgf_hash) {
-        return Err(CmsError::UnsupportedKeyEncryption("MGF1 hash is not SHA-256"));
+        return Err(CmsError::UnsupportedKeyEncryption(
+            "MGF1 hash is not SHA-256",
+        ));
     }
     if let Some(p_source) = &params.p_source {
         // DER omits the default, but accept it spelled out: pSpecified with
@@ -426,7 +436,9 @@ fn check_key_encryption(alg: &AlgorithmIdentifierOwned) -> Result<(), CmsError> 
                 .and_then(|p| p.decode_as_encoding::<OctetString>(EncodingRules::Ber).ok())
                 .is_some_and(|label| label.is_empty());
         if !empty_label {
-            return Err(CmsError::UnsupportedKeyEncryption("OAEP label is not empty"));
+            return Err(CmsError::UnsupportedKeyEncryption(
+                "OAEP label is not empty",
+            ));
         }
     }
     Ok(())
