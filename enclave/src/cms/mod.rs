@@ -203,8 +203,9 @@ struct OaepParams {
 }
 
 /// SHA-256 of a DER SubjectPublicKeyInfo: the subjectKeyIdentifier that KMS
-/// puts in `rid`, so the enclave can tell whether a blob was made for its
-/// current key (RFC 7093 method 1 style, but over the whole SPKI, as KMS does).
+/// puts in `rid` (over the whole SPKI, unlike the RFC 5280/7093 methods that
+/// hash only the key bits), so the enclave can tell whether a blob was made
+/// for its current recipient key or for a rotated-out one.
 pub fn subject_key_identifier(spki_der: &[u8]) -> [u8; 32] {
     Sha256::digest(spki_der).into()
 }
