@@ -4,6 +4,7 @@
 //! ([`store`]) and serves them over vsock ([`server`]).
 #![forbid(unsafe_code)]
 
+pub mod cms;
 pub mod nsm;
 pub mod recipient;
 pub mod store;
