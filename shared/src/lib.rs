@@ -3,3 +3,4 @@
 //! [`protocol`]), and how an attestation document is checked
 //! ([`attestation`]).
 #![forbid(unsafe_code)]
+pub mod attestation;
