@@ -602,3 +602,31 @@ fn error_messages_name_the_check() {
     );
     assert_eq!(err.kind(), "CertificateNotValidAt");
 }
+
+#[test]
+fn deeply_nested_cbor_is_refused_without_overflowing_the_stack() {
+    let pki = pki();
+    // Unprotected header {1: [[[[...]]]]} nested 20,000 deep.
+    let mut doc = vec![0x84];
+    bstr(&mut doc, &PROTECTED_ES384);
+    doc.extend([0xa1, 0x01]);
+    doc.extend(std::iter::repeat_n(0x81, 20_000));
+    doc.push(0x00);
+    bstr(&mut doc, &[0xa0]);
+    bstr(&mut doc, &[0; 96]);
+    assert!(matches!(
+        verifier(&pki).verify(&doc),
+        Err(AttestationError::Malformed { .. })
+    ));
+    // The same nesting inside the payload, under an unknown key.
+    let mut deep = Vec::new();
+    tstr(&mut deep, "deep");
+    deep.extend(std::iter::repeat_n(0x81, 20_000));
+    deep.push(0x00);
+    let p = Payload {
+        extra: vec![deep],
+        ..payload(&pki)
+    };
+    let err = AttestationDocument::parse_unverified(&signed(&pki, &p)).unwrap_err();
+    assert!(matches!(err, AttestationError::Malformed { .. }), "{err}");
+}

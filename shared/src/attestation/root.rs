@@ -11,7 +11,7 @@ use super::error::AttestationError;
 /// DER of the AWS Nitro Enclaves Root G1, as published by AWS.
 const AWS_ROOT_G1_DER: &[u8] = include_bytes!("aws_nitro_enclaves_root_g1.der");
 
-/// SHA-256 of [`AWS_ROOT_G1_DER`], from AWS's documentation; the embedded
+/// SHA-256 of the AWS root DER, from AWS's documentation; the embedded
 /// bytes are checked against it so a corrupted copy cannot be trusted.
 pub const AWS_ROOT_G1_SHA256: &str =
     "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b";
