@@ -4,6 +4,7 @@
 //! ([`attestation`]).
 #![forbid(unsafe_code)]
 
+pub mod attestation;
 pub mod endpoint;
 pub mod frame;
 pub mod protocol;
