@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod attestation_cmd;
+mod policy_cmd;
 mod rfc3339;
 
 use std::process::ExitCode;
@@ -18,12 +19,14 @@ struct Cli {
     command: Command,
 }
 
-/// Top-level commands; later: get, list, status, attest, proxy, encrypt, policy.
+/// Top-level commands.
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Inspect and verify Nitro attestation documents.
     #[command(subcommand)]
     Attestation(attestation_cmd::AttestationCommand),
+    /// Write the KMS key policy that pins this enclave build's measurements.
+    Policy(policy_cmd::PolicyArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Attestation(cmd) => attestation_cmd::run(cmd),
+        Command::Policy(args) => policy_cmd::run(args),
     }
 }
 
