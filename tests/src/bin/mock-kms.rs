@@ -1,0 +1,2 @@
+//! placeholder during dependency build
+fn main() {}
