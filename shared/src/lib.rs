@@ -3,3 +3,15 @@
 //! [`protocol`]), and how an attestation document is checked
 //! ([`attestation`]).
 #![forbid(unsafe_code)]
+
+pub mod attestation;
+pub mod endpoint;
+pub mod frame;
+pub mod protocol;
+
+pub use endpoint::{Endpoint, EndpointError, Listener, Peer, Stream};
+pub use frame::{Connection, FrameError, FrameLimits};
+pub use protocol::{
+    Credentials, ErrorCode, LoadEntry, PROTOCOL_VERSION, ProtocolError, Request, RequestOp,
+    Response, ResponseBody, SecretBytes, SecretString, StatusReport,
+};

@@ -1,0 +1,480 @@
+//! The messages host apps, the host proxy and the enclave exchange.
+//!
+//! Every message travels as one CBOR frame (see [`crate::frame`]). Requests
+//! carry an `id` the response echoes, so a client can match answers, and a
+//! protocol version `v` so either side can refuse a peer it does not
+//! understand instead of misreading it.
+//!
+//! Evolution rules: structs ignore map keys they do not know and treat absent
+//! `Option` fields as `None`, so fields may be added; renaming or removing
+//! one, or adding a request or response variant an old peer must handle,
+//! needs a new [`PROTOCOL_VERSION`].
+//!
+//! Secret values and AWS credentials are held in [`SecretBytes`] /
+//! [`SecretString`]: wiped on drop, printed by `Debug` as
+//! `[REDACTED N bytes]`, and without `Display`, so logging a whole response
+//! cannot leak them.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zeroize::Zeroizing;
+
+use crate::frame::FrameError;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest request frame body accepted from host apps.
+pub const DEFAULT_MAX_REQUEST_FRAME: usize = 64 * 1024;
+
+/// Largest `Load` frame body accepted from the host proxy: a whole secrets
+/// file of `ENC[...]` envelopes.
+pub const DEFAULT_MAX_LOAD_FRAME: usize = 16 * 1024 * 1024;
+
+/// Largest secret value the keystore stores or serves.
+pub const DEFAULT_MAX_SECRET_VALUE: usize = 1024 * 1024;
+
+/// Room for everything in a response besides the secret value itself (id,
+/// version, variant and field names, the secret's name).
+pub const RESPONSE_OVERHEAD: usize = 64 * 1024;
+
+/// The response frame limit that lets a secret of `max_secret_value` bytes
+/// through: servers use it as their write limit and clients as their read
+/// limit, so both sides agree.
+pub const fn max_response_frame(max_secret_value: usize) -> usize {
+    max_secret_value.saturating_add(RESPONSE_OVERHEAD)
+}
+
+/// Frame limit for responses with the default secret-value limit.
+pub const DEFAULT_MAX_RESPONSE_FRAME: usize = max_response_frame(DEFAULT_MAX_SECRET_VALUE);
+
+/// A request, from a host app or the host proxy to the enclave, or from the
+/// enclave to the credentials service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Chosen by the client; echoed in the response.
+    pub id: u64,
+    /// Protocol version; see [`PROTOCOL_VERSION`].
+    pub v: u16,
+    /// What is asked.
+    pub op: RequestOp,
+}
+
+/// The operations a [`Request`] can ask for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestOp {
+    /// One secret by name.
+    Get {
+        /// The secret's key path.
+        name: String,
+    },
+    /// The names (never the values) of all loaded secrets.
+    List,
+    /// Health and freshness of the enclave.
+    Status,
+    /// A fresh attestation document binding the caller's nonce, so a host
+    /// app can check what it is talking to.
+    Attest {
+        /// Caller-chosen freshness value, copied into the document.
+        #[serde(with = "serde_bytes")]
+        nonce: Vec<u8>,
+        /// Optional extra data copied into the document.
+        #[serde(default, with = "serde_bytes")]
+        user_data: Option<Vec<u8>>,
+    },
+    /// A new set of encrypted secrets from the host proxy; replaces the old
+    /// set atomically once all of it decrypts.
+    Load {
+        /// The encrypted entries.
+        entries: Vec<LoadEntry>,
+    },
+    /// AWS credentials for KMS, asked by the enclave of the credentials
+    /// service.
+    GetCredentials,
+}
+
+impl RequestOp {
+    /// A short, stable name for logs and metrics (no arguments, so no
+    /// secret names or payloads).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RequestOp::Get { .. } => "get",
+            RequestOp::List => "list",
+            RequestOp::Status => "status",
+            RequestOp::Attest { .. } => "attest",
+            RequestOp::Load { .. } => "load",
+            RequestOp::GetCredentials => "get_credentials",
+        }
+    }
+}
+
+/// One encrypted secret in a `Load`. The envelope is ciphertext, not a
+/// secret; the enclave parses and decrypts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadEntry {
+    /// The secret's key path, bound into its encryption context.
+    pub name: String,
+    /// The `ENC[v1:...]` text as it appears in the secrets file.
+    pub envelope: String,
+}
+
+impl Request {
+    /// A request at the current [`PROTOCOL_VERSION`].
+    pub fn new(id: u64, op: RequestOp) -> Self {
+        Request {
+            id,
+            v: PROTOCOL_VERSION,
+            op,
+        }
+    }
+
+    /// Refuses requests from a peer speaking another protocol version.
+    pub fn check_version(&self) -> Result<(), ProtocolError> {
+        check_version(self.v)
+    }
+}
+
+/// A response to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The `id` of the request this answers (0 if the request could not be
+    /// decoded far enough to know it).
+    pub id: u64,
+    /// Protocol version; see [`PROTOCOL_VERSION`].
+    pub v: u16,
+    /// The outcome.
+    pub result: ResponseBody,
+}
+
+/// The outcome of a request: the success matching its operation, or an
+/// error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResponseBody {
+    /// Answer to `Get`.
+    Secret {
+        /// The secret's key path.
+        name: String,
+        /// The plaintext value.
+        value: SecretBytes,
+    },
+    /// Answer to `List`.
+    Names {
+        /// Key paths of all loaded secrets.
+        names: Vec<String>,
+    },
+    /// Answer to `Status`.
+    Status(StatusReport),
+    /// Answer to `Attest`.
+    Attestation {
+        /// The COSE_Sign1 attestation document as produced by the NSM.
+        #[serde(with = "serde_bytes")]
+        document: Vec<u8>,
+    },
+    /// Answer to `Load`: the new set is in place.
+    Loaded {
+        /// Number of secrets now loaded.
+        count: u64,
+    },
+    /// Answer to `GetCredentials`.
+    Credentials(Credentials),
+    /// The request failed. The message never contains secret material.
+    Error {
+        /// Machine-readable category.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// No secret by that name.
+    NotFound,
+    /// The caller may not do this.
+    Denied,
+    /// No secrets loaded yet (or the enclave is still starting).
+    NotReady,
+    /// The request is malformed or uses another protocol version.
+    BadRequest,
+    /// A frame or value exceeds a size limit.
+    TooLarge,
+    /// A dependency (KMS, credentials service) is unreachable; retry later.
+    Unavailable,
+    /// A bug or unexpected failure on the server.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The variant name, as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NotFound => "NotFound",
+            ErrorCode::Denied => "Denied",
+            ErrorCode::NotReady => "NotReady",
+            ErrorCode::BadRequest => "BadRequest",
+            ErrorCode::TooLarge => "TooLarge",
+            ErrorCode::Unavailable => "Unavailable",
+            ErrorCode::Internal => "Internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&FrameError> for ErrorCode {
+    /// The code a server answers with when reading a request failed.
+    fn from(err: &FrameError) -> Self {
+        match err {
+            FrameError::TooLarge { .. } | FrameError::OutgoingTooLarge { .. } => {
+                ErrorCode::TooLarge
+            }
+            FrameError::Truncated { .. } | FrameError::Decode(_) => ErrorCode::BadRequest,
+            FrameError::Encode(_) | FrameError::Io(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl Response {
+    /// A response at the current [`PROTOCOL_VERSION`].
+    pub fn new(id: u64, result: ResponseBody) -> Self {
+        Response {
+            id,
+            v: PROTOCOL_VERSION,
+            result,
+        }
+    }
+
+    /// An error response. `message` must not contain secret material.
+    pub fn error(id: u64, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::new(
+            id,
+            ResponseBody::Error {
+                code,
+                message: message.into(),
+            },
+        )
+    }
+
+    /// Refuses responses from a peer speaking another protocol version.
+    pub fn check_version(&self) -> Result<(), ProtocolError> {
+        check_version(self.v)
+    }
+}
+
+/// Protocol-level errors (the frame decoded but its content is not
+/// acceptable).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The peer speaks a protocol version we do not.
+    #[error("unsupported protocol version {got}; this build speaks version {expected}")]
+    UnsupportedVersion {
+        /// The version the peer sent.
+        got: u16,
+        /// [`PROTOCOL_VERSION`].
+        expected: u16,
+    },
+}
+
+impl ProtocolError {
+    /// The code to answer with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::UnsupportedVersion { .. } => ErrorCode::BadRequest,
+        }
+    }
+}
+
+fn check_version(got: u16) -> Result<(), ProtocolError> {
+    if got == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(ProtocolError::UnsupportedVersion {
+            got,
+            expected: PROTOCOL_VERSION,
+        })
+    }
+}
+
+/// Enclave health, answered to `Status`. New fields may be appended; old
+/// readers ignore them and new readers see `None` or the default for fields
+/// an old writer did not send.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Whether secrets are loaded and `Get` can succeed.
+    pub ready: bool,
+    /// Number of loaded secrets.
+    #[serde(default)]
+    pub secret_count: u64,
+    /// Age of the current attestation document, if there is one; KMS
+    /// rejects documents older than 5 minutes.
+    #[serde(default)]
+    pub document_age_ms: Option<u64>,
+    /// Time since the enclave process started.
+    #[serde(default)]
+    pub uptime_ms: u64,
+    /// Version of the enclave build.
+    #[serde(default)]
+    pub version: String,
+    /// Size of the RSA recipient key, once generated.
+    #[serde(default)]
+    pub recipient_key_bits: Option<u32>,
+    /// Completed background refreshes (key + document, or re-decrypts).
+    #[serde(default)]
+    pub refresh_count: u64,
+    /// The last refresh or load failure, if any; never secret material.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// Temporary AWS credentials from the credentials service (IMDSv2 on the
+/// parent). Every field is secret, including the expiry, which says when a
+/// stolen key would stop working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    /// `AccessKeyId`.
+    pub access_key_id: SecretString,
+    /// `SecretAccessKey`.
+    pub secret_access_key: SecretString,
+    /// `Token`; absent for long-term credentials.
+    #[serde(default)]
+    pub session_token: Option<SecretString>,
+    /// `Expiration` as RFC 3339 text; absent for long-term credentials.
+    #[serde(default)]
+    pub expiration: Option<SecretString>,
+}
+
+/// Secret bytes: wiped on drop, redacted in `Debug`, no `Display`.
+/// Serialized as a CBOR byte string.
+#[derive(Clone, Default)]
+pub struct SecretBytes(Zeroizing<Vec<u8>>);
+
+impl SecretBytes {
+    /// Takes ownership of `bytes` without copying them.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        SecretBytes(Zeroizing::new(bytes))
+    }
+
+    /// The plaintext. Named so call sites that touch it stand out in review.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Length in bytes (not secret).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the value is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<Vec<u8>> for SecretBytes {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self::new(bytes)
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[REDACTED {} bytes]", self.0.len())
+    }
+}
+
+impl PartialEq for SecretBytes {
+    /// Compares without an early exit on the first differing byte.
+    fn eq(&self, other: &Self) -> bool {
+        constant_time_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SecretBytes {}
+
+impl Serialize for SecretBytes {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretBytes {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // ByteBuf copies straight into an exactly-sized Vec we then own.
+        let buf = serde_bytes::ByteBuf::deserialize(deserializer)?;
+        Ok(Self::new(buf.into_vec()))
+    }
+}
+
+/// Secret text: wiped on drop, redacted in `Debug`, no `Display`.
+#[derive(Clone, Default)]
+pub struct SecretString(Zeroizing<String>);
+
+impl SecretString {
+    /// Takes ownership of `text` without copying it.
+    pub fn new(text: String) -> Self {
+        SecretString(Zeroizing::new(text))
+    }
+
+    /// The plaintext. Named so call sites that touch it stand out in review.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Length in bytes (not secret).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the text is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<String> for SecretString {
+    fn from(text: String) -> Self {
+        Self::new(text)
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[REDACTED {} bytes]", self.0.len())
+    }
+}
+
+impl PartialEq for SecretString {
+    /// Compares without an early exit on the first differing byte.
+    fn eq(&self, other: &Self) -> bool {
+        constant_time_eq(self.0.as_bytes(), other.0.as_bytes())
+    }
+}
+
+impl Eq for SecretString {}
+
+impl Serialize for SecretString {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretString {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Self::new(String::deserialize(deserializer)?))
+    }
+}
+
+/// Equality whose running time depends only on the lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
