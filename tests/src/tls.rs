@@ -17,7 +17,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// File name of the CA certificate that clients should trust.
 pub const CA_CERT_FILE: &str = "ca.pem";
-/// File name of the CA private key (kept so the CA survives restarts).
+/// File name of the CA private key (written so tests can issue more certificates).
 pub const CA_KEY_FILE: &str = "ca-key.pem";
 /// File name of the server certificate followed by the CA certificate.
 pub const SERVER_CERT_FILE: &str = "server.pem";
@@ -55,9 +55,9 @@ pub struct TestPki {
 }
 
 impl TestPki {
-    /// Creates `dir` if needed, reuses the CA found there (`ca.pem` +
-    /// `ca-key.pem`) or generates a new one, and issues a fresh server
-    /// certificate for [`SERVER_NAMES`].
+    /// Creates `dir` if needed and writes a fresh CA (`ca.pem`,
+    /// `ca-key.pem`) and a server certificate for [`SERVER_NAMES`] signed by
+    /// it (`server.pem`, `server-key.pem`), replacing earlier ones.
     ///
     /// # Errors
     /// [`TlsError`] if a file cannot be read or written or a certificate
@@ -71,31 +71,29 @@ impl TestPki {
         let ca_cert_path = dir.join(CA_CERT_FILE);
         let ca_key_path = dir.join(CA_KEY_FILE);
 
-        let (ca_pem, issuer) = if ca_cert_path.is_file() && ca_key_path.is_file() {
-            let ca_pem = read(&ca_cert_path)?;
-            let ca_key = KeyPair::from_pem(&read(&ca_key_path)?)?;
-            let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
-            (ca_pem, issuer)
-        } else {
-            let mut params = CertificateParams::new(Vec::<String>::new())?;
-            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params
-                .distinguished_name
-                .push(DnType::CommonName, "nitro-keystore mock-kms test CA");
-            params.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
-            let key = KeyPair::generate()?;
-            let cert = params.self_signed(&key)?;
-            write(&ca_key_path, key.serialize_pem().as_bytes(), true)?;
-            write(&ca_cert_path, cert.pem().as_bytes(), false)?;
-            (cert.pem(), Issuer::new(params, key))
-        };
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "nitro-keystore mock-kms test CA");
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_key = KeyPair::generate()?;
+        let ca_cert = params.self_signed(&ca_key)?;
+        let ca_pem = ca_cert.pem();
+        write(&ca_key_path, ca_key.serialize_pem().as_bytes(), true)?;
+        write(&ca_cert_path, ca_pem.as_bytes(), false)?;
+        let issuer = Issuer::new(params, ca_key);
 
-        let mut params =
-            CertificateParams::new(SERVER_NAMES.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
+        let mut params = CertificateParams::new(
+            SERVER_NAMES
+                .iter()
+                .map(|n| (*n).to_owned())
+                .collect::<Vec<_>>(),
+        )?;
         params
             .distinguished_name
             .push(DnType::CommonName, "nitro-keystore mock-kms");
@@ -105,17 +103,16 @@ impl TestPki {
         let server_cert = params.signed_by(&server_key, &issuer)?;
 
         let chain_pem = format!("{}{}", server_cert.pem(), ca_pem);
-        write(&dir.join(SERVER_KEY_FILE), server_key.serialize_pem().as_bytes(), true)?;
+        write(
+            &dir.join(SERVER_KEY_FILE),
+            server_key.serialize_pem().as_bytes(),
+            true,
+        )?;
         write(&dir.join(SERVER_CERT_FILE), chain_pem.as_bytes(), false)?;
 
-        let ca_der = rustls::pki_types::pem::PemObject::from_pem_slice(ca_pem.as_bytes())
-            .map_err(|e| TlsError::Io {
-                path: ca_cert_path.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-            })?;
         Ok(Self {
             dir,
-            server_chain: vec![server_cert.der().clone(), ca_der],
+            server_chain: vec![server_cert.der().clone(), ca_cert.der().clone()],
             server_key_der: server_key.serialize_der(),
         })
     }
@@ -145,13 +142,6 @@ impl TestPki {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
-}
-
-fn read(path: &Path) -> Result<String, TlsError> {
-    fs::read_to_string(path).map_err(|source| TlsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
 }
 
 /// Writes a file atomically enough for tests (temp file + rename), private

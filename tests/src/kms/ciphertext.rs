@@ -191,7 +191,10 @@ mod tests {
         let blob = seal(id, &material, b"secret", &context).unwrap();
         let env = parse(&blob).unwrap();
         assert_eq!(env.key_id, id);
-        assert_eq!(open(&env, &material, &context).unwrap().as_slice(), b"secret");
+        assert_eq!(
+            open(&env, &material, &context).unwrap().as_slice(),
+            b"secret"
+        );
         assert_eq!(
             open(&env, &material, &ctx(&[("a", "1")])).unwrap_err(),
             CiphertextError::Authentication

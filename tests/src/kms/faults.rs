@@ -142,7 +142,10 @@ impl Faults {
 
     /// Removes every fault.
     pub fn clear(&self) {
-        self.active.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// How many faults are still active.
@@ -296,6 +299,9 @@ mod tests {
             .filter(|_| faults.decide(Operation::Encrypt).failure.is_some())
             .count();
         assert!((800..1200).contains(&hits), "{hits}");
-        assert_eq!(Fault::throttle().fraction(f64::NAN).trigger, Trigger::Fraction(0.0));
+        assert_eq!(
+            Fault::throttle().fraction(f64::NAN).trigger,
+            Trigger::Fraction(0.0)
+        );
     }
 }

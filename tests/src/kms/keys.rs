@@ -147,7 +147,10 @@ impl KeyStore {
     /// # Errors
     /// `NotFoundException` if the key does not exist.
     pub fn set_policy(&mut self, id: Uuid, policy: Policy, text: String) -> Result<(), KmsError> {
-        let old = self.keys.get(&id).ok_or_else(|| not_found(&id.to_string()))?;
+        let old = self
+            .keys
+            .get(&id)
+            .ok_or_else(|| not_found(&id.to_string()))?;
         // A new Arc: requests in flight keep the policy they started with.
         let updated = Key {
             id: old.id,
@@ -261,7 +264,10 @@ fn check_alias_name(name: &str) -> Result<(), KmsError> {
 }
 
 fn not_found(key_id: &str) -> KmsError {
-    KmsError::new(ErrorKind::NotFound, format!("Key '{key_id}' does not exist"))
+    KmsError::new(
+        ErrorKind::NotFound,
+        format!("Key '{key_id}' does not exist"),
+    )
 }
 
 fn invalid_key_id(key_id: &str) -> KmsError {

@@ -147,12 +147,12 @@ impl MockKms {
         let root = match &config.attestation_root_pem {
             None => None,
             Some(path) => {
-                let pem = tokio::fs::read_to_string(path)
-                    .await
-                    .map_err(|source| StartError::RootFile {
+                let pem = tokio::fs::read_to_string(path).await.map_err(|source| {
+                    StartError::RootFile {
                         path: path.clone(),
                         source,
-                    })?;
+                    }
+                })?;
                 Some(Root::from_pem(&pem).map_err(|source| StartError::Root {
                     path: path.clone(),
                     source,

@@ -153,12 +153,18 @@ impl Policy {
         if let Some(version) = doc.get("Version")
             && !matches!(version.as_str(), Some("2012-10-17" | "2008-10-17"))
         {
-            return Err(malformed("Version must be \"2012-10-17\" or \"2008-10-17\""));
+            return Err(malformed(
+                "Version must be \"2012-10-17\" or \"2008-10-17\"",
+            ));
         }
         let statements = match doc.get("Statement") {
             Some(Value::Array(list)) => list.iter().collect::<Vec<_>>(),
             Some(one @ Value::Object(_)) => vec![one],
-            _ => return Err(malformed("Statement must be an object or a list of objects")),
+            _ => {
+                return Err(malformed(
+                    "Statement must be an object or a list of objects",
+                ));
+            }
         };
         if statements.is_empty() || statements.len() > MAX_STATEMENTS {
             return Err(malformed(format!(
@@ -240,7 +246,11 @@ impl Statement {
         let sid = match map.get("Sid") {
             None => None,
             Some(Value::String(s)) => Some(s.clone()),
-            Some(_) => return Err(malformed(format!("statement {index}: Sid must be a string"))),
+            Some(_) => {
+                return Err(malformed(format!(
+                    "statement {index}: Sid must be a string"
+                )));
+            }
         };
         let allow = match map.get("Effect").and_then(Value::as_str) {
             Some("Allow") => true,
@@ -425,7 +435,8 @@ fn wildcard_match(pattern: &str, text: &str) -> bool {
             },
         }
     }
-    p.get(pi..).is_some_and(|rest| rest.iter().all(|&c| c == '*'))
+    p.get(pi..)
+        .is_some_and(|rest| rest.iter().all(|&c| c == '*'))
 }
 
 fn malformed(message: impl Into<String>) -> KmsError {

@@ -483,7 +483,11 @@ pub struct ReEncryptResponse {
 /// # Errors
 /// `SerializationException` when the body is not the expected JSON shape.
 pub fn parse_request<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, KmsError> {
-    let body = if body.is_empty() { b"{}".as_slice() } else { body };
+    let body = if body.is_empty() {
+        b"{}".as_slice()
+    } else {
+        body
+    };
     serde_json::from_slice(body).map_err(|e| {
         KmsError::new(
             ErrorKind::Serialization,

@@ -57,7 +57,9 @@ impl AttestedRecipient {
             .as_ref()
             .ok_or_else(|| invalid("Recipient requires an AttestationDocument"))?;
         let root = root.ok_or_else(|| {
-            invalid("the emulator has no attestation root configured, so it cannot accept a Recipient")
+            invalid(
+                "the emulator has no attestation root configured, so it cannot accept a Recipient",
+            )
         })?;
         let doc = Verifier::new(root.clone())
             .at(VerifyAt::Time(now))

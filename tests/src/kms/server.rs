@@ -159,29 +159,32 @@ async fn handle(
     if declared.is_some_and(|len| len > shared.max_body as u64) {
         return Ok(too_large(shared.max_body));
     }
-    let body = match tokio::time::timeout(
-        READ_TIMEOUT,
-        Limited::new(body, shared.max_body).collect(),
-    )
-    .await
-    {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                return Ok(too_large(shared.max_body));
+    let body =
+        match tokio::time::timeout(READ_TIMEOUT, Limited::new(body, shared.max_body).collect())
+            .await
+        {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) => {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    return Ok(too_large(shared.max_body));
+                }
+                debug!(%peer, error = %e, "reading body failed");
+                return Err(DropConnection);
             }
-            debug!(%peer, error = %e, "reading body failed");
-            return Err(DropConnection);
-        }
-        Err(_) => {
-            debug!(%peer, "body read timed out");
-            return Err(DropConnection);
-        }
-    };
+            Err(_) => {
+                debug!(%peer, "body read timed out");
+                return Err(DropConnection);
+            }
+        };
 
     if let Some(admin_path) = path.strip_prefix(ADMIN_PREFIX) {
         if !peer.ip().is_loopback() {
-            return Ok(json(StatusCode::FORBIDDEN, r#"{"error":"admin endpoint is loopback-only"}"#));
+            return Ok(json(
+                StatusCode::FORBIDDEN,
+                r#"{"error":"admin endpoint is loopback-only"}"#,
+            ));
         }
         return Ok(admin(&parts.method, admin_path, &body, shared));
     }

@@ -14,10 +14,10 @@ use super::keys::{Key, KeyStore};
 use super::policy::{Policy, RequestContext, default_policy};
 use super::protocol::{
     Blob, CreateAliasRequest, CreateKeyRequest, DecryptRequest, DecryptResponse, EncryptRequest,
-    EncryptResponse, EncryptionContext, ErrorKind, GenerateDataKeyRequest,
-    GenerateDataKeyResponse, GetKeyPolicyResponse, KeyMetadata, KeyMetadataResponse, KeyRequest,
-    KmsError, Operation, PutKeyPolicyRequest, ReEncryptRequest, ReEncryptResponse, RecipientInfo,
-    parse_request, to_body,
+    EncryptResponse, EncryptionContext, ErrorKind, GenerateDataKeyRequest, GenerateDataKeyResponse,
+    GetKeyPolicyResponse, KeyMetadata, KeyMetadataResponse, KeyRequest, KmsError, Operation,
+    PutKeyPolicyRequest, ReEncryptRequest, ReEncryptResponse, RecipientInfo, parse_request,
+    to_body,
 };
 use super::recipient::AttestedRecipient;
 use super::sigv4::Caller;
@@ -183,7 +183,11 @@ impl Kms {
         Ok(b"{}".to_vec())
     }
 
-    fn describe_key(&self, caller: &CallerContext, request: &KeyRequest) -> Result<Vec<u8>, KmsError> {
+    fn describe_key(
+        &self,
+        caller: &CallerContext,
+        request: &KeyRequest,
+    ) -> Result<Vec<u8>, KmsError> {
         let key = self.read().resolve(&request.key_id)?;
         caller.authorize(&key, "kms:DescribeKey", None)?;
         to_body(&KeyMetadataResponse {
@@ -208,7 +212,11 @@ impl Kms {
         Ok(b"{}".to_vec())
     }
 
-    fn get_key_policy(&self, caller: &CallerContext, request: &KeyRequest) -> Result<Vec<u8>, KmsError> {
+    fn get_key_policy(
+        &self,
+        caller: &CallerContext,
+        request: &KeyRequest,
+    ) -> Result<Vec<u8>, KmsError> {
         check_policy_name(request.policy_name.as_deref())?;
         let key = self.read().resolve(&request.key_id)?;
         if request.key_id.contains("alias/") {
@@ -221,7 +229,11 @@ impl Kms {
         })
     }
 
-    fn encrypt(&self, caller: &CallerContext, request: &EncryptRequest) -> Result<Vec<u8>, KmsError> {
+    fn encrypt(
+        &self,
+        caller: &CallerContext,
+        request: &EncryptRequest,
+    ) -> Result<Vec<u8>, KmsError> {
         check_algorithm(request.encryption_algorithm.as_deref())?;
         let plaintext = &request.plaintext.0;
         if plaintext.is_empty() || plaintext.len() > MAX_PLAINTEXT {
@@ -241,7 +253,11 @@ impl Kms {
         })
     }
 
-    fn decrypt(&self, caller: &CallerContext, request: &DecryptRequest) -> Result<DecryptResponse, KmsError> {
+    fn decrypt(
+        &self,
+        caller: &CallerContext,
+        request: &DecryptRequest,
+    ) -> Result<DecryptResponse, KmsError> {
         check_algorithm(request.encryption_algorithm.as_deref())?;
         let context = request.encryption_context.clone().unwrap_or_default();
         let (key, plaintext) = self.open(
@@ -321,10 +337,17 @@ impl Kms {
         })
     }
 
-    fn re_encrypt(&self, caller: &CallerContext, request: &ReEncryptRequest) -> Result<Vec<u8>, KmsError> {
+    fn re_encrypt(
+        &self,
+        caller: &CallerContext,
+        request: &ReEncryptRequest,
+    ) -> Result<Vec<u8>, KmsError> {
         check_algorithm(request.source_encryption_algorithm.as_deref())?;
         check_algorithm(request.destination_encryption_algorithm.as_deref())?;
-        let source_context = request.source_encryption_context.clone().unwrap_or_default();
+        let source_context = request
+            .source_encryption_context
+            .clone()
+            .unwrap_or_default();
         let destination_context = request
             .destination_encryption_context
             .clone()

@@ -76,7 +76,10 @@ impl fmt::Debug for Credential {
         f.debug_struct("Credential")
             .field("access_key_id", &self.access_key_id)
             .field("secret_access_key", &"** redacted **")
-            .field("session_token", &self.session_token.as_ref().map(|_| "** redacted **"))
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "** redacted **"),
+            )
             .field("expires_at", &self.expires_at)
             .finish()
     }
@@ -260,8 +263,7 @@ pub fn verify(
     let sent_token = header("x-amz-security-token")?;
     match (&credential.session_token, sent_token) {
         (None, None) => {}
-        (Some(expected), Some(sent))
-            if bool::from(expected.as_bytes().ct_eq(sent.as_bytes())) => {}
+        (Some(expected), Some(sent)) if bool::from(expected.as_bytes().ct_eq(sent.as_bytes())) => {}
         _ => return Err(token_invalid()),
     }
     if let Some(expires_at) = credential.expires_at
