@@ -235,7 +235,12 @@ impl KeyStore {
     }
 }
 
-fn check_alias_name(name: &str) -> Result<(), KmsError> {
+/// Checks an alias name the way KMS does: `alias/` prefix, not
+/// `alias/aws/`, 1-256 characters of `a-zA-Z0-9/_-`.
+///
+/// # Errors
+/// `InvalidAliasNameException`.
+pub fn check_alias_name(name: &str) -> Result<(), KmsError> {
     let Some(rest) = name.strip_prefix("alias/") else {
         return Err(KmsError::new(
             ErrorKind::InvalidAliasName,

@@ -176,6 +176,7 @@ impl Kms {
         caller: &CallerContext,
         request: &CreateAliasRequest,
     ) -> Result<Vec<u8>, KmsError> {
+        super::keys::check_alias_name(&request.alias_name)?;
         let mut store = self.write();
         let key = store.resolve(&request.target_key_id)?;
         caller.authorize(&key, "kms:CreateAlias", None)?;

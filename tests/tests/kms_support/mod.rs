@@ -82,7 +82,25 @@ pub fn client(
     credentials: Credentials,
     retry: RetryConfig,
 ) -> aws_sdk_kms::Client {
-    let ca = std::fs::read(kms.ca_pem_path()).expect("read CA");
+    client_for(
+        kms.endpoint_url(),
+        kms.ca_pem_path(),
+        kms.region(),
+        credentials,
+        retry,
+    )
+}
+
+/// A real `aws-sdk-kms` client for the emulator at `endpoint_url`, trusting
+/// only the CA in `ca_pem_path`.
+pub fn client_for(
+    endpoint_url: &str,
+    ca_pem_path: &std::path::Path,
+    region: &str,
+    credentials: Credentials,
+    retry: RetryConfig,
+) -> aws_sdk_kms::Client {
+    let ca = std::fs::read(ca_pem_path).expect("read CA");
     let tls = TlsContext::builder()
         .with_trust_store(TrustStore::empty().with_pem_certificate(ca))
         .build()
@@ -93,8 +111,8 @@ pub fn client(
         .build_https();
     let config = aws_sdk_kms::Config::builder()
         .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(kms.region().to_owned()))
-        .endpoint_url(kms.endpoint_url())
+        .region(Region::new(region.to_owned()))
+        .endpoint_url(endpoint_url)
         .credentials_provider(credentials)
         .http_client(http)
         .retry_config(retry)
@@ -128,4 +146,140 @@ where
 {
     use aws_sdk_kms::error::ProvideErrorMetadata;
     err.message().unwrap_or_default().to_owned()
+}
+
+/// A raw HTTP response.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// `__type` of a KMS error body.
+    pub fn error_type(&self) -> String {
+        self.json()["__type"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+/// Sends one HTTP/1.1 request over TLS (trusting the emulator's CA) with
+/// `Connection: close`, and reads the whole answer. `None` if the server
+/// closed the connection without answering.
+pub async fn raw_request(
+    kms: &MockKmsHandle,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Option<RawResponse> {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let ca = std::fs::read(kms.ca_pem_path()).expect("read CA");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.expect("CA PEM")).expect("add CA");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(kms.local_addr())
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("TLS handshake");
+
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\nconnection: close\r\n",
+        kms.local_addr(),
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    tls.write_all(request.as_bytes()).await.expect("write head");
+    // The server may answer (and close) before reading an oversized body.
+    let _ = tls.write_all(body).await;
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    if answer.is_empty() {
+        return None;
+    }
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of head");
+    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    Some(RawResponse {
+        status,
+        head,
+        body: answer[split + 4..].to_vec(),
+    })
+}
+
+/// Headers of a KMS request for `target` with `body`, SigV4-signed now with
+/// the fixture credential (or `secret`).
+pub fn signed_headers(
+    kms: &MockKmsHandle,
+    target: &str,
+    body: &[u8],
+    secret: &str,
+) -> Vec<(String, String)> {
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+    use aws_sigv4::sign::v4;
+
+    let host = kms.local_addr().to_string();
+    let identity = Credentials::new(ACCESS_KEY_ID, secret, None, None, "test").into();
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(kms.region())
+        .name("kms")
+        .time(std::time::SystemTime::now())
+        .settings(SigningSettings::default())
+        .build()
+        .expect("params")
+        .into();
+    let mut headers = vec![
+        ("host".to_owned(), host.clone()),
+        (
+            "content-type".to_owned(),
+            "application/x-amz-json-1.1".to_owned(),
+        ),
+        ("x-amz-target".to_owned(), target.to_owned()),
+    ];
+    let signable = SignableRequest::new(
+        "POST",
+        format!("https://{host}/"),
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        SignableBody::Bytes(body),
+    )
+    .expect("signable");
+    let (instructions, _) = sign(signable, &params).expect("sign").into_parts();
+    for (name, value) in instructions.headers() {
+        headers.push((name.to_owned(), value.to_owned()));
+    }
+    // `host` is written by raw_request itself.
+    headers.retain(|(k, _)| k != "host");
+    headers
 }
