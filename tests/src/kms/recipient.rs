@@ -3,6 +3,11 @@
 //! emulator's clock, no older than five minutes), turning its PCRs into the
 //! `kms:RecipientAttestation:*` condition keys, and sealing the answer for
 //! its RSA public key with the project's KMS-shaped CMS builder.
+//!
+//! A document that fails verification (signature, chain, root, age, key)
+//! is answered with `ValidationException` naming the failed check; a
+//! document that verifies but whose PCRs the key policy does not accept is
+//! an `AccessDeniedException` from the policy.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

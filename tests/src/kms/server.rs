@@ -1,7 +1,27 @@
 //! The HTTPS front of the emulator: TLS (rustls, ring), HTTP/1.1 (hyper),
 //! bounded bodies and waits, fault injection, SigV4, dispatch to the KMS
-//! operations, and the unauthenticated admin endpoint (`/__admin/...`,
-//! loopback peers only).
+//! operations, and the admin endpoint.
+//!
+//! # KMS requests
+//! `POST /` with `X-Amz-Target: TrentService.<Operation>` and a SigV4
+//! `Authorization`. Order of checks: body size and read deadline, target,
+//! call counted, faults (latency, then throttle / 5xx / drop), SigV4, then
+//! the operation. Errors are `{"__type", "message"}` with the
+//! `x-amzn-ErrorType` header.
+//!
+//! # Admin endpoint (no SigV4; answered only to loopback peers)
+//! - `GET /__admin/calls`: per-operation [`CallStats`](super::CallStats) as
+//!   `{"Decrypt": {"calls", "with_recipient", "plaintext_responses",
+//!   "errors", "faulted"}, ...}`; `DELETE` zeroes them.
+//! - `POST /__admin/faults`: `{"kind": "latency" | "throttle" |
+//!   "internal_error" | "drop_connection", "latency_ms"?, "operation"?:
+//!   "Decrypt", "next"?: N | "fraction"?: 0.5}` (default: the next call);
+//!   answers `{"pending": n}`. `DELETE` clears all faults.
+//! - `POST /__admin/clock`: `{"advance_ms": 360000}` and/or
+//!   `{"reset": true}`; answers `{"offset_ms": n}`.
+//! - `POST /__admin/credentials`: `{"replace": bool, "credentials":
+//!   [{"access_key_id", "secret_access_key", "session_token"?,
+//!   "expires_at"? (Unix seconds)}]}`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
