@@ -6,6 +6,7 @@
 
 pub mod attestation;
 pub mod endpoint;
+pub mod envelope;
 pub mod frame;
 pub mod protocol;
 
