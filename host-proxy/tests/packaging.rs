@@ -3,6 +3,9 @@
 //! `nitro-cli` and `keystore-host` executables that record their arguments
 //! and answer in nitro-cli's real output format.
 
+// Helpers outside `#[test]` functions panic on purpose: this is a test file.
+#![allow(clippy::unwrap_used)]
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
