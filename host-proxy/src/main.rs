@@ -1,4 +1,68 @@
 //! `keystore-host`: client, proxy and operator commands on the parent instance.
 #![forbid(unsafe_code)]
 
-fn main() {}
+mod attestation_cmd;
+mod rfc3339;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// nitro-keystore on the parent instance.
+///
+/// Exit status: 0 success, 1 the checked thing is invalid, 2 usage or I/O error.
+#[derive(Debug, Parser)]
+#[command(name = "keystore-host", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Top-level commands; later: get, list, status, attest, proxy, encrypt, policy.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Inspect and verify Nitro attestation documents.
+    #[command(subcommand)]
+    Attestation(attestation_cmd::AttestationCommand),
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the whole context chain.
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Attestation(cmd) => attestation_cmd::run(cmd),
+    }
+}
+
+/// Logs go to stderr, `warn` unless `RUST_LOG` says otherwise, so stdout
+/// stays machine-readable.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -4,6 +4,7 @@
 //! ([`attestation`]), and the [`client`] host apps use.
 #![forbid(unsafe_code)]
 
+pub mod attestation;
 pub mod client;
 pub mod endpoint;
 pub mod frame;
