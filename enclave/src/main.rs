@@ -8,8 +8,9 @@
 //! to stderr.
 #![forbid(unsafe_code)]
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,7 +86,18 @@ enum LogFormat {
     Json,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    match start() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: the whole context chain, no backtrace.
+            eprintln!("keystore-enclave: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn start() -> anyhow::Result<()> {
     // First thing, before any secret exists in this process.
     disable_core_dumps()?;
     let args = Args::parse();
@@ -94,11 +106,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(run(args));
-    if let Err(err) = &result {
-        tracing::error!(error = format!("{err:#}"), "keystore-enclave failed");
-    }
-    result
+    runtime.block_on(run(args))
 }
 
 /// A core dump of this process would contain the seal key, the recipient
@@ -113,7 +121,8 @@ fn init_tracing(args: &Args) -> anyhow::Result<()> {
         .with_context(|| format!("invalid --log-level {:?}", args.log_level))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match args.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -130,7 +139,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
 
-    let nsm = open_nsm(&args)?;
     let recipient_config = RecipientConfig {
         bits: args.recipient_bits,
         refresh_after: args.refresh_after,
@@ -148,6 +156,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     server_config.validate()?;
 
+    // Bind first: a taken or invalid address fails in milliseconds, not
+    // after seconds of key generation. Connections queue in the backlog
+    // until the server starts accepting.
+    let listener = args.listen.bind().await?;
+    let nsm = open_nsm(&args)?;
+
     tracing::info!(
         bits = args.recipient_bits.bits(),
         "generating the recipient key"
@@ -158,7 +172,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let seal_key = SealKey::generate(nsm.as_ref()).context("cannot create the seal key")?;
     let store = Arc::new(Store::new(seal_key, StoreConfig::default()));
     let service = Arc::new(KeystoreService::new(store.clone(), recipient, nsm));
-    let server = Server::bind(&args.listen, service, server_config).await?;
+    let server = Server::from_listener(listener, service, server_config)?;
 
     let endpoint = server.local_endpoint().clone();
     tracing::info!(endpoint = %endpoint, version = keystore_enclave::service::VERSION, "ready");
