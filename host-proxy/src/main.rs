@@ -2,11 +2,13 @@
 #![forbid(unsafe_code)]
 
 mod attestation_cmd;
+mod client_cmd;
 mod rfc3339;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use keystore_shared::Endpoint;
 
 /// nitro-keystore on the parent instance.
 ///
@@ -14,13 +16,25 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "keystore-host", version, about, long_about)]
 struct Cli {
+    /// The enclave's secret server.
+    #[arg(
+        long,
+        global = true,
+        env = "KEYSTORE_ENCLAVE",
+        default_value = "vsock://16:5000",
+        value_name = "ENDPOINT"
+    )]
+    enclave: Endpoint,
     #[command(subcommand)]
     command: Command,
 }
 
-/// Top-level commands; later: get, list, status, attest, proxy, encrypt, policy.
+/// Top-level commands; later: proxy, encrypt, policy.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Talk to the enclave: get, list, status, attest.
+    #[command(flatten)]
+    Client(client_cmd::ClientCommand),
     /// Inspect and verify Nitro attestation documents.
     #[command(subcommand)]
     Attestation(attestation_cmd::AttestationCommand),
@@ -41,6 +55,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Client(cmd) => client_cmd::run(&cli.enclave, cmd),
         Command::Attestation(cmd) => attestation_cmd::run(cmd),
     }
 }

@@ -51,8 +51,9 @@ impl Default for ClientConfig {
 /// Why a request through a [`Client`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The connection could not be established.
-    #[error(transparent)]
+    /// The connection could not be established. (The endpoint error's
+    /// message already names its cause, so it is not chained again.)
+    #[error("{0}")]
     Connect(EndpointError),
     /// Connecting took longer than the connect timeout.
     #[error("connecting to {endpoint} timed out after {} ms", .after.as_millis())]
