@@ -210,7 +210,16 @@ impl Server {
             "secret server shutting down"
         );
         notify.send_replace(true);
-        listener.drain().await;
+        let Listener {
+            listener: socket,
+            mut tasks,
+            config,
+            ..
+        } = listener;
+        // Stop accepting at once: new clients get a refused connection (and
+        // a unix socket file is removed) instead of waiting in the backlog.
+        drop(socket);
+        drain(&mut tasks, config.shutdown_grace).await;
         tracing::info!("secret server stopped");
         outcome
     }
@@ -297,32 +306,27 @@ impl Listener {
             .instrument(span),
         );
     }
+}
 
-    /// Waits for open connections after shutdown was announced: idle ones
-    /// close at once, busy ones finish their request; whatever still runs
-    /// after the grace period is aborted.
-    async fn drain(&mut self) {
-        let grace = self.config.shutdown_grace;
-        let drained = tokio::time::timeout(grace, async {
-            while let Some(joined) = self.tasks.join_next().await {
-                log_join(joined);
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                remaining = self.tasks.len(),
-                grace_ms = millis(grace),
-                "in-flight requests did not finish within the shutdown grace; aborting them"
-            );
-            self.tasks.abort_all();
-            while let Some(joined) = self.tasks.join_next().await {
-                if let Err(err) = joined
-                    && err.is_panic()
-                {
-                    tracing::error!(error = %err, "connection handler panicked");
-                }
-            }
+/// Waits for open connections after shutdown was announced: idle ones
+/// close at once, busy ones finish their request; whatever still runs after
+/// the grace period is aborted.
+async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(joined) = tasks.join_next().await {
+            log_join(joined);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            remaining = tasks.len(),
+            grace_ms = millis(grace),
+            "in-flight requests did not finish within the shutdown grace; aborting them"
+        );
+        tasks.abort_all();
+        while let Some(joined) = tasks.join_next().await {
+            log_join(joined);
         }
     }
 }
