@@ -3,6 +3,7 @@
 
 mod attestation_cmd;
 mod client_cmd;
+mod policy_cmd;
 mod rfc3339;
 
 use std::process::ExitCode;
@@ -29,7 +30,7 @@ struct Cli {
     command: Command,
 }
 
-/// Top-level commands; later: proxy, encrypt, policy.
+/// Top-level commands.
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Talk to the enclave: get, list, status, attest.
@@ -38,6 +39,8 @@ enum Command {
     /// Inspect and verify Nitro attestation documents.
     #[command(subcommand)]
     Attestation(attestation_cmd::AttestationCommand),
+    /// Write the KMS key policy that pins this enclave build's measurements.
+    Policy(policy_cmd::PolicyArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +60,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Client(cmd) => client_cmd::run(&cli.enclave, cmd),
         Command::Attestation(cmd) => attestation_cmd::run(cmd),
+        Command::Policy(args) => policy_cmd::run(args),
     }
 }
 

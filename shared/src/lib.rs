@@ -7,6 +7,7 @@
 pub mod attestation;
 pub mod client;
 pub mod endpoint;
+pub mod envelope;
 pub mod frame;
 pub mod protocol;
 
