@@ -7,4 +7,6 @@
 pub mod cms;
 pub mod nsm;
 pub mod recipient;
+pub mod server;
+pub mod service;
 pub mod store;

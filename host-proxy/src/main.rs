@@ -2,12 +2,14 @@
 #![forbid(unsafe_code)]
 
 mod attestation_cmd;
+mod client_cmd;
 mod policy_cmd;
 mod rfc3339;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use keystore_shared::Endpoint;
 
 /// nitro-keystore on the parent instance.
 ///
@@ -15,6 +17,15 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "keystore-host", version, about, long_about)]
 struct Cli {
+    /// The enclave's secret server.
+    #[arg(
+        long,
+        global = true,
+        env = "KEYSTORE_ENCLAVE",
+        default_value = "vsock://16:5000",
+        value_name = "ENDPOINT"
+    )]
+    enclave: Endpoint,
     #[command(subcommand)]
     command: Command,
 }
@@ -22,6 +33,9 @@ struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Talk to the enclave: get, list, status, attest.
+    #[command(flatten)]
+    Client(client_cmd::ClientCommand),
     /// Inspect and verify Nitro attestation documents.
     #[command(subcommand)]
     Attestation(attestation_cmd::AttestationCommand),
@@ -44,6 +58,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Client(cmd) => client_cmd::run(&cli.enclave, cmd),
         Command::Attestation(cmd) => attestation_cmd::run(cmd),
         Command::Policy(args) => policy_cmd::run(args),
     }
