@@ -30,6 +30,9 @@ echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== fuzz targets compile (run them with scripts/fuzz.sh)"
 cargo check --locked --manifest-path fuzz/Cargo.toml --bins
+echo "== static enclave build, exactly as Dockerfile.enclave runs it"
+enclave_bin=$(scripts/build-enclave-static.sh)
+"$enclave_bin" --help | grep -q -- '--listen'
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast
