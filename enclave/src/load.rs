@@ -457,10 +457,11 @@ impl Loader {
                     name: entry.name.clone(),
                 });
             }
-            let envelope = Envelope::parse(&entry.envelope).map_err(|source| LoadError::Envelope {
-                name: entry.name.clone(),
-                source,
-            })?;
+            let envelope =
+                Envelope::parse(&entry.envelope).map_err(|source| LoadError::Envelope {
+                    name: entry.name.clone(),
+                    source,
+                })?;
             items.push((entry.name.clone(), envelope));
         }
         Ok(items)

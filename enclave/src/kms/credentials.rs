@@ -229,14 +229,15 @@ impl CredentialsProvider {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let endpoint = config.endpoint.to_string();
         let exchange = async {
-            let stream = config
-                .endpoint
-                .connect()
-                .await
-                .map_err(|e| CredentialsError::Connect {
-                    endpoint: endpoint.clone(),
-                    reason: e.to_string(),
-                })?;
+            let stream =
+                config
+                    .endpoint
+                    .connect()
+                    .await
+                    .map_err(|e| CredentialsError::Connect {
+                        endpoint: endpoint.clone(),
+                        reason: e.to_string(),
+                    })?;
             let mut conn =
                 Connection::with_limits(stream, FrameLimits::symmetric(MAX_CREDENTIALS_FRAME));
             let exchange_err = |e: keystore_shared::frame::FrameError| CredentialsError::Exchange {

@@ -275,9 +275,8 @@ pub fn tls_config(extra_ca_pem: Option<&[u8]>) -> Result<Arc<ClientConfig>, Tran
     if let Some(pem) = extra_ca_pem {
         let mut added = 0usize;
         for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| {
-                TransportError::Config(format!("extra CA is not valid PEM: {e}"))
-            })?;
+            let cert = cert
+                .map_err(|e| TransportError::Config(format!("extra CA is not valid PEM: {e}")))?;
             added += 1;
             if added > MAX_EXTRA_CA_CERTS {
                 return Err(TransportError::Config(format!(
