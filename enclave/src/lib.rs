@@ -9,4 +9,6 @@ pub mod kms;
 pub mod load;
 pub mod nsm;
 pub mod recipient;
+pub mod server;
+pub mod service;
 pub mod store;

@@ -1,4 +1,249 @@
 //! `keystore-enclave`: the process that runs inside the Nitro Enclave.
+//!
+//! It disables core dumps before anything else (a core file of this process
+//! would hold the seal key and the recipient key), opens the NSM, generates
+//! and attests the recipient key, creates an empty sealed store and serves it
+//! until SIGTERM or SIGINT. Once ready it prints the endpoint it listens on,
+//! alone on one line of stdout, so scripts and tests can wait for it; logs go
+//! to stderr.
 #![forbid(unsafe_code)]
 
-fn main() {}
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use keystore_enclave::nsm::{DeviceNsm, MockConfig, MockNsm, Nsm};
+use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig};
+use keystore_enclave::server::{self, Server, ServerConfig};
+use keystore_enclave::service::KeystoreService;
+use keystore_enclave::store::{SealKey, Store, StoreConfig};
+use keystore_shared::Endpoint;
+use nix::sys::resource::{Resource, setrlimit};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// The nitro-keystore enclave: serves sealed secrets to the parent instance.
+#[derive(Debug, Parser)]
+#[command(name = "keystore-enclave", version, about)]
+struct Args {
+    /// Where the secret server listens (vsock://CID:PORT, tcp://HOST:PORT or
+    /// unix:///path).
+    #[arg(long, default_value = "vsock://ANY:5000")]
+    listen: Endpoint,
+    /// Which NSM to use: the enclave's /dev/nsm, or a local mock for tests.
+    #[arg(long, value_enum, default_value_t = NsmKind::Device)]
+    nsm: NsmKind,
+    /// Directory of the mock NSM's certificate chain (created on first use);
+    /// required with `--nsm mock`.
+    #[arg(long, value_name = "DIR", required_if_eq("nsm", "mock"))]
+    mock_pki: Option<PathBuf>,
+    /// RSA recipient key size: 2048, 3072 or 4096.
+    #[arg(long, default_value = "4096", value_name = "BITS")]
+    recipient_bits: RecipientBits,
+    /// Replace the recipient key and document once the document is this old
+    /// (e.g. `240s`, `4m`); must stay below KMS's 5-minute limit.
+    #[arg(long, default_value = "4m", value_parser = humantime::parse_duration)]
+    refresh_after: Duration,
+    /// Connections served at once; more wait briefly, then are refused.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// How long a connection may take to send each complete request.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// How long answering one request may take.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// How long in-flight requests may run after SIGTERM.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// Log filter: a level (`info`, `debug`, …) or tracing directives
+    /// (`keystore_enclave=debug,info`).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// Which NSM implementation to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum NsmKind {
+    /// The real Nitro Security Module at /dev/nsm.
+    Device,
+    /// A local mock signing with the chain in `--mock-pki`.
+    Mock,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn main() -> ExitCode {
+    match start() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: the whole context chain, no backtrace.
+            eprintln!("keystore-enclave: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn start() -> anyhow::Result<()> {
+    // First thing, before any secret exists in this process.
+    disable_core_dumps()?;
+    let args = Args::parse();
+    init_tracing(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(args))
+}
+
+/// A core dump of this process would contain the seal key, the recipient
+/// key and plaintext in flight; setting both limits to 0 also stops the
+/// process from raising the soft limit again later.
+fn disable_core_dumps() -> anyhow::Result<()> {
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).context("cannot disable core dumps (RLIMIT_CORE)")
+}
+
+fn init_tracing(args: &Args) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("invalid --log-level {:?}", args.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match args.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    }
+    .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if args.nsm == NsmKind::Device && args.mock_pki.is_some() {
+        bail!("--mock-pki only makes sense with --nsm mock");
+    }
+    // Installed before anything slow so a signal during start-up is not
+    // the default (immediate) termination.
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+
+    let recipient_config = RecipientConfig {
+        bits: args.recipient_bits,
+        refresh_after: args.refresh_after,
+        ..RecipientConfig::default()
+    };
+    recipient_config
+        .validate()
+        .context("invalid --refresh-after")?;
+    let server_config = ServerConfig {
+        max_connections: args.max_connections,
+        idle_timeout: args.idle_timeout,
+        request_timeout: args.request_timeout,
+        shutdown_grace: args.shutdown_grace,
+        ..ServerConfig::default()
+    };
+    server_config.validate()?;
+
+    // Bind first: a taken or invalid address fails in milliseconds, not
+    // after seconds of key generation. Connections queue in the backlog
+    // until the server starts accepting.
+    let listener = args.listen.bind().await?;
+    let nsm = open_nsm(&args)?;
+
+    tracing::info!(
+        bits = args.recipient_bits.bits(),
+        "generating the recipient key"
+    );
+    let (recipient, refresher) = Recipient::start(nsm.clone(), recipient_config)
+        .await
+        .context("cannot create the recipient key")?;
+    let seal_key = SealKey::generate(nsm.as_ref()).context("cannot create the seal key")?;
+    let store = Arc::new(Store::new(seal_key, StoreConfig::default()));
+    let service = Arc::new(KeystoreService::new(store.clone(), recipient, nsm));
+    let server = Server::from_listener(listener, service, server_config)?;
+
+    let endpoint = server.local_endpoint().clone();
+    tracing::info!(endpoint = %endpoint, version = keystore_enclave::service::VERSION, "ready");
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{endpoint}").context("cannot write to stdout")?;
+    stdout.flush().context("cannot write to stdout")?;
+    drop(stdout);
+
+    let stop = async {
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM received"),
+            _ = sigint.recv() => tracing::info!("SIGINT received"),
+        }
+    };
+    let served = server.run(stop).await;
+
+    // Wipe before anything else can fail.
+    store.clear();
+    tracing::info!("secret store wiped");
+    if let Err(err) = refresher.shutdown().await {
+        tracing::warn!(error = %err, "recipient refresher did not stop cleanly");
+    }
+    served?;
+    tracing::info!("keystore-enclave stopped");
+    Ok(())
+}
+
+fn open_nsm(args: &Args) -> anyhow::Result<Arc<dyn Nsm>> {
+    match args.nsm {
+        NsmKind::Device => Ok(Arc::new(DeviceNsm::open()?)),
+        NsmKind::Mock => {
+            let dir = args
+                .mock_pki
+                .as_ref()
+                .context("--nsm mock needs --mock-pki DIR")?;
+            tracing::warn!(pki = %dir.display(), "using the MOCK NSM: attestation documents prove nothing");
+            Ok(Arc::new(MockNsm::open(dir, MockConfig::default())?))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_and_sizes_parse() {
+        let args = Args::try_parse_from([
+            "keystore-enclave",
+            "--refresh-after",
+            "240s",
+            "--idle-timeout",
+            "2m",
+            "--recipient-bits",
+            "2048",
+        ])
+        .unwrap();
+        assert_eq!(args.refresh_after, Duration::from_secs(240));
+        assert_eq!(args.idle_timeout, Duration::from_secs(120));
+        assert_eq!(args.recipient_bits, RecipientBits::B2048);
+        assert!(Args::try_parse_from(["keystore-enclave", "--recipient-bits", "1024"]).is_err());
+        assert!(Args::try_parse_from(["keystore-enclave", "--nsm", "mock"]).is_err());
+        let defaults = Args::try_parse_from(["keystore-enclave"]).unwrap();
+        assert_eq!(defaults.refresh_after, Duration::from_secs(240));
+        assert_eq!(defaults.recipient_bits, RecipientBits::B4096);
+        assert_eq!(defaults.listen.to_string(), "vsock://ANY:5000");
+    }
+}

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 /// Exit code for a document that failed verification (2 is for usage and
 /// I/O errors, as clap does).
-const EXIT_INVALID: u8 = 1;
+pub(crate) const EXIT_INVALID: u8 = 1;
 
 /// Subcommands of `attestation`.
 #[derive(Debug, Subcommand)]
@@ -87,7 +87,7 @@ fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
     hex::decode(s).map_err(|e| format!("not hex: {e}"))
 }
 
-fn parse_pcr(s: &str) -> Result<(u16, Vec<u8>), String> {
+pub(crate) fn parse_pcr(s: &str) -> Result<(u16, Vec<u8>), String> {
     let (index, value) = s.split_once('=').ok_or("expected N=HEX")?;
     let index: u16 = index
         .trim_start_matches("PCR")
@@ -106,7 +106,7 @@ pub fn run(cmd: AttestationCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn load_root(spec: &str) -> anyhow::Result<Root> {
+pub(crate) fn load_root(spec: &str) -> anyhow::Result<Root> {
     if spec == "aws" {
         return Ok(Root::aws_nitro_enclaves_g1()?);
     }

@@ -2,11 +2,14 @@
 #![forbid(unsafe_code)]
 
 mod attestation_cmd;
+mod client_cmd;
+mod policy_cmd;
 mod rfc3339;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use keystore_shared::Endpoint;
 
 /// nitro-keystore on the parent instance.
 ///
@@ -14,16 +17,30 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "keystore-host", version, about, long_about)]
 struct Cli {
+    /// The enclave's secret server.
+    #[arg(
+        long,
+        global = true,
+        env = "KEYSTORE_ENCLAVE",
+        default_value = "vsock://16:5000",
+        value_name = "ENDPOINT"
+    )]
+    enclave: Endpoint,
     #[command(subcommand)]
     command: Command,
 }
 
-/// Top-level commands; later: get, list, status, attest, proxy, encrypt, policy.
+/// Top-level commands.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Talk to the enclave: get, list, status, attest.
+    #[command(flatten)]
+    Client(client_cmd::ClientCommand),
     /// Inspect and verify Nitro attestation documents.
     #[command(subcommand)]
     Attestation(attestation_cmd::AttestationCommand),
+    /// Write the KMS key policy that pins this enclave build's measurements.
+    Policy(policy_cmd::PolicyArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,7 +58,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Client(cmd) => client_cmd::run(&cli.enclave, cmd),
         Command::Attestation(cmd) => attestation_cmd::run(cmd),
+        Command::Policy(args) => policy_cmd::run(args),
     }
 }
 

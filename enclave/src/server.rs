@@ -1,0 +1,636 @@
+//! The secret server: host apps connect over vsock (tcp/unix in tests), send
+//! framed [`Request`]s and get [`Response`]s.
+//!
+//! The shape follows the classic tokio server pattern: a `Listener` owns the
+//! accept loop and the connection limit, and one `Handler` per connection
+//! reads frames, applies them to the shared [`KeystoreService`] and writes
+//! the answers. Everything a peer controls is bounded:
+//!
+//! - connections: at most [`ServerConfig::max_connections`] are served; a
+//!   connection beyond that waits up to [`ServerConfig::admission_wait`] for a
+//!   slot (at most as many waiters as slots), then is told
+//!   `Error{Unavailable, "server busy"}` and closed;
+//! - time: a complete request frame must arrive within
+//!   [`ServerConfig::idle_timeout`] (so a silent or trickling peer is dropped),
+//!   and answering one within [`ServerConfig::request_timeout`];
+//! - size: request frames over [`ServerConfig::max_request_frame`] are refused
+//!   after reading only their 4-byte prefix;
+//! - shutdown: the accept loop stops, idle connections close, in-flight
+//!   requests get [`ServerConfig::shutdown_grace`] to finish, then the rest are
+//!   aborted.
+//!
+//! A bad peer only ever costs its own connection: nothing it sends can make
+//! the server panic or stop serving others. Logs carry the peer, operation
+//! kind, outcome and duration, never names' values or payloads.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use keystore_shared::endpoint::{
+    Endpoint, EndpointError, Listener as EndpointListener, Peer, Stream,
+};
+use keystore_shared::frame::{Connection, FrameError, FrameLimits};
+use keystore_shared::protocol::{
+    DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME, ErrorCode, PROTOCOL_VERSION,
+    ProtocolError, Request, RequestOp, Response, ResponseBody, SecretBytes,
+};
+use serde::Deserialize;
+use tokio::sync::{Semaphore, TryAcquireError, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::service::{KeystoreService, ServiceError};
+
+/// Default limit on connections served at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default time a connection beyond the limit waits for a free slot.
+pub const DEFAULT_ADMISSION_WAIT: Duration = Duration::from_secs(2);
+/// Default time allowed for a whole request frame to arrive.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time allowed to answer one request.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time in-flight requests get to finish at shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the server tries to deliver a "server busy" or "too large" error
+/// to a peer before just closing: the peer may not be reading.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// First pause after a transient accept error (e.g. out of descriptors).
+const ACCEPT_BACKOFF_INITIAL: Duration = Duration::from_millis(10);
+/// Longest pause between accept retries.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Limits and timeouts of the secret server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// How long a connection beyond the limit waits for a slot before it is
+    /// refused with `Unavailable`.
+    pub admission_wait: Duration,
+    /// How long a connection may take to deliver each complete request
+    /// frame (between requests, or while one trickles in).
+    pub idle_timeout: Duration,
+    /// How long answering one request (including writing the response) may
+    /// take.
+    pub request_timeout: Duration,
+    /// How long in-flight requests may run after shutdown begins.
+    pub shutdown_grace: Duration,
+    /// Largest request frame body accepted.
+    pub max_request_frame: usize,
+    /// Largest response frame body sent (sized by the secret-value limit).
+    pub max_response_frame: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            admission_wait: DEFAULT_ADMISSION_WAIT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_request_frame: DEFAULT_MAX_REQUEST_FRAME,
+            max_response_frame: DEFAULT_MAX_RESPONSE_FRAME,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Rejects values that would make the server refuse everything or never
+    /// time out.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let invalid = |what: &'static str| Err(ServerError::InvalidConfig(what));
+        if self.max_connections == 0 {
+            return invalid("max_connections must be at least 1");
+        }
+        if self.max_connections > Semaphore::MAX_PERMITS / 2 {
+            return invalid("max_connections is unreasonably large");
+        }
+        if self.idle_timeout.is_zero() || self.request_timeout.is_zero() {
+            return invalid("idle_timeout and request_timeout must be > 0");
+        }
+        if self.max_request_frame == 0 || self.max_response_frame == 0 {
+            return invalid("frame limits must be > 0");
+        }
+        Ok(())
+    }
+}
+
+/// Why the server could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A configuration value is unusable.
+    #[error("invalid server configuration: {0}")]
+    InvalidConfig(&'static str),
+    /// Binding the listening endpoint failed.
+    #[error(transparent)]
+    Bind(EndpointError),
+    /// The listener failed in a way that is not expected to pass; the server
+    /// stopped accepting (in-flight connections were drained first).
+    #[error("secret server stopped accepting: {0}")]
+    Accept(EndpointError),
+}
+
+/// A bound, not yet running secret server.
+#[derive(Debug)]
+pub struct Server {
+    listener: EndpointListener,
+    service: Arc<KeystoreService>,
+    config: ServerConfig,
+}
+
+impl Server {
+    /// Binds `endpoint` (for `tcp://…:0` the OS picks the port; see
+    /// [`Server::local_endpoint`]).
+    pub async fn bind(
+        endpoint: &Endpoint,
+        service: Arc<KeystoreService>,
+        config: ServerConfig,
+    ) -> Result<Server, ServerError> {
+        config.validate()?;
+        let listener = endpoint.bind().await.map_err(ServerError::Bind)?;
+        Ok(Server {
+            listener,
+            service,
+            config,
+        })
+    }
+
+    /// Wraps an already bound listener.
+    pub fn from_listener(
+        listener: EndpointListener,
+        service: Arc<KeystoreService>,
+        config: ServerConfig,
+    ) -> Result<Server, ServerError> {
+        config.validate()?;
+        Ok(Server {
+            listener,
+            service,
+            config,
+        })
+    }
+
+    /// Where clients reach this server.
+    pub fn local_endpoint(&self) -> &Endpoint {
+        self.listener.local_endpoint()
+    }
+
+    /// Serves until `shutdown` completes (e.g. a signal), then shuts down
+    /// gracefully: stops accepting, closes idle connections, gives in-flight
+    /// requests [`ServerConfig::shutdown_grace`] and aborts what is left.
+    ///
+    /// Returns an error only if the listener itself failed for good; even
+    /// then the connections already open were drained first.
+    pub async fn run(self, shutdown: impl Future) -> Result<(), ServerError> {
+        let (notify, shutdown_rx) = watch::channel(false);
+        let mut listener = Listener {
+            listener: self.listener,
+            service: self.service,
+            limits: FrameLimits::new(
+                self.config.max_request_frame,
+                self.config.max_response_frame,
+            ),
+            slots: Arc::new(Semaphore::new(self.config.max_connections)),
+            waiting: Arc::new(Semaphore::new(self.config.max_connections)),
+            config: self.config,
+            shutdown: shutdown_rx,
+            tasks: JoinSet::new(),
+            next_conn: AtomicU64::new(1),
+        };
+        tracing::info!(endpoint = %listener.listener.local_endpoint(), "secret server listening");
+        let outcome = tokio::select! {
+            outcome = listener.accept_loop() => outcome,
+            _ = shutdown => Ok(()),
+        };
+        tracing::info!(
+            open_connections = listener.tasks.len(),
+            "secret server shutting down"
+        );
+        notify.send_replace(true);
+        let Listener {
+            listener: socket,
+            mut tasks,
+            config,
+            ..
+        } = listener;
+        // Stop accepting at once: new clients get a refused connection (and
+        // a unix socket file is removed) instead of waiting in the backlog.
+        drop(socket);
+        drain(&mut tasks, config.shutdown_grace).await;
+        tracing::info!("secret server stopped");
+        outcome
+    }
+}
+
+/// The accept loop's state.
+struct Listener {
+    listener: EndpointListener,
+    service: Arc<KeystoreService>,
+    config: ServerConfig,
+    limits: FrameLimits,
+    /// One permit per connection being served.
+    slots: Arc<Semaphore>,
+    /// One permit per connection waiting for a slot, so waiting is bounded
+    /// too.
+    waiting: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+    tasks: JoinSet<()>,
+    next_conn: AtomicU64,
+}
+
+impl Listener {
+    /// Accepts until the listener fails for good. Transient errors (aborted
+    /// handshakes, descriptor exhaustion) back off and continue.
+    async fn accept_loop(&mut self) -> Result<(), ServerError> {
+        let mut backoff = ACCEPT_BACKOFF_INITIAL;
+        loop {
+            tokio::select! {
+                // Reap finished connections so the set stays small, and
+                // surface a handler panic (a bug) in the logs.
+                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    log_join(joined);
+                }
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        backoff = ACCEPT_BACKOFF_INITIAL;
+                        self.spawn_connection(stream, peer);
+                    }
+                    Err(err) if err.is_transient() => {
+                        tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "transient accept error; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "accept failed; no longer accepting");
+                        return Err(ServerError::Accept(err));
+                    }
+                },
+            }
+        }
+    }
+
+    fn spawn_connection(&mut self, stream: Stream, peer: Peer) {
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("conn", id = conn_id, peer = %peer);
+        let admission = Admission {
+            slots: self.slots.clone(),
+            waiting: self.waiting.clone(),
+            wait: self.config.admission_wait,
+            max_connections: self.config.max_connections,
+        };
+        let mut handler = Handler {
+            connection: Connection::with_limits(stream, self.limits),
+            service: self.service.clone(),
+            idle_timeout: self.config.idle_timeout,
+            request_timeout: self.config.request_timeout,
+            shutdown: self.shutdown.clone(),
+        };
+        self.tasks.spawn(
+            async move {
+                let Some(_slot) = admission.admit(&mut handler).await else {
+                    return;
+                };
+                let opened = Instant::now();
+                tracing::info!("connection opened");
+                let (requests, reason) = handler.run().await;
+                tracing::info!(
+                    requests,
+                    reason,
+                    duration_ms = millis(opened.elapsed()),
+                    "connection closed"
+                );
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Waits for open connections after shutdown was announced: idle ones
+/// close at once, busy ones finish their request; whatever still runs after
+/// the grace period is aborted.
+async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(joined) = tasks.join_next().await {
+            log_join(joined);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            remaining = tasks.len(),
+            grace_ms = millis(grace),
+            "in-flight requests did not finish within the shutdown grace; aborting them"
+        );
+        tasks.abort_all();
+        while let Some(joined) = tasks.join_next().await {
+            log_join(joined);
+        }
+    }
+}
+
+fn log_join(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = joined
+        && err.is_panic()
+    {
+        tracing::error!(error = %err, "connection handler panicked");
+    }
+}
+
+/// Decides whether a new connection gets a slot.
+struct Admission {
+    slots: Arc<Semaphore>,
+    waiting: Arc<Semaphore>,
+    wait: Duration,
+    max_connections: usize,
+}
+
+impl Admission {
+    /// A slot for the connection, or `None` after telling the peer the
+    /// server is busy (or on shutdown).
+    async fn admit(&self, handler: &mut Handler) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => return Some(slot),
+            Err(TryAcquireError::Closed) => return None,
+            Err(TryAcquireError::NoPermits) => {}
+        }
+        let waited = match self.waiting.clone().try_acquire_owned() {
+            Ok(_waiter) => {
+                let mut shutdown = handler.shutdown.clone();
+                tokio::select! {
+                    slot = tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()) => {
+                        match slot {
+                            Ok(Ok(slot)) => return Some(slot),
+                            Ok(Err(_closed)) => return None,
+                            Err(_elapsed) => true,
+                        }
+                    }
+                    _ = shutdown.wait_for(|stop| *stop) => return None,
+                }
+            }
+            Err(_) => false,
+        };
+        tracing::warn!(
+            max_connections = self.max_connections,
+            waited,
+            "connection refused: server busy"
+        );
+        let message = format!(
+            "server busy: all {} connection slots are in use; try again later",
+            self.max_connections
+        );
+        handler
+            .refuse(Response::error(0, ErrorCode::Unavailable, message))
+            .await;
+        None
+    }
+}
+
+/// A request as far as it can be read without knowing the operation: the
+/// `id` and `v` are taken first so that even a request whose operation is
+/// unknown or malformed gets an answer carrying its id, and so that the
+/// version is checked before the operation is interpreted.
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default)]
+    v: Option<u16>,
+    #[serde(default)]
+    op: Option<serde_cbor::Value>,
+}
+
+/// Serves one connection.
+struct Handler {
+    connection: Connection<Stream>,
+    service: Arc<KeystoreService>,
+    idle_timeout: Duration,
+    request_timeout: Duration,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Whether the connection continues after a request.
+enum Next {
+    Continue,
+    Close(&'static str),
+}
+
+impl Handler {
+    /// Reads and answers requests one at a time until the peer leaves,
+    /// misbehaves, idles out, or the server shuts down. Returns the number of
+    /// requests answered and why the connection ended.
+    async fn run(&mut self) -> (u64, &'static str) {
+        let mut answered = 0u64;
+        loop {
+            let mut shutdown = self.shutdown.clone();
+            let read = tokio::select! {
+                // read_message is cancellation safe: a partial frame stays
+                // buffered, but we are closing anyway.
+                _ = shutdown.wait_for(|stop| *stop) => return (answered, "server shutdown"),
+                read = tokio::time::timeout(self.idle_timeout, self.connection.read_message::<Envelope>()) => read,
+            };
+            let next = match read {
+                Err(_elapsed) => Next::Close("idle timeout"),
+                Ok(Ok(None)) => Next::Close("peer closed"),
+                Ok(Ok(Some(envelope))) => {
+                    answered += 1;
+                    self.answer(envelope).await
+                }
+                Ok(Err(err)) => self.frame_failed(err).await,
+            };
+            if let Next::Close(reason) = next {
+                return (answered, reason);
+            }
+        }
+    }
+
+    /// Answers one decoded frame, logging the outcome.
+    async fn answer(&mut self, envelope: Envelope) -> Next {
+        let started = Instant::now();
+        let id = envelope.id.unwrap_or(0);
+        let (kind, result) = match interpret(envelope) {
+            Ok(request) => {
+                let kind = request.op.kind();
+                let answered =
+                    tokio::time::timeout(self.request_timeout, apply(&self.service, request.op))
+                        .await;
+                let result = answered.unwrap_or_else(|_| {
+                    Err(ServiceError::Unavailable(format!(
+                        "request timed out after {} ms",
+                        millis(self.request_timeout)
+                    )))
+                });
+                (kind, result)
+            }
+            Err(err) => ("invalid", Err(err)),
+        };
+        let body = match result {
+            Ok(body) => body,
+            Err(err) => ResponseBody::Error {
+                code: err.code(),
+                message: err.to_string(),
+            },
+        };
+        let outcome = match &body {
+            ResponseBody::Error { code, .. } => code.as_str(),
+            _ => "ok",
+        };
+        let next = self.send(Response::new(id, body)).await;
+        tracing::info!(
+            request_id = id,
+            op = kind,
+            outcome,
+            duration_ms = millis(started.elapsed()),
+            "request"
+        );
+        next
+    }
+
+    /// Writes a response within the request timeout. A response over the
+    /// write limit (a secret larger than the configured response frame) is
+    /// replaced by a `TooLarge` error; nothing of it was sent.
+    async fn send(&mut self, response: Response) -> Next {
+        let id = response.id;
+        let written = tokio::time::timeout(
+            self.request_timeout,
+            self.connection.write_message(&response),
+        )
+        .await;
+        drop(response);
+        match written {
+            Ok(Ok(())) => Next::Continue,
+            Ok(Err(FrameError::OutgoingTooLarge { len, max })) => {
+                let error = Response::error(
+                    id,
+                    ErrorCode::TooLarge,
+                    format!("the response would be {len} bytes; this server sends at most {max}"),
+                );
+                match tokio::time::timeout(
+                    self.request_timeout,
+                    self.connection.write_message(&error),
+                )
+                .await
+                {
+                    Ok(Ok(())) => Next::Continue,
+                    _ => Next::Close("write failed"),
+                }
+            }
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "writing response failed");
+                Next::Close("write failed")
+            }
+            // A cancelled write may have left half a frame on the wire.
+            Err(_elapsed) => Next::Close("write timeout"),
+        }
+    }
+
+    /// Handles a frame that could not be read as a request.
+    async fn frame_failed(&mut self, err: FrameError) -> Next {
+        match err {
+            FrameError::TooLarge { len, max } => {
+                tracing::warn!(announced = len, max, "request frame too large; closing");
+                let message = format!(
+                    "request frame of {len} bytes exceeds the limit of {max} bytes; closing the connection"
+                );
+                self.refuse(Response::error(0, ErrorCode::TooLarge, message))
+                    .await;
+                Next::Close("frame too large")
+            }
+            FrameError::Decode(reason) => {
+                // The frame was consumed, so the stream is still in sync.
+                tracing::info!(
+                    op = "invalid",
+                    outcome = "BadRequest",
+                    "undecodable request frame"
+                );
+                let message = format!("request frame is not a valid request: {reason}");
+                self.send(Response::error(0, ErrorCode::BadRequest, message))
+                    .await
+            }
+            FrameError::Truncated { .. } => Next::Close("peer closed mid-frame"),
+            other => {
+                tracing::debug!(error = %other, "reading request failed");
+                Next::Close("read failed")
+            }
+        }
+    }
+
+    /// Sends a final error (bounded, best effort) and closes the write side.
+    async fn refuse(&mut self, response: Response) {
+        let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
+            if self.connection.write_message(&response).await.is_ok() {
+                let _ = self.connection.shutdown().await;
+            }
+        })
+        .await;
+    }
+}
+
+/// Checks the version, then decodes the operation.
+fn interpret(envelope: Envelope) -> Result<Request, ServiceError> {
+    let Some(v) = envelope.v else {
+        return Err(ServiceError::BadRequest(format!(
+            "request has no protocol version `v`; this server speaks version {PROTOCOL_VERSION}"
+        )));
+    };
+    let Some(id) = envelope.id else {
+        return Err(ServiceError::BadRequest("request has no `id`".to_owned()));
+    };
+    if v != PROTOCOL_VERSION {
+        let err = ProtocolError::UnsupportedVersion {
+            got: v,
+            expected: PROTOCOL_VERSION,
+        };
+        return Err(ServiceError::BadRequest(err.to_string()));
+    }
+    let Some(op) = envelope.op else {
+        return Err(ServiceError::BadRequest(
+            "request has no operation `op`".to_owned(),
+        ));
+    };
+    // The decoder's own message could echo request bytes; say only what is
+    // wrong in our terms.
+    let op: RequestOp = serde_cbor::value::from_value(op).map_err(|_| {
+        ServiceError::BadRequest(format!(
+            "`op` is not a valid operation of protocol version {PROTOCOL_VERSION} \
+             (Get, List, Status, Attest, Load, GetCredentials)"
+        ))
+    })?;
+    Ok(Request { id, v, op })
+}
+
+/// Runs one operation against the service.
+async fn apply(service: &KeystoreService, op: RequestOp) -> Result<ResponseBody, ServiceError> {
+    match op {
+        RequestOp::Get { name } => {
+            let mut value = service.get(&name)?;
+            // Moves the plaintext into the response without another copy;
+            // the emptied wrapper has nothing left to wipe.
+            let value = SecretBytes::new(std::mem::take(&mut *value));
+            Ok(ResponseBody::Secret { name, value })
+        }
+        RequestOp::List => Ok(ResponseBody::Names {
+            names: service.list(),
+        }),
+        RequestOp::Status => Ok(ResponseBody::Status(service.status())),
+        RequestOp::Attest { nonce, user_data } => {
+            let document = service.attest(nonce, user_data).await?;
+            Ok(ResponseBody::Attestation { document })
+        }
+        RequestOp::Load { .. } => Err(ServiceError::Unsupported(
+            "Load is not served by this enclave build yet: loading secrets needs KMS decryption, \
+             which is not implemented here"
+                .to_owned(),
+        )),
+        RequestOp::GetCredentials => Err(ServiceError::Unsupported(
+            "GetCredentials is served by the host's credentials service, not by the enclave"
+                .to_owned(),
+        )),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

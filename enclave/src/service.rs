@@ -1,0 +1,207 @@
+//! What the enclave answers, independent of how requests arrive.
+//!
+//! [`KeystoreService`] bundles the state every connection shares — the
+//! sealed [`Store`], the [`Recipient`] lifecycle, the [`Nsm`], the start time
+//! and the build version — and turns each operation into a typed result or a
+//! [`ServiceError`] that already knows its wire [`ErrorCode`]. The server
+//! (framing, timeouts, connection limits) lives in [`crate::server`]; keeping
+//! the two apart lets the answers be tested without sockets and the transport
+//! without secrets.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keystore_shared::protocol::{ErrorCode, StatusReport};
+use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
+
+use crate::nsm::{AttestationRequest, MAX_ATTESTATION_FIELD, Nsm};
+use crate::recipient::Recipient;
+use crate::store::{Store, StoreError, validate_name};
+
+/// How many NSM attestation calls may run at once. Each occupies a thread of
+/// the blocking pool; a burst of `Attest` requests must not starve the
+/// recipient refresher or fill the pool, so extra callers queue here (and
+/// their wait is bounded by the server's request timeout).
+pub const MAX_CONCURRENT_ATTESTATIONS: usize = 8;
+
+/// The enclave build's version, reported by `Status`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why an operation failed. Every message is safe to send to a client and to
+/// log: it may name a secret (names are not secret) but never carries a
+/// value or key material.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Nothing has been loaded yet, so no `Get` can succeed.
+    #[error("no secrets loaded yet; the host proxy has not sent a bundle")]
+    NotReady,
+    /// No secret by that name.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request's arguments are unacceptable.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The operation exists but this server does not serve it.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A dependency (the NSM) failed; the caller may retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// An unexpected failure inside the enclave.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// The wire code this error is answered with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ServiceError::NotReady => ErrorCode::NotReady,
+            ServiceError::NotFound(_) => ErrorCode::NotFound,
+            ServiceError::BadRequest(_) | ServiceError::Unsupported(_) => ErrorCode::BadRequest,
+            ServiceError::Unavailable(_) => ErrorCode::Unavailable,
+            ServiceError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// The state shared by every connection of the secret server. Cheap to share
+/// behind an `Arc`; all methods take `&self`.
+pub struct KeystoreService {
+    store: Arc<Store>,
+    recipient: Recipient,
+    nsm: Arc<dyn Nsm>,
+    started: Instant,
+    version: String,
+    attestations: Semaphore,
+}
+
+impl std::fmt::Debug for KeystoreService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The store's and recipient's own Debug impls print no secrets.
+        f.debug_struct("KeystoreService")
+            .field("store", &self.store)
+            .field("recipient", &self.recipient)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeystoreService {
+    /// Bundles the enclave's state; the uptime clock starts now.
+    pub fn new(store: Arc<Store>, recipient: Recipient, nsm: Arc<dyn Nsm>) -> Self {
+        KeystoreService {
+            store,
+            recipient,
+            nsm,
+            started: Instant::now(),
+            version: VERSION.to_owned(),
+            attestations: Semaphore::new(MAX_CONCURRENT_ATTESTATIONS),
+        }
+    }
+
+    /// The sealed store (the loader replaces its set; shutdown wipes it).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The recipient key lifecycle.
+    pub fn recipient(&self) -> &Recipient {
+        &self.recipient
+    }
+
+    /// Whether anything was ever loaded: before the first load the store is
+    /// empty because nothing arrived yet, not because the bundle is empty,
+    /// and clients should hear `NotReady` rather than `NotFound`.
+    pub fn is_ready(&self) -> bool {
+        self.store.status().generation > 0
+    }
+
+    /// One secret's plaintext, in a buffer wiped on drop.
+    pub fn get(&self, name: &str) -> Result<Zeroizing<Vec<u8>>, ServiceError> {
+        validate_name(name).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+        if !self.is_ready() {
+            return Err(ServiceError::NotReady);
+        }
+        self.store.get(name).map_err(|err| match err {
+            StoreError::NotFound { .. } => ServiceError::NotFound(err.to_string()),
+            // A sealed value that fails to open means tampering or a bug;
+            // the message names the secret only.
+            other => ServiceError::Internal(other.to_string()),
+        })
+    }
+
+    /// The names of the loaded secrets, sorted. Listing is allowed before
+    /// the first load (the answer is simply empty), so a host can poll it.
+    pub fn list(&self) -> Vec<String> {
+        self.store.names()
+    }
+
+    /// Health and freshness.
+    pub fn status(&self) -> StatusReport {
+        let store = self.store.status();
+        let recipient = self.recipient.status();
+        StatusReport {
+            ready: store.generation > 0,
+            secret_count: u64::try_from(store.len).unwrap_or(u64::MAX),
+            document_age_ms: Some(millis(recipient.document_age)),
+            uptime_ms: millis(self.started.elapsed()),
+            version: self.version.clone(),
+            recipient_key_bits: u32::try_from(recipient.bits.bits()).ok(),
+            refresh_count: recipient.refreshes,
+            last_error: recipient.last_error,
+        }
+    }
+
+    /// A fresh attestation document binding the caller's `nonce` and
+    /// `user_data`, and the current recipient public key (so a host app can
+    /// also see which key KMS will encrypt to).
+    ///
+    /// The NSM call blocks, so it runs on the blocking pool, at most
+    /// [`MAX_CONCURRENT_ATTESTATIONS`] at a time.
+    pub async fn attest(
+        &self,
+        nonce: Vec<u8>,
+        user_data: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, ServiceError> {
+        check_field("nonce", &nonce)?;
+        if nonce.is_empty() {
+            return Err(ServiceError::BadRequest(
+                "nonce must not be empty: it is what proves the document is fresh".to_owned(),
+            ));
+        }
+        if let Some(data) = &user_data {
+            check_field("user_data", data)?;
+        }
+        let _permit =
+            self.attestations.acquire().await.map_err(|_| {
+                ServiceError::Unavailable("attestation is shutting down".to_owned())
+            })?;
+        let request = AttestationRequest {
+            public_key: Some(self.recipient.current().spki_der().to_vec()),
+            user_data,
+            nonce: Some(nonce),
+        };
+        let nsm = self.nsm.clone();
+        tokio::task::spawn_blocking(move || nsm.attest(&request))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("attestation task failed: {e}")))?
+            .map_err(|e| ServiceError::Unavailable(format!("attestation failed: {e}")))
+    }
+}
+
+/// Refuses attestation fields the NSM would refuse, before any NSM call.
+fn check_field(field: &str, value: &[u8]) -> Result<(), ServiceError> {
+    if value.len() > MAX_ATTESTATION_FIELD {
+        return Err(ServiceError::BadRequest(format!(
+            "{field} is {} bytes; at most {MAX_ATTESTATION_FIELD} are allowed",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,438 @@
+//! End-to-end tests of the secret server through the real `Client` over
+//! unix and tcp endpoints, plus protocol edge cases spoken with raw frames.
+
+// Helpers outside `#[test]` functions aren't covered by clippy.toml's
+// allow-unwrap-in-tests; a panic is the right failure in test code.
+#![allow(clippy::unwrap_used)]
+
+mod server_support;
+
+use std::time::Duration;
+
+use keystore_enclave::server::ServerConfig;
+use keystore_shared::attestation::AttestationDocument;
+use keystore_shared::frame::{Connection, FrameLimits};
+use keystore_shared::protocol::{
+    DEFAULT_MAX_RESPONSE_FRAME, ErrorCode, LoadEntry, PROTOCOL_VERSION, Request, RequestOp,
+    Response, ResponseBody,
+};
+use keystore_shared::{ClientError, Stream};
+use server_support::{Harness, Options, Transport, fixtures};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn exercise(transport: Transport) {
+    let harness = Harness::start(Options {
+        transport,
+        ..Options::default()
+    })
+    .await;
+    let mut client = harness.client().await;
+
+    for (name, value) in fixtures() {
+        let got = client.get(name).await.unwrap();
+        assert_eq!(got.expose(), value.as_slice(), "value of {name}");
+    }
+    let missing = client.get("no/such").await.unwrap_err();
+    assert_eq!(missing.code(), Some(ErrorCode::NotFound), "{missing}");
+    assert!(missing.to_string().contains("no/such"), "{missing}");
+    let invalid = client.get("bad\nname").await.unwrap_err();
+    assert_eq!(invalid.code(), Some(ErrorCode::BadRequest), "{invalid}");
+
+    let mut expected: Vec<String> = fixtures().iter().map(|(n, _)| n.to_string()).collect();
+    expected.sort();
+    assert_eq!(client.list().await.unwrap(), expected);
+
+    let status = client.status().await.unwrap();
+    assert!(status.ready);
+    assert_eq!(status.secret_count, fixtures().len() as u64);
+    assert_eq!(status.recipient_key_bits, Some(2048));
+    assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
+    assert!(status.document_age_ms.is_some());
+    assert_eq!(status.last_error, None);
+
+    let nonce = b"a fresh nonce of the caller's".to_vec();
+    let user_data = b"bound user data".to_vec();
+    let document = client.attest(&nonce, Some(&user_data)).await.unwrap();
+    let verified = harness
+        .verifier()
+        .expect_nonce(nonce.clone())
+        .verify(&document)
+        .unwrap();
+    assert_eq!(verified.user_data.as_deref(), Some(user_data.as_slice()));
+    assert_eq!(
+        verified.public_key.as_deref(),
+        Some(harness.service.recipient().current().spki_der()),
+        "the document carries the recipient key"
+    );
+    // Another nonce gives another document; the old one does not pass for it.
+    let other = client.attest(b"second nonce", None).await.unwrap();
+    assert!(
+        harness
+            .verifier()
+            .expect_nonce(nonce)
+            .verify(&other)
+            .is_err()
+    );
+    let parsed = AttestationDocument::parse_unverified(&other).unwrap();
+    assert_eq!(parsed.user_data, None);
+
+    let too_long = client.attest(&[7u8; 1025], None).await.unwrap_err();
+    assert_eq!(too_long.code(), Some(ErrorCode::BadRequest), "{too_long}");
+    assert!(too_long.to_string().contains("1025"), "{too_long}");
+    let empty = client.attest(&[], None).await.unwrap_err();
+    assert_eq!(empty.code(), Some(ErrorCode::BadRequest), "{empty}");
+    let long_data = client.attest(b"n", Some(&[1u8; 2000])).await.unwrap_err();
+    assert_eq!(long_data.code(), Some(ErrorCode::BadRequest), "{long_data}");
+
+    // The connection survives every error above.
+    assert_eq!(
+        client.get("db/password").await.unwrap().expose(),
+        b"hunter2"
+    );
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_list_status_attest_over_unix() {
+    exercise(Transport::Unix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_list_status_attest_over_tcp() {
+    exercise(Transport::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_the_first_load_get_is_not_ready() {
+    let harness = Harness::start(Options {
+        fill: false,
+        ..Options::default()
+    })
+    .await;
+    let mut client = harness.client().await;
+    let err = client.get("db/password").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotReady), "{err}");
+    assert_eq!(client.list().await.unwrap(), Vec::<String>::new());
+    let status = client.status().await.unwrap();
+    assert!(!status.ready);
+    assert_eq!(status.secret_count, 0);
+    // Attestation works before any load: it is how a host checks the
+    // enclave before trusting it with anything.
+    client.attest(b"nonce", None).await.unwrap();
+    harness.stop().await.unwrap();
+}
+
+async fn raw(harness: &Harness) -> Connection<Stream> {
+    let stream = harness.endpoint.connect().await.unwrap();
+    Connection::with_limits(
+        stream,
+        FrameLimits::new(DEFAULT_MAX_RESPONSE_FRAME, 16 * 1024 * 1024),
+    )
+}
+
+async fn roundtrip<T: serde::Serialize>(conn: &mut Connection<Stream>, msg: &T) -> Response {
+    conn.write_message(msg).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), conn.read_message::<Response>())
+        .await
+        .expect("no answer within 30 s")
+        .unwrap()
+        .expect("server closed instead of answering")
+}
+
+fn error_of(response: &Response) -> (ErrorCode, &str) {
+    match &response.result {
+        ResponseBody::Error { code, message } => (*code, message.as_str()),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_echo_ids_and_keep_the_connection() {
+    let harness = Harness::start(Options::default()).await;
+    let mut conn = raw(&harness).await;
+
+    // Wrong version: BadRequest naming both versions, id echoed.
+    let request = Request {
+        id: 41,
+        v: 2,
+        op: RequestOp::Status,
+    };
+    let response = roundtrip(&mut conn, &request).await;
+    assert_eq!(response.id, 41);
+    assert_eq!(response.v, PROTOCOL_VERSION);
+    let (code, message) = error_of(&response);
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(
+        message.contains("version 2") && message.contains("version 1"),
+        "{message}"
+    );
+
+    // An operation this version does not know: id still echoed.
+    #[derive(serde::Serialize)]
+    struct Unknown {
+        id: u64,
+        v: u16,
+        op: &'static str,
+    }
+    let response = roundtrip(
+        &mut conn,
+        &Unknown {
+            id: 42,
+            v: 1,
+            op: "Teleport-hunter2",
+        },
+    )
+    .await;
+    assert_eq!(response.id, 42);
+    let (code, message) = error_of(&response);
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(
+        !message.contains("hunter2"),
+        "request bytes echoed: {message}"
+    );
+
+    // A CBOR value that is not a request at all.
+    let response = roundtrip(&mut conn, &"not a request").await;
+    assert_eq!(response.id, 0);
+    assert_eq!(error_of(&response).0, ErrorCode::BadRequest);
+
+    // Bytes that are not CBOR, in a well-formed frame.
+    let mut frame = 5u32.to_be_bytes().to_vec();
+    frame.extend_from_slice(&[0xff, 0xfe, 0x1c, 0x00, 0x9f]);
+    conn.get_mut().write_all(&frame).await.unwrap();
+    let response = conn.read_message::<Response>().await.unwrap().unwrap();
+    assert_eq!(response.id, 0);
+    assert_eq!(error_of(&response).0, ErrorCode::BadRequest);
+
+    // Load and GetCredentials are typed refusals that say why.
+    let load = Request::new(
+        43,
+        RequestOp::Load {
+            entries: vec![LoadEntry {
+                name: "x".into(),
+                envelope: "ENC[v1:kms:AAAA]".into(),
+            }],
+        },
+    );
+    let response = roundtrip(&mut conn, &load).await;
+    assert_eq!(response.id, 43);
+    let (code, message) = error_of(&response);
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(message.contains("not served"), "{message}");
+    let response = roundtrip(&mut conn, &Request::new(44, RequestOp::GetCredentials)).await;
+    assert_eq!(response.id, 44);
+    assert_eq!(error_of(&response).0, ErrorCode::BadRequest);
+
+    // After all that, the same connection still answers properly.
+    let response = roundtrip(
+        &mut conn,
+        &Request::new(
+            45,
+            RequestOp::Get {
+                name: "db/password".into(),
+            },
+        ),
+    )
+    .await;
+    assert_eq!(response.id, 45);
+    match response.result {
+        ResponseBody::Secret { name, value } => {
+            assert_eq!(name, "db/password");
+            assert_eq!(value.expose(), b"hunter2");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_prefix_gets_too_large_then_close() {
+    let harness = Harness::start(Options::default()).await;
+    for announced in [u32::MAX, 64 * 1024 + 1] {
+        let mut stream = harness.endpoint.connect().await.unwrap();
+        stream.write_all(&announced.to_be_bytes()).await.unwrap();
+        let mut conn = Connection::new(stream);
+        let response =
+            tokio::time::timeout(Duration::from_secs(30), conn.read_message::<Response>())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        let (code, message) = error_of(&response);
+        assert_eq!(code, ErrorCode::TooLarge);
+        assert!(message.contains(&announced.to_string()), "{message}");
+        // Then the server closes: EOF, nothing more.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(30),
+            conn.get_mut().read_to_end(&mut rest),
+        )
+        .await
+        .unwrap();
+        assert!(read.is_ok() || rest.is_empty());
+        assert!(rest.is_empty());
+    }
+    // A request of exactly the limit is read (and refused only for content).
+    let mut stream = harness.endpoint.connect().await.unwrap();
+    let mut frame = (64u32 * 1024).to_be_bytes().to_vec();
+    frame.extend(std::iter::repeat_n(0xffu8, 64 * 1024));
+    stream.write_all(&frame).await.unwrap();
+    let mut conn = Connection::new(stream);
+    let response = conn.read_message::<Response>().await.unwrap().unwrap();
+    assert_eq!(error_of(&response).0, ErrorCode::BadRequest);
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_then_hear_server_busy() {
+    let harness = Harness::start(Options {
+        config: ServerConfig {
+            max_connections: 2,
+            admission_wait: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    // Two clients that have been answered hold both slots.
+    let mut first = harness.client().await;
+    let mut second = harness.client().await;
+    first.status().await.unwrap();
+    second.status().await.unwrap();
+
+    let mut third = harness.client().await;
+    let err = third.status().await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+    assert!(err.to_string().contains("server busy"), "{err}");
+    // The refused connection is closed and refuses further use.
+    assert!(matches!(third.status().await, Err(ClientError::Broken)));
+
+    // A slot frees up: the next connection is served.
+    drop(first);
+    let mut served = None;
+    for _ in 0..100 {
+        let mut fourth = harness.client().await;
+        match fourth.status().await {
+            Ok(status) => {
+                served = Some(status);
+                break;
+            }
+            Err(err) if err.code() == Some(ErrorCode::Unavailable) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => panic!("unexpected {err}"),
+        }
+    }
+    assert!(served.expect("no slot freed up").ready);
+    second.list().await.unwrap();
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_connection_gets_the_next_free_slot() {
+    let harness = Harness::start(Options {
+        config: ServerConfig {
+            max_connections: 1,
+            admission_wait: Duration::from_secs(30),
+            ..ServerConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let mut first = harness.client().await;
+    first.status().await.unwrap();
+    let mut second = harness.client().await;
+    let waiting = tokio::spawn(async move { second.get("db/password").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished(),
+        "second connection was served beside the first"
+    );
+    drop(first);
+    let value = waiting.await.unwrap().unwrap();
+    assert_eq!(value.expose(), b"hunter2");
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_in_flight_requests_and_stops_accepting() {
+    let mut harness = Harness::start(Options {
+        attest_delay: Some(Duration::from_millis(800)),
+        ..Options::default()
+    })
+    .await;
+    let mut idle = harness.client().await;
+    idle.status().await.unwrap();
+    let mut busy = harness.client().await;
+    let in_flight = tokio::spawn(async move { busy.attest(b"nonce", None).await });
+    // Let the request reach the NSM, then ask the server to stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    harness.begin_shutdown();
+    let document = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request was cut off");
+    harness
+        .verifier()
+        .expect_nonce(b"nonce".to_vec())
+        .verify(&document)
+        .unwrap();
+    // The idle connection was closed by the shutdown.
+    let err = idle.status().await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Closed { .. } | ClientError::Frame { .. }),
+        "{err}"
+    );
+    // Accepting stopped as soon as shutdown began.
+    assert!(harness.endpoint.connect().await.is_err());
+    let result = tokio::time::timeout(Duration::from_secs(60), &mut harness.task)
+        .await
+        .unwrap()
+        .unwrap();
+    result.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_grace_bounds_a_stuck_request() {
+    let mut harness = Harness::start(Options {
+        attest_delay: Some(Duration::from_secs(5)),
+        config: ServerConfig {
+            shutdown_grace: Duration::from_millis(200),
+            ..ServerConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let mut busy = harness.client().await;
+    let in_flight = tokio::spawn(async move { busy.attest(b"nonce", None).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    harness.begin_shutdown();
+    let result = tokio::time::timeout(Duration::from_secs(4), &mut harness.task)
+        .await
+        .expect("shutdown waited for the stuck request instead of aborting it")
+        .unwrap();
+    result.unwrap();
+    assert!(in_flight.await.unwrap().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_answers_unavailable() {
+    let harness = Harness::start(Options {
+        attest_delay: Some(Duration::from_secs(2)),
+        config: ServerConfig {
+            request_timeout: Duration::from_millis(200),
+            ..ServerConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let mut client = harness.client().await;
+    let err = client.attest(b"nonce", None).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert_eq!(
+        client.get("db/password").await.unwrap().expose(),
+        b"hunter2"
+    );
+    harness.stop().await.unwrap();
+}

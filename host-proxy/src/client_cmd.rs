@@ -1,0 +1,260 @@
+//! `keystore-host get | list | status | attest`: what host applications and
+//! operators on the parent instance ask the enclave, over the same
+//! [`keystore_shared::Client`] a Rust host app would use.
+//!
+//! Output is made for scripts: `get` writes the secret's bytes to stdout and
+//! nothing else (no newline, no framing), `list` one name per line, and
+//! `status`/`attest` text or one JSON object. Every failure is one line on
+//! stderr and a non-zero exit.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use keystore_shared::attestation::{AttestationDocument, Verifier, VerifyAt, rfc3339};
+use keystore_shared::{Client, Endpoint, StatusReport};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::attestation_cmd::{self, EXIT_INVALID};
+
+/// Bytes of the random nonce `attest` sends.
+pub const NONCE_LEN: usize = 32;
+
+/// Commands that talk to the enclave's secret server.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Print one secret's value to stdout, byte for byte, nothing else.
+    Get(GetArgs),
+    /// List the names of the loaded secrets, one per line.
+    List,
+    /// Show the enclave's health: readiness, secret count, key freshness.
+    Status(StatusArgs),
+    /// Ask the enclave for a fresh attestation document bound to a random
+    /// nonce, verify it and print its PCRs. Exits 1 if it does not verify.
+    Attest(AttestArgs),
+}
+
+/// Arguments of `get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// The secret's name (key path).
+    pub name: String,
+}
+
+/// Arguments of `status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `attest`.
+#[derive(Debug, Args)]
+pub struct AttestArgs {
+    /// Expected PCR value, `INDEX=HEX`; repeatable.
+    #[arg(long = "pcr", value_name = "N=HEX", value_parser = attestation_cmd::parse_pcr)]
+    pub pcrs: Vec<(u16, Vec<u8>)>,
+    /// Trusted root: `aws` (the AWS Nitro Enclaves Root G1) or a path to a
+    /// PEM or DER certificate (e.g. a mock NSM's root.pem).
+    #[arg(long, default_value = "aws")]
+    pub root: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs one client command against `enclave`.
+pub fn run(enclave: &Endpoint, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        match cmd {
+            ClientCommand::Get(args) => get(enclave, &args).await,
+            ClientCommand::List => list(enclave).await,
+            ClientCommand::Status(args) => status(enclave, &args).await,
+            ClientCommand::Attest(args) => attest(enclave, &args).await,
+        }
+    })
+}
+
+async fn connect(enclave: &Endpoint) -> anyhow::Result<Client> {
+    Ok(Client::connect(enclave).await?)
+}
+
+async fn get(enclave: &Endpoint, args: &GetArgs) -> anyhow::Result<ExitCode> {
+    let value = connect(enclave).await?.get(&args.name).await?;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(value.expose())
+        .and_then(|()| stdout.flush())
+        .context("cannot write the value to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list(enclave: &Endpoint) -> anyhow::Result<ExitCode> {
+    let names = connect(enclave).await?.list().await?;
+    let mut stdout = std::io::stdout().lock();
+    for name in names {
+        writeln!(stdout, "{name}").context("cannot write to stdout")?;
+    }
+    stdout.flush().context("cannot write to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(enclave: &Endpoint, args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let report = connect(enclave).await?.status().await?;
+    if args.json {
+        println!("{}", status_json(&report));
+    } else {
+        print!("{}", status_text(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status_json(report: &StatusReport) -> serde_json::Value {
+    json!({
+        "ready": report.ready,
+        "secret_count": report.secret_count,
+        "document_age_ms": report.document_age_ms,
+        "uptime_ms": report.uptime_ms,
+        "version": report.version,
+        "recipient_key_bits": report.recipient_key_bits,
+        "refresh_count": report.refresh_count,
+        "last_error": report.last_error,
+    })
+}
+
+fn status_text(report: &StatusReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mut line = |k: &str, v: &dyn std::fmt::Display| {
+        let _ = writeln!(out, "{k:<20} {v}");
+    };
+    line("ready:", &report.ready);
+    line("secrets:", &report.secret_count);
+    line(
+        "document age:",
+        &report
+            .document_age_ms
+            .map_or_else(|| "none".to_owned(), |ms| format!("{} s", ms / 1000)),
+    );
+    line("uptime:", &format!("{} s", report.uptime_ms / 1000));
+    line("version:", &report.version);
+    line(
+        "recipient key:",
+        &report
+            .recipient_key_bits
+            .map_or_else(|| "none".to_owned(), |b| format!("RSA-{b}")),
+    );
+    line("refreshes:", &report.refresh_count);
+    line(
+        "last error:",
+        &report.last_error.as_deref().unwrap_or("none"),
+    );
+    out
+}
+
+async fn attest(enclave: &Endpoint, args: &AttestArgs) -> anyhow::Result<ExitCode> {
+    let root = attestation_cmd::load_root(&args.root)?;
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::fill(&mut nonce);
+    let document = connect(enclave).await?.attest(&nonce, None).await?;
+    // Fix "now" once so the printed time is the one checked.
+    let checked_at = SystemTime::now();
+    let mut verifier = Verifier::new(root)
+        .at(VerifyAt::Time(checked_at))
+        .expect_nonce(nonce.to_vec());
+    for (index, value) in &args.pcrs {
+        verifier = verifier.expect_pcr(*index, value.clone());
+    }
+    let verified = match verifier.verify(&document) {
+        Ok(doc) => doc,
+        Err(err) => {
+            eprintln!("attestation invalid: {err}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+    };
+    if args.json {
+        println!("{}", attest_json(&verified, &nonce, checked_at));
+    } else {
+        print!("{}", attest_text(&verified, checked_at));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// PCRs that are not all zero (unused registers are zero on real NSMs).
+fn set_pcrs(doc: &AttestationDocument) -> BTreeMap<u16, String> {
+    doc.pcrs
+        .iter()
+        .filter(|(_, v)| v.iter().any(|&b| b != 0))
+        .map(|(i, v)| (*i, hex::encode(v)))
+        .collect()
+}
+
+fn key_fingerprint(doc: &AttestationDocument) -> Option<String> {
+    doc.public_key
+        .as_ref()
+        .map(|key| hex::encode(Sha256::digest(key)))
+}
+
+fn attest_json(
+    doc: &AttestationDocument,
+    nonce: &[u8],
+    checked_at: SystemTime,
+) -> serde_json::Value {
+    let pcrs: serde_json::Map<String, serde_json::Value> = set_pcrs(doc)
+        .into_iter()
+        .map(|(i, v)| (i.to_string(), json!(v)))
+        .collect();
+    json!({
+        "valid": true,
+        "module_id": doc.module_id,
+        "timestamp": doc.time().map(|t| rfc3339(&t)),
+        "checked_at": rfc3339(&checked_at),
+        "nonce": hex::encode(nonce),
+        "pcrs": pcrs,
+        "public_key_sha256": key_fingerprint(doc),
+    })
+}
+
+fn attest_text(doc: &AttestationDocument, checked_at: SystemTime) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mut line = |k: &str, v: &dyn std::fmt::Display| {
+        let _ = writeln!(out, "{k:<18} {v}");
+    };
+    line("module_id:", &doc.module_id);
+    line(
+        "timestamp:",
+        &doc.time().map(|t| rfc3339(&t)).unwrap_or_default(),
+    );
+    let pcrs = set_pcrs(doc);
+    line(
+        "pcrs:",
+        &format!(
+            "{} set, {} all-zero not shown",
+            pcrs.len(),
+            doc.pcrs.len() - pcrs.len()
+        ),
+    );
+    for (index, value) in &pcrs {
+        line(&format!("  PCR{index}"), value);
+    }
+    line(
+        "public key sha256:",
+        &key_fingerprint(doc).unwrap_or_else(|| "absent".to_owned()),
+    );
+    line("checked at:", &rfc3339(&checked_at));
+    line(
+        "result:",
+        &"valid (signature, chain, nonce and expected PCRs)",
+    );
+    out
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds the enclave image and its EIF on the parent instance, then saves and
+# prints the measurements a KMS key policy pins.
+#
+# Usage: scripts/build-eif.sh [--tag IMAGE] [--out DIR]
+#                             [--signing-certificate CERT.pem --private-key KEY.pem]
+# Writes DIR/keystore-enclave.eif and DIR/measurements.json (nitro-cli's own
+# JSON: {"Measurements": {"HashAlgorithm", "PCR0", "PCR1", "PCR2"[, "PCR8"]}}).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tag=nitro-keystore-enclave:latest
+out=build
+cert=
+key=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tag) tag=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --signing-certificate) cert=$2; shift 2 ;;
+    --private-key) key=$2; shift 2 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "build-eif.sh: unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+if { [ -n "$cert" ] && [ -z "$key" ]; } || { [ -z "$cert" ] && [ -n "$key" ]; }; then
+  echo "build-eif.sh: --signing-certificate and --private-key go together" >&2
+  exit 2
+fi
+for tool in docker nitro-cli jq; do
+  command -v "$tool" >/dev/null 2>&1 || {
+    echo "build-eif.sh: '$tool' is not installed (see README, Deploy on EC2)" >&2
+    exit 1
+  }
+done
+
+mkdir -p "$out"
+epoch=$(git log -1 --format=%ct 2>/dev/null || echo 1)
+echo "Building image $tag (SOURCE_DATE_EPOCH=$epoch)..." >&2
+docker build --file Dockerfile.enclave --tag "$tag" \
+  --build-arg SOURCE_DATE_EPOCH="$epoch" .
+
+eif="$out/keystore-enclave.eif"
+args=(build-enclave --docker-uri "$tag" --output-file "$eif")
+if [ -n "$cert" ]; then
+  args+=(--signing-certificate "$cert" --private-key "$key")
+fi
+echo "Building EIF $eif..." >&2
+nitro-cli "${args[@]}" > "$out/measurements.json"
+
+if ! jq -e '.Measurements.PCR0 and .Measurements.PCR1 and .Measurements.PCR2' \
+    "$out/measurements.json" >/dev/null; then
+  echo "build-eif.sh: nitro-cli printed no PCR0/PCR1/PCR2 measurements" >&2
+  exit 1
+fi
+if [ -n "$cert" ] && ! jq -e '.Measurements.PCR8' "$out/measurements.json" >/dev/null; then
+  echo "build-eif.sh: a signed EIF must report PCR8" >&2
+  exit 1
+fi
+echo "EIF: $eif" >&2
+echo "Measurements ($out/measurements.json):" >&2
+jq -r '.Measurements | to_entries[] | select(.key | startswith("PCR")) | "  \(.key) \(.value)"' \
+  "$out/measurements.json"
