@@ -209,4 +209,14 @@ fn an_extra_ca_is_refused_unless_the_nsm_is_the_mock() {
         Err(KmsError::Config(_))
     ));
     config.check_extra_ca(true).unwrap();
+
+    // Kms::new reports unusable settings as the config stage.
+    let mut bad_region = keystore_enclave::kms::KmsConfig::new("us-east-1");
+    bad_region.region = "US EAST".into();
+    let mut bad_ca = keystore_enclave::kms::KmsConfig::new("us-east-1");
+    bad_ca.transport.extra_ca_pem = Some(b"garbage".to_vec());
+    for config in [bad_region, bad_ca] {
+        let err = keystore_enclave::kms::Kms::new(config).unwrap_err();
+        assert_eq!(err.stage(), "config", "{err:?}");
+    }
 }

@@ -287,7 +287,8 @@ impl Kms {
     /// Builds the client. Nothing is dialed until the first call.
     pub fn new(config: KmsConfig) -> Result<Kms, KmsError> {
         config.validate()?;
-        let transport = KmsTransport::new(&config.transport).map_err(KmsError::ProxyConnect)?;
+        let transport =
+            KmsTransport::new(&config.transport).map_err(|e| KmsError::Config(e.to_string()))?;
         let credentials = CredentialsProvider::new(config.credentials.clone());
         let sdk_config = aws_sdk_kms::Config::builder()
             .behavior_version(BehaviorVersion::latest())
