@@ -227,6 +227,25 @@ impl LoadError {
         }
     }
 
+    /// Whether KMS said this enclave may no longer decrypt: the key policy
+    /// refuses it, or the key is disabled, pending deletion or gone. A
+    /// periodic re-decrypt that ends this way must stop serving the secrets,
+    /// or revoking the policy would never take effect.
+    pub fn is_revocation(&self) -> bool {
+        const REVOKED: [&str; 4] = [
+            "AccessDeniedException",
+            "DisabledException",
+            "KMSInvalidStateException",
+            "NotFoundException",
+        ];
+        match self {
+            LoadError::Kms { source, .. } => {
+                source.kms_code().is_some_and(|c| REVOKED.contains(&c))
+            }
+            _ => false,
+        }
+    }
+
     /// The protocol error code to answer the `Load` with.
     pub fn code(&self) -> ErrorCode {
         match self {

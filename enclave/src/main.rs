@@ -3,7 +3,9 @@
 //! It disables core dumps before anything else (a core file of this process
 //! would hold the seal key and the recipient key), opens the NSM, generates
 //! and attests the recipient key, creates an empty sealed store and serves it
-//! until SIGTERM or SIGINT. Once ready it prints the endpoint it listens on,
+//! until SIGTERM or SIGINT. With `--region` it also accepts `Load` bundles on
+//! the load port and decrypts them through KMS, re-decrypting on a TTL so a
+//! revoked key policy takes effect. Once ready it prints the endpoint it listens on,
 //! alone on one line of stdout, so scripts and tests can wait for it; logs go
 //! to stderr.
 #![forbid(unsafe_code)]
@@ -16,6 +18,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use keystore_enclave::kms::{Kms, KmsConfig};
+use keystore_enclave::load::{LoadConfig, Loader};
 use keystore_enclave::nsm::{DeviceNsm, MockConfig, MockNsm, Nsm};
 use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig};
 use keystore_enclave::server::{self, Server, ServerConfig};
@@ -33,6 +37,32 @@ struct Args {
     /// unix:///path).
     #[arg(long, default_value = "vsock://ANY:5000")]
     listen: Endpoint,
+    /// Where the host proxy's loader sends `Load` bundles (16 MiB frames).
+    #[arg(long, default_value = "vsock://ANY:5001")]
+    load_listen: Endpoint,
+    /// AWS region of the KMS key. Without it the enclave cannot load
+    /// secrets. Dockerfile.enclave bakes it into the measured image.
+    #[arg(long, env = "KEYSTORE_REGION")]
+    region: Option<String>,
+    /// KMS host name: TLS server name and SNI (default kms.<region>.amazonaws.com).
+    #[arg(long, value_name = "HOST")]
+    kms_host: Option<String>,
+    /// The host proxy's KMS forwarder, the enclave's only way out.
+    #[arg(long, default_value = "vsock://3:8000")]
+    kms_proxy: Endpoint,
+    /// The host's credentials service.
+    #[arg(long, default_value = "vsock://3:8001")]
+    credentials: Endpoint,
+    /// An extra trusted CA (PEM) for KMS TLS; only with `--nsm mock`.
+    #[arg(long, value_name = "PEM")]
+    kms_ca: Option<PathBuf>,
+    /// Decrypt the last bundle again this often, so a revoked key policy
+    /// takes effect (`0s` disables).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    reload_every: Duration,
+    /// KMS calls in flight during a load.
+    #[arg(long, default_value_t = 8)]
+    load_concurrency: usize,
     /// Which NSM to use: the enclave's /dev/nsm, or a local mock for tests.
     #[arg(long, value_enum, default_value_t = NsmKind::Device)]
     nsm: NsmKind,
@@ -161,6 +191,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // until the server starts accepting.
     let listener = args.listen.bind().await?;
     let nsm = open_nsm(&args)?;
+    let kms = kms_client(&args)?;
+    let load_listener = match kms {
+        Some(_) => Some(args.load_listen.bind().await?),
+        None => {
+            tracing::warn!("no --region: this enclave cannot load secrets from KMS");
+            None
+        }
+    };
 
     tracing::info!(
         bits = args.recipient_bits.bits(),
@@ -171,23 +209,74 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot create the recipient key")?;
     let seal_key = SealKey::generate(nsm.as_ref()).context("cannot create the seal key")?;
     let store = Arc::new(Store::new(seal_key, StoreConfig::default()));
-    let service = Arc::new(KeystoreService::new(store.clone(), recipient, nsm));
-    let server = Server::from_listener(listener, service, server_config)?;
+    let mut service = KeystoreService::new(store.clone(), recipient.clone(), nsm);
+    let mut loader = None;
+    if let Some(kms) = kms {
+        let load_config = LoadConfig {
+            concurrency: args.load_concurrency,
+            ..LoadConfig::default()
+        };
+        let built = Arc::new(
+            Loader::new(kms, recipient, store.clone(), load_config)
+                .context("invalid load settings")?,
+        );
+        service = service.with_loader(built.clone());
+        loader = Some(built);
+    }
+    let service = Arc::new(service);
+    let server = Server::from_listener(listener, service.clone(), server_config)?;
+    let load_server = match load_listener {
+        Some(listener) => Some(Server::from_listener(
+            listener,
+            service,
+            ServerConfig::for_loading(LoadConfig::default().max_duration),
+        )?),
+        None => None,
+    };
 
     let endpoint = server.local_endpoint().clone();
+    if let Some(load_server) = &load_server {
+        tracing::info!(endpoint = %load_server.local_endpoint(), "load port ready");
+    }
     tracing::info!(endpoint = %endpoint, version = keystore_enclave::service::VERSION, "ready");
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{endpoint}").context("cannot write to stdout")?;
     stdout.flush().context("cannot write to stdout")?;
     drop(stdout);
 
-    let stop = async {
+    // One signal stops every listener and the reload task.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let reloads = match (&loader, args.reload_every.is_zero()) {
+        (Some(loader), false) => Some(tokio::spawn(reload_periodically(
+            loader.clone(),
+            store.clone(),
+            args.reload_every,
+            stopped(stop_rx.clone()),
+        ))),
+        _ => None,
+    };
+    let load_served = load_server.map(|s| tokio::spawn(s.run(stopped(stop_rx.clone()))));
+    let signals = async move {
         tokio::select! {
             _ = sigterm.recv() => tracing::info!("SIGTERM received"),
             _ = sigint.recv() => tracing::info!("SIGINT received"),
         }
+        let _ = stop_tx.send(true);
     };
-    let served = server.run(stop).await;
+    let (served, ()) = tokio::join!(server.run(stopped(stop_rx.clone())), signals);
+    if let Some(task) = load_served {
+        match task.await {
+            Ok(Err(err)) => tracing::warn!(error = %err, "load port stopped with an error"),
+            Err(err) => tracing::warn!(error = %err, "load port task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    if let Some(task) = reloads {
+        let _ = task.await;
+    }
 
     // Wipe before anything else can fail.
     store.clear();
@@ -198,6 +287,66 @@ async fn run(args: Args) -> anyhow::Result<()> {
     served?;
     tracing::info!("keystore-enclave stopped");
     Ok(())
+}
+
+/// The KMS client, when `--region` says where KMS is.
+fn kms_client(args: &Args) -> anyhow::Result<Option<Kms>> {
+    let Some(region) = &args.region else {
+        if args.kms_ca.is_some() || args.kms_host.is_some() {
+            bail!("--kms-host and --kms-ca need --region");
+        }
+        return Ok(None);
+    };
+    let mut config = KmsConfig::new(region.clone());
+    config.transport.proxy = args.kms_proxy.clone();
+    if let Some(host) = &args.kms_host {
+        config.transport.kms_host = host.clone();
+    }
+    if let Some(path) = &args.kms_ca {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read --kms-ca {}", path.display()))?;
+        config.transport.extra_ca_pem = Some(pem);
+    }
+    config.credentials.endpoint = args.credentials.clone();
+    config
+        .check_extra_ca(args.nsm == NsmKind::Mock)
+        .context("--kms-ca")?;
+    Ok(Some(Kms::new(config).context("invalid KMS settings")?))
+}
+
+/// Decrypts the last good bundle again every `every`, so a revoked key
+/// policy stops the enclave serving within one period: when KMS refuses,
+/// the secrets are wiped. Any other failure (KMS unreachable, throttled)
+/// keeps the current secrets; both are reported in `Status`.
+async fn reload_periodically(
+    loader: Arc<Loader>,
+    store: Arc<Store>,
+    every: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = ticks.tick() => {}
+        }
+        if loader.last_load().is_none() {
+            continue; // nothing loaded yet
+        }
+        match loader.reload().await {
+            Ok(report) => tracing::info!(count = report.count, "periodic re-decrypt succeeded"),
+            Err(err) if err.is_revocation() => {
+                store.clear();
+                tracing::error!(error = %err, "KMS no longer allows this enclave: secrets wiped");
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "periodic re-decrypt failed; keeping the current secrets")
+            }
+        }
+    }
 }
 
 fn open_nsm(args: &Args) -> anyhow::Result<Arc<dyn Nsm>> {

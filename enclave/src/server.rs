@@ -33,8 +33,8 @@ use keystore_shared::endpoint::{
 };
 use keystore_shared::frame::{Connection, FrameError, FrameLimits};
 use keystore_shared::protocol::{
-    DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME, ErrorCode, PROTOCOL_VERSION,
-    ProtocolError, Request, RequestOp, Response, ResponseBody, SecretBytes,
+    DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME, ErrorCode,
+    PROTOCOL_VERSION, ProtocolError, Request, RequestOp, Response, ResponseBody, SecretBytes,
 };
 use serde::Deserialize;
 use tokio::sync::{Semaphore, TryAcquireError, watch};
@@ -53,6 +53,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time in-flight requests get to finish at shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Connections the load port serves at once (one loader, plus a retry).
+pub const DEFAULT_MAX_LOAD_CONNECTIONS: usize = 4;
 
 /// How long the server tries to deliver a "server busy" or "too large" error
 /// to a peer before just closing: the peer may not be reading.
@@ -65,6 +67,8 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Limits and timeouts of the secret server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
+    /// Which operations this listener answers.
+    pub role: Role,
     /// Connections served at once.
     pub max_connections: usize,
     /// How long a connection beyond the limit waits for a slot before it is
@@ -87,6 +91,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
+            role: Role::Secrets,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             admission_wait: DEFAULT_ADMISSION_WAIT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -98,7 +103,32 @@ impl Default for ServerConfig {
     }
 }
 
+/// What a listener is for. Host apps and the host proxy's loader reach the
+/// enclave on separate ports so each gets the frame limit it needs: secret
+/// requests are tiny (64 KiB), a `Load` bundle may be 16 MiB, and a host app
+/// must not be able to make the secret port buffer 16 MiB per connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    /// `Get`, `List`, `Status`, `Attest`: the secret server host apps use.
+    #[default]
+    Secrets,
+    /// `Load` and `Status`: the port the host proxy's loader uses.
+    Loading,
+}
+
 impl ServerConfig {
+    /// Defaults for the load port: large frames, few connections, and a
+    /// request timeout covering a whole bounded load (`load_duration`).
+    pub fn for_loading(load_duration: Duration) -> Self {
+        ServerConfig {
+            role: Role::Loading,
+            max_connections: DEFAULT_MAX_LOAD_CONNECTIONS,
+            request_timeout: load_duration + Duration::from_secs(10),
+            max_request_frame: DEFAULT_MAX_LOAD_FRAME,
+            ..ServerConfig::default()
+        }
+    }
+
     /// Rejects values that would make the server refuse everything or never
     /// time out.
     pub fn validate(&self) -> Result<(), ServerError> {
@@ -284,6 +314,7 @@ impl Listener {
         let mut handler = Handler {
             connection: Connection::with_limits(stream, self.limits),
             service: self.service.clone(),
+            role: self.config.role,
             idle_timeout: self.config.idle_timeout,
             request_timeout: self.config.request_timeout,
             shutdown: self.shutdown.clone(),
@@ -406,6 +437,7 @@ struct Envelope {
 struct Handler {
     connection: Connection<Stream>,
     service: Arc<KeystoreService>,
+    role: Role,
     idle_timeout: Duration,
     request_timeout: Duration,
     shutdown: watch::Receiver<bool>,
@@ -453,9 +485,11 @@ impl Handler {
         let (kind, result) = match interpret(envelope) {
             Ok(request) => {
                 let kind = request.op.kind();
-                let answered =
-                    tokio::time::timeout(self.request_timeout, apply(&self.service, request.op))
-                        .await;
+                let answered = tokio::time::timeout(
+                    self.request_timeout,
+                    apply(&self.service, self.role, request.op),
+                )
+                .await;
                 let result = answered.unwrap_or_else(|_| {
                     Err(ServiceError::Unavailable(format!(
                         "request timed out after {} ms",
@@ -601,8 +635,28 @@ fn interpret(envelope: Envelope) -> Result<Request, ServiceError> {
     Ok(Request { id, v, op })
 }
 
-/// Runs one operation against the service.
-async fn apply(service: &KeystoreService, op: RequestOp) -> Result<ResponseBody, ServiceError> {
+/// Runs one operation against the service, if this listener's role serves it.
+async fn apply(
+    service: &KeystoreService,
+    role: Role,
+    op: RequestOp,
+) -> Result<ResponseBody, ServiceError> {
+    match (role, &op) {
+        (Role::Secrets, RequestOp::Load { .. }) => {
+            return Err(ServiceError::BadRequest(
+                "Load is accepted only on the enclave's load port (--load-listen, default 5001)"
+                    .to_owned(),
+            ));
+        }
+        (Role::Loading, RequestOp::Load { .. } | RequestOp::Status) => {}
+        (Role::Loading, _) => {
+            return Err(ServiceError::BadRequest(format!(
+                "the load port answers Load and Status only, not {}; host apps use the secret port",
+                op.kind()
+            )));
+        }
+        (Role::Secrets, _) => {}
+    }
     match op {
         RequestOp::Get { name } => {
             let mut value = service.get(&name)?;
@@ -619,11 +673,10 @@ async fn apply(service: &KeystoreService, op: RequestOp) -> Result<ResponseBody,
             let document = service.attest(nonce, user_data).await?;
             Ok(ResponseBody::Attestation { document })
         }
-        RequestOp::Load { .. } => Err(ServiceError::Unsupported(
-            "Load is not served by this enclave build yet: loading secrets needs KMS decryption, \
-             which is not implemented here"
-                .to_owned(),
-        )),
+        RequestOp::Load { entries } => {
+            let count = service.load(entries).await?;
+            Ok(ResponseBody::Loaded { count })
+        }
         RequestOp::GetCredentials => Err(ServiceError::Unsupported(
             "GetCredentials is served by the host's credentials service, not by the enclave"
                 .to_owned(),

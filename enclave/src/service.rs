@@ -11,10 +11,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keystore_shared::protocol::{ErrorCode, StatusReport};
+use keystore_shared::protocol::{ErrorCode, LoadEntry, StatusReport};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
+use crate::load::Loader;
 use crate::nsm::{AttestationRequest, MAX_ATTESTATION_FIELD, Nsm};
 use crate::recipient::Recipient;
 use crate::store::{Store, StoreError, validate_name};
@@ -51,6 +52,15 @@ pub enum ServiceError {
     /// An unexpected failure inside the enclave.
     #[error("{0}")]
     Internal(String),
+    /// A failure that already knows its wire code (e.g. a failed load,
+    /// whose message names the stage and the secret, never its value).
+    #[error("{message}")]
+    Failed {
+        /// The code to answer with.
+        code: ErrorCode,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl ServiceError {
@@ -62,6 +72,7 @@ impl ServiceError {
             ServiceError::BadRequest(_) | ServiceError::Unsupported(_) => ErrorCode::BadRequest,
             ServiceError::Unavailable(_) => ErrorCode::Unavailable,
             ServiceError::Internal(_) => ErrorCode::Internal,
+            ServiceError::Failed { code, .. } => *code,
         }
     }
 }
@@ -75,6 +86,7 @@ pub struct KeystoreService {
     started: Instant,
     version: String,
     attestations: Semaphore,
+    loader: Option<Arc<Loader>>,
 }
 
 impl std::fmt::Debug for KeystoreService {
@@ -98,6 +110,45 @@ impl KeystoreService {
             started: Instant::now(),
             version: VERSION.to_owned(),
             attestations: Semaphore::new(MAX_CONCURRENT_ATTESTATIONS),
+            loader: None,
+        }
+    }
+
+    /// Lets `Load` decrypt bundles through KMS with `loader`. Without one
+    /// (no `--region`), `Load` is answered `Unavailable`.
+    pub fn with_loader(mut self, loader: Arc<Loader>) -> Self {
+        self.loader = Some(loader);
+        self
+    }
+
+    /// Decrypts a bundle through KMS and swaps it in whole; on failure the
+    /// previous secrets stay. Returns how many secrets are now loaded.
+    pub async fn load(&self, entries: Vec<LoadEntry>) -> Result<u64, ServiceError> {
+        let loader = self.loader.as_ref().ok_or_else(|| {
+            ServiceError::Unavailable(
+                "this enclave was started without --region, so it cannot reach KMS to load secrets"
+                    .to_owned(),
+            )
+        })?;
+        match loader.load(entries).await {
+            Ok(report) => {
+                tracing::info!(
+                    count = report.count,
+                    kms_calls = report.kms_calls,
+                    retries = report.retries,
+                    invalidations = report.invalidations,
+                    duration_ms = millis(report.duration),
+                    "secrets loaded"
+                );
+                Ok(u64::try_from(report.count).unwrap_or(u64::MAX))
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "load failed; the previous secrets stay");
+                Err(ServiceError::Failed {
+                    code: err.code(),
+                    message: err.to_string(),
+                })
+            }
         }
     }
 
@@ -150,7 +201,13 @@ impl KeystoreService {
             version: self.version.clone(),
             recipient_key_bits: u32::try_from(recipient.bits.bits()).ok(),
             refresh_count: recipient.refreshes,
-            last_error: recipient.last_error,
+            // A failed load matters more to an operator than a retried
+            // key refresh, so it is reported first.
+            last_error: self
+                .loader
+                .as_ref()
+                .and_then(|loader| loader.last_error())
+                .or(recipient.last_error),
         }
     }
 

@@ -218,7 +218,7 @@ async fn protocol_errors_echo_ids_and_keep_the_connection() {
     assert_eq!(response.id, 43);
     let (code, message) = error_of(&response);
     assert_eq!(code, ErrorCode::BadRequest);
-    assert!(message.contains("not served"), "{message}");
+    assert!(message.contains("load port"), "{message}");
     let response = roundtrip(&mut conn, &Request::new(44, RequestOp::GetCredentials)).await;
     assert_eq!(response.id, 44);
     assert_eq!(error_of(&response).0, ErrorCode::BadRequest);
@@ -434,5 +434,47 @@ async fn request_timeout_answers_unavailable() {
         client.get("db/password").await.unwrap().expose(),
         b"hunter2"
     );
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_load_port_takes_big_load_frames_and_nothing_else() {
+    let harness = Harness::start(Options {
+        config: ServerConfig::for_loading(Duration::from_secs(30)),
+        ..Options::default()
+    })
+    .await;
+    let mut conn = raw(&harness).await;
+    conn.set_max_frame(
+        keystore_shared::protocol::DEFAULT_MAX_LOAD_FRAME,
+        DEFAULT_MAX_RESPONSE_FRAME,
+    );
+
+    // A bundle far over the secret port's 64 KiB frame limit is read whole:
+    // this harness has no KMS, so it is refused for that reason, not size.
+    let entries = (0..40)
+        .map(|i| LoadEntry {
+            name: format!("SECRET_{i}"),
+            envelope: format!("ENC[v1:kms:{}]", "A".repeat(4000)),
+        })
+        .collect();
+    let response = roundtrip(&mut conn, &Request::new(1, RequestOp::Load { entries })).await;
+    let (code, message) = error_of(&response);
+    assert_eq!(code, ErrorCode::Unavailable, "{message}");
+    assert!(message.contains("--region"), "{message}");
+
+    // Status is answered (the loader polls it); secrets are not served here.
+    let response = roundtrip(&mut conn, &Request::new(2, RequestOp::Status)).await;
+    assert!(matches!(response.result, ResponseBody::Status(_)));
+    let get = Request::new(
+        3,
+        RequestOp::Get {
+            name: fixtures()[0].0.into(),
+        },
+    );
+    let response = roundtrip(&mut conn, &get).await;
+    let (code, message) = error_of(&response);
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(message.contains("Load and Status only"), "{message}");
     harness.stop().await.unwrap();
 }

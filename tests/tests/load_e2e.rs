@@ -258,6 +258,8 @@ async fn a_policy_pinning_another_pcr0_fails_with_the_hint_and_keeps_the_old_set
     batch.push(e.entry(&other, "PINNED_ELSEWHERE", b"x").await);
     let err = e.loader.load(batch).await.unwrap_err();
     assert_eq!(err.name(), Some("PINNED_ELSEWHERE"));
+    // A periodic re-decrypt ending like this wipes the secrets.
+    assert!(err.is_revocation(), "{err:?}");
     let text = err.to_string();
     assert!(text.contains("AccessDeniedException"), "{text}");
     assert!(
@@ -348,6 +350,8 @@ async fn throttling_5xx_and_dropped_connections_are_retried_within_bounds() {
     );
     let err = e.loader.load(vec![entry]).await.unwrap_err();
     assert!(matches!(err, LoadError::Kms { attempts: 3, .. }), "{err:?}");
+    // Throttling is not a revocation: the current secrets would stay.
+    assert!(!err.is_revocation());
     assert!(err.to_string().contains("ThrottlingException"), "{err}");
     assert_eq!(e.fx.kms.calls(Operation::Decrypt).calls, 3);
     assert!(e.store.is_empty());
