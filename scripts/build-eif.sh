@@ -2,7 +2,7 @@
 # Builds the enclave image and its EIF on the parent instance, then saves and
 # prints the measurements a KMS key policy pins.
 #
-# Usage: scripts/build-eif.sh [--tag IMAGE] [--out DIR]
+# Usage: scripts/build-eif.sh [--tag IMAGE] [--out DIR] [--region REGION]
 #                             [--signing-certificate CERT.pem --private-key KEY.pem]
 # Writes DIR/keystore-enclave.eif and DIR/measurements.json (nitro-cli's own
 # JSON: {"Measurements": {"HashAlgorithm", "PCR0", "PCR1", "PCR2"[, "PCR8"]}}).
@@ -11,12 +11,14 @@ cd "$(dirname "$0")/.."
 
 tag=nitro-keystore-enclave:latest
 out=build
+region=${AWS_REGION:-${AWS_DEFAULT_REGION:-us-east-1}}
 cert=
 key=
 while [ $# -gt 0 ]; do
   case "$1" in
     --tag) tag=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
+    --region) region=$2; shift 2 ;;
     --signing-certificate) cert=$2; shift 2 ;;
     --private-key) key=$2; shift 2 ;;
     -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
@@ -36,9 +38,9 @@ done
 
 mkdir -p "$out"
 epoch=$(git log -1 --format=%ct 2>/dev/null || echo 1)
-echo "Building image $tag (SOURCE_DATE_EPOCH=$epoch)..." >&2
+echo "Building image $tag for KMS in $region (SOURCE_DATE_EPOCH=$epoch)..." >&2
 docker build --file Dockerfile.enclave --tag "$tag" \
-  --build-arg SOURCE_DATE_EPOCH="$epoch" .
+  --build-arg SOURCE_DATE_EPOCH="$epoch" --build-arg KMS_REGION="$region" .
 
 eif="$out/keystore-enclave.eif"
 args=(build-enclave --docker-uri "$tag" --output-file "$eif")

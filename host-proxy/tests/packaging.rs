@@ -80,6 +80,10 @@ echo x >> "$(dirname "$0")/keystore-host.count"
     }
 
     fn run(&self, script: &str, args: &[&str]) -> Output {
+        self.run_with_env(script, args, &[])
+    }
+
+    fn run_with_env(&self, script: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
         let path = format!(
             "{}:{}",
             self.dir.path().display(),
@@ -89,6 +93,9 @@ echo x >> "$(dirname "$0")/keystore-host.count"
             .args(args)
             .env("PATH", path)
             .env_remove("KEYSTORE_HOST")
+            .env_remove("AWS_REGION")
+            .env_remove("AWS_DEFAULT_REGION")
+            .envs(env.iter().copied())
             .output()
             .unwrap()
     }
@@ -103,13 +110,21 @@ fn build_eif_passes_the_right_flags_and_saves_measurements() {
     let fakes = Fakes::new();
     let out = tempfile::tempdir().unwrap();
     let out_dir = out.path().join("build");
-    let run = fakes.run("build-eif.sh", &["--out", out_dir.to_str().unwrap()]);
+    let run = fakes.run_with_env(
+        "build-eif.sh",
+        &["--out", out_dir.to_str().unwrap()],
+        &[("AWS_REGION", "us-east-1")],
+    );
     assert!(run.status.success(), "{}", text(&run.stderr));
 
     let calls = fakes.calls();
     let docker = calls.iter().find(|c| c.starts_with("docker ")).unwrap();
     assert!(docker.contains("build --file Dockerfile.enclave --tag nitro-keystore-enclave:latest"));
     assert!(docker.contains("--build-arg SOURCE_DATE_EPOCH="));
+    assert!(
+        docker.contains("--build-arg KMS_REGION=us-east-1"),
+        "{docker}"
+    );
     let eif = out_dir.join("keystore-enclave.eif");
     let nitro = calls.iter().find(|c| c.starts_with("nitro-cli ")).unwrap();
     assert_eq!(
@@ -140,6 +155,8 @@ fn a_signed_build_reports_pcr8_and_half_a_key_pair_is_refused() {
         &[
             "--out",
             o,
+            "--region",
+            "eu-central-1",
             "--signing-certificate",
             "cert.pem",
             "--private-key",
@@ -153,6 +170,15 @@ fn a_signed_build_reports_pcr8_and_half_a_key_pair_is_refused() {
         .find(|c| c.starts_with("nitro-cli "))
         .unwrap();
     assert!(nitro.ends_with("--signing-certificate cert.pem --private-key key.pem"));
+    let docker = fakes
+        .calls()
+        .into_iter()
+        .find(|c| c.starts_with("docker "))
+        .unwrap();
+    assert!(
+        docker.contains("--build-arg KMS_REGION=eu-central-1"),
+        "{docker}"
+    );
     assert!(text(&run.stdout).contains(&format!("PCR8 {}", pcr('8'))));
 
     let half = Fakes::new();
@@ -353,6 +379,8 @@ fn dockerfile_pins_its_base_and_ships_only_the_binary() {
         froms[0]
     );
     assert_eq!(froms[1], "FROM scratch");
+    // The region reaches the enclave through the measured image's environment.
+    assert!(dockerfile.contains("ENV KEYSTORE_REGION=${KMS_REGION}"));
     assert!(dockerfile.contains("scripts/build-enclave-static.sh"));
     assert!(
         dockerfile.contains(r#"ENTRYPOINT ["/keystore-enclave", "--listen", "vsock://ANY:5000""#)
