@@ -45,6 +45,7 @@ use crate::tls::{TestPki, TlsError};
 use clock::Clock;
 use faults::{CallCounter, Faults};
 use protocol::CreateKeyRequest;
+use recipient::AttestationRoot;
 use server::Shared;
 use service::Kms;
 use sigv4::CredentialStore;
@@ -145,7 +146,10 @@ impl MockKms {
     /// [`StartError`] if the PKI, the root or the listener fails.
     pub async fn start(config: MockKmsConfig) -> Result<MockKmsHandle, StartError> {
         let root = match &config.attestation_root_pem {
-            None => None,
+            None => AttestationRoot::none(),
+            // Not created yet (the mock NSM makes it on first use): read it
+            // when the first Recipient arrives.
+            Some(path) if !path.exists() => AttestationRoot::later(path.clone()),
             Some(path) => {
                 let pem = tokio::fs::read_to_string(path).await.map_err(|source| {
                     StartError::RootFile {
@@ -153,9 +157,11 @@ impl MockKms {
                         source,
                     }
                 })?;
-                Some(Root::from_pem(&pem).map_err(|source| StartError::Root {
-                    path: path.clone(),
-                    source,
+                AttestationRoot::loaded(Root::from_pem(&pem).map_err(|source| {
+                    StartError::Root {
+                        path: path.clone(),
+                        source,
+                    }
                 })?)
             }
         };

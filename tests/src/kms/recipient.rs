@@ -137,3 +137,81 @@ impl AttestedRecipient {
 fn invalid(message: impl Into<String>) -> KmsError {
     KmsError::new(ErrorKind::Validation, message)
 }
+
+/// Where the emulator's attestation root comes from. A mock NSM creates its
+/// chain on first use, so the emulator may start before the file exists: it
+/// is then read on the first request that needs it (and kept once parsed).
+#[derive(Debug, Default)]
+pub struct AttestationRoot {
+    path: Option<std::path::PathBuf>,
+    loaded: std::sync::OnceLock<Root>,
+}
+
+impl AttestationRoot {
+    /// No root: every `Recipient` is refused.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// A root already parsed.
+    pub fn loaded(root: Root) -> Self {
+        let loaded = std::sync::OnceLock::new();
+        let _ = loaded.set(root);
+        Self { path: None, loaded }
+    }
+
+    /// A root read from `path` when first needed.
+    pub fn later(path: std::path::PathBuf) -> Self {
+        Self {
+            path: Some(path),
+            loaded: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The root, reading it now if it was deferred.
+    ///
+    /// # Errors
+    /// `ValidationException` when the deferred file is still missing or is
+    /// not a root certificate.
+    pub fn get(&self) -> Result<Option<&Root>, KmsError> {
+        if let Some(root) = self.loaded.get() {
+            return Ok(Some(root));
+        }
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        let pem = std::fs::read_to_string(path).map_err(|e| {
+            invalid(format!(
+                "the attestation root {} cannot be read yet: {e}",
+                path.display()
+            ))
+        })?;
+        let root = Root::from_pem(&pem).map_err(|e| {
+            invalid(format!(
+                "the attestation root {} is not usable: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(Some(self.loaded.get_or_init(|| root)))
+    }
+}
+
+#[cfg(test)]
+mod root_tests {
+    use super::*;
+    use keystore_enclave::nsm::{MockConfig, MockNsm};
+
+    #[test]
+    fn a_deferred_root_is_read_once_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        let root = AttestationRoot::later(pki.join("root.pem"));
+        let err = root.get().unwrap_err();
+        assert!(err.to_string().contains("cannot be read yet"), "{err}");
+
+        let nsm = MockNsm::open(&pki, MockConfig::default()).unwrap();
+        let got = root.get().unwrap().expect("root now present");
+        assert_eq!(got.der(), nsm.pki().root_der());
+        assert!(AttestationRoot::none().get().unwrap().is_none());
+    }
+}

@@ -3,7 +3,6 @@
 
 use std::sync::{Arc, RwLock};
 
-use keystore_shared::attestation::Root;
 use rand::TryRng;
 use zeroize::Zeroizing;
 
@@ -19,7 +18,7 @@ use super::protocol::{
     PutKeyPolicyRequest, ReEncryptRequest, ReEncryptResponse, RecipientInfo, parse_request,
     to_body,
 };
-use super::recipient::AttestedRecipient;
+use super::recipient::{AttestationRoot, AttestedRecipient};
 use super::sigv4::Caller;
 
 /// Largest `Plaintext` for `Encrypt` (KMS limit).
@@ -33,13 +32,13 @@ const SYMMETRIC_DEFAULT: &str = "SYMMETRIC_DEFAULT";
 #[derive(Debug)]
 pub struct Kms {
     keys: RwLock<KeyStore>,
-    root: Option<Root>,
+    root: AttestationRoot,
     clock: Arc<Clock>,
 }
 
 impl Kms {
     /// A KMS for `region`/`account` with no keys.
-    pub fn new(region: &str, account: &str, root: Option<Root>, clock: Arc<Clock>) -> Self {
+    pub fn new(region: &str, account: &str, root: AttestationRoot, clock: Arc<Clock>) -> Self {
         Self {
             keys: RwLock::new(KeyStore::new(region, account)),
             root,
@@ -408,9 +407,11 @@ impl Kms {
         &self,
         recipient: Option<&RecipientInfo>,
     ) -> Result<Option<AttestedRecipient>, KmsError> {
-        recipient
-            .map(|r| AttestedRecipient::verify(r, self.root.as_ref(), self.clock.now()))
-            .transpose()
+        let Some(recipient) = recipient else {
+            return Ok(None);
+        };
+        let root = self.root.get()?;
+        AttestedRecipient::verify(recipient, root, self.clock.now()).map(Some)
     }
 }
 
