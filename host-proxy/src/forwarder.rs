@@ -358,6 +358,7 @@ impl Forwarder {
             }
         };
         drop(listener);
+        while tasks.try_join_next().is_some() {}
         if !tasks.is_empty() {
             tracing::info!(listen = %local, open = tasks.len(), "draining connections");
             let drained = tokio::time::timeout(this.limits.drain_timeout, async {
