@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 
 pub mod cms;
+pub mod kms;
+pub mod load;
 pub mod nsm;
 pub mod recipient;
 pub mod server;

@@ -189,3 +189,78 @@ fn binary_refuses_to_start_without_credentials() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no credentials"), "{stderr}");
 }
+
+#[tokio::test]
+async fn binary_creates_a_key_from_a_policy_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nsm = MockNsm::open_with_pcr0(dir.path().join("nsm"), MockConfig::default(), PCR0)
+        .expect("mock NSM");
+    let policy = serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::111122223333:root"},
+             "Action": ["kms:Encrypt", "kms:DescribeKey"], "Resource": "*"},
+            {"Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::111122223333:role/parent"},
+             "Action": "kms:Decrypt", "Resource": "*",
+             "Condition": {"StringEqualsIgnoreCase": {
+                 "kms:RecipientAttestation:ImageSha384": hex::encode(PCR0)}}}
+        ]
+    });
+    let policy_file = dir.path().join("policy.json");
+    std::fs::write(&policy_file, policy.to_string()).expect("write policy");
+    let tls_dir = dir.path().join("tls");
+    let ready = dir.path().join("ready");
+    let key_id_file = dir.path().join("key-id");
+    let mut process = Process(
+        Command::new(BIN)
+            .arg("--tls-dir")
+            .arg(&tls_dir)
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--attestation-root")
+            .arg(nsm.pki().root_pem_path())
+            .arg("--key-policy")
+            .arg(&policy_file)
+            .arg("--key-id-file")
+            .arg(&key_id_file)
+            .args(["--access-key-id", "AKIABINARY0000000002"])
+            .args(["--secret-access-key", "binary-secret"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn mock-kms"),
+    );
+    let url = wait_for(&ready, &mut process.0).await;
+    // The key exists before the ready file does.
+    let key_id = std::fs::read_to_string(&key_id_file).expect("key id file");
+    let key_id = key_id.trim();
+
+    let kms = client_for(
+        &url,
+        &tls_dir.join("ca.pem"),
+        "us-east-1",
+        Credentials::new("AKIABINARY0000000002", "binary-secret", None, None, "test"),
+        RetryConfig::disabled(),
+    );
+    let blob = kms
+        .encrypt()
+        .key_id(key_id)
+        .plaintext(Blob::new(b"pinned".to_vec()))
+        .send()
+        .await
+        .expect("Encrypt under the policy key")
+        .ciphertext_blob()
+        .expect("blob")
+        .clone();
+    // Without an attestation document the PCR0 condition cannot hold.
+    let err = kms
+        .decrypt()
+        .ciphertext_blob(blob)
+        .send()
+        .await
+        .expect_err("plain Decrypt is refused by the policy");
+    assert_eq!(error_code(&err), "AccessDeniedException");
+
+    let status = process.terminate();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}

@@ -63,9 +63,17 @@ struct Args {
     /// `[{"access_key_id", "secret_access_key", "session_token"?, "expires_at"?}]`.
     #[arg(long)]
     credentials_file: Option<PathBuf>,
-    /// Write the endpoint URL here once listening.
+    /// Write the endpoint URL here once listening (and once every
+    /// `--key-policy` key exists).
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Create a key with this key policy (JSON) at start, so scripts need no
+    /// KMS client of their own; its id goes to `--key-id-file`.
+    #[arg(long, requires = "key_id_file")]
+    key_policy: Option<PathBuf>,
+    /// Where to write the id of the `--key-policy` key.
+    #[arg(long, requires = "key_policy")]
+    key_id_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -108,11 +116,17 @@ async fn main() -> Result<()> {
     config.attestation_root_pem = args.attestation_root;
     let handle = MockKms::start(config).await.context("starting mock-kms")?;
 
+    if let (Some(policy), Some(id_file)) = (&args.key_policy, &args.key_id_file) {
+        let text = std::fs::read_to_string(policy)
+            .with_context(|| format!("reading {}", policy.display()))?;
+        let key = handle
+            .create_key(Some(&text))
+            .map_err(|e| anyhow::anyhow!("creating the --key-policy key: {e}"))?;
+        write_atomically(id_file, &format!("{}\n", key.key_id))?;
+        info!(key_id = %key.key_id, "created key from {}", policy.display());
+    }
     if let Some(path) = &args.ready_file {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, format!("{}\n", handle.endpoint_url()))
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        write_atomically(path, &format!("{}\n", handle.endpoint_url()))?;
     }
     info!(
         endpoint = handle.endpoint_url(),
@@ -128,4 +142,11 @@ async fn main() -> Result<()> {
     }
     handle.shutdown().await;
     Ok(())
+}
+
+/// Writes `text` so that a reader polling `path` never sees half of it.
+fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }

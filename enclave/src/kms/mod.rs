@@ -1,0 +1,470 @@
+//! The enclave's KMS client (DESIGN.md, "The enclave's KMS transport" and
+//! "The enclave's life", step 2).
+//!
+//! [`Kms`] is `aws-sdk-kms` with the enclave's own pieces plugged in: the
+//! HTTP connector of [`transport`] (TLS inside the enclave, over the host
+//! proxy) and the credentials of [`credentials`] (from the host's
+//! credentials service). Its one operation, [`Kms::decrypt_for_recipient`],
+//! asks KMS to re-encrypt a value for the enclave's attested RSA key and
+//! opens the answer locally, so the plaintext never crosses the host.
+//!
+//! The SDK's own retries are disabled: the loader retries with its own
+//! bounded backoff and counts every call, and an attestation refusal needs a
+//! new recipient pair (which the SDK cannot produce) before a retry makes
+//! sense. Every failure is a [`KmsError`] naming its stage.
+
+pub mod credentials;
+pub mod transport;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use aws_sdk_kms::config::{BehaviorVersion, IdentityCache, Region, StalledStreamProtectionConfig};
+use aws_sdk_kms::error::SdkError;
+use aws_sdk_kms::operation::decrypt::DecryptError;
+use aws_sdk_kms::types::{KeyEncryptionMechanism, RecipientInfo};
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_types::Blob;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+use keystore_shared::attestation::AttestationDocument;
+use keystore_shared::endpoint::{Endpoint, VSOCK_CID_PARENT};
+use zeroize::Zeroizing;
+
+use crate::cms::{self, CmsError};
+use crate::recipient::{RecipientError, RecipientPair};
+use credentials::{CredentialsConfig, CredentialsError, CredentialsProvider};
+use transport::{KmsTransport, TransportConfig, TransportError, TransportStats};
+
+/// Default vsock port of the host proxy's KMS forwarder.
+pub const DEFAULT_PROXY_PORT: u32 = 8000;
+/// Default bound on one whole KMS operation as the SDK sees it (signing,
+/// the call, parsing).
+pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(45);
+/// Longest KMS error message kept (KMS's are short; an untrusted peer's
+/// may not be).
+const MAX_KMS_MESSAGE: usize = 512;
+
+/// Everything the KMS client needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KmsConfig {
+    /// AWS region, e.g. `us-east-1` (SigV4 scope).
+    pub region: String,
+    /// How KMS is reached (proxy, host name, TLS, timeouts, pool).
+    pub transport: TransportConfig,
+    /// Where credentials come from.
+    pub credentials: CredentialsConfig,
+    /// Bound on one whole SDK operation.
+    pub operation_timeout: Duration,
+}
+
+impl KmsConfig {
+    /// Production defaults for `region`: KMS host
+    /// `kms.<region>.amazonaws.com` through the proxy at vsock://3:8000,
+    /// credentials from vsock://3:8001, no extra CA.
+    pub fn new(region: impl Into<String>) -> KmsConfig {
+        let region = region.into();
+        let host = format!("kms.{region}.amazonaws.com");
+        KmsConfig {
+            transport: TransportConfig::new(
+                Endpoint::vsock(VSOCK_CID_PARENT, DEFAULT_PROXY_PORT),
+                host,
+            ),
+            credentials: CredentialsConfig::default(),
+            operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            region,
+        }
+    }
+
+    /// Whether an extra trusted CA is configured.
+    pub fn has_extra_ca(&self) -> bool {
+        self.transport.extra_ca_pem.is_some()
+    }
+
+    /// Refuses an extra CA unless the NSM is the mock (DESIGN.md, "Security
+    /// rules": an extra CA is accepted only in mock mode). A real enclave
+    /// trusting an operator-supplied CA would let the host impersonate KMS.
+    pub fn check_extra_ca(&self, nsm_is_mock: bool) -> Result<(), KmsError> {
+        if self.has_extra_ca() && !nsm_is_mock {
+            return Err(KmsError::Config(
+                "an extra trusted CA is only accepted with the mock NSM; a real enclave trusts the webpki roots only"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), KmsError> {
+        let region_ok = !self.region.is_empty()
+            && self.region.len() <= 32
+            && self
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !region_ok {
+            return Err(KmsError::Config(format!(
+                "region {:?} is not an AWS region name",
+                self.region.chars().take(32).collect::<String>()
+            )));
+        }
+        transport::check_kms_host(&self.transport.kms_host)
+            .map_err(|e| KmsError::Config(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Why a KMS call failed, by stage. Never carries plaintext, credentials or
+/// key material.
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    /// The client configuration is unusable.
+    #[error("KMS client configuration: {0}")]
+    Config(String),
+    /// The NSM could not produce a new recipient pair (after KMS refused
+    /// the document).
+    #[error("NSM: cannot refresh the recipient key and attestation document: {0}")]
+    Nsm(#[source] RecipientError),
+    /// The host proxy could not be reached.
+    #[error("{0}")]
+    ProxyConnect(TransportError),
+    /// TLS with KMS failed (untrusted or misnamed certificate, or the
+    /// connection closed during the handshake).
+    #[error("{0}")]
+    Tls(TransportError),
+    /// The HTTP exchange failed after TLS: dropped connection, timeout,
+    /// oversize or malformed response.
+    #[error("KMS transport: {0}")]
+    Transport(TransportError),
+    /// No usable credentials.
+    #[error("{0}")]
+    Credentials(#[source] CredentialsError),
+    /// KMS answered with an error.
+    #[error("KMS refused: {code} (HTTP {status}): {message}{}", hint_text(.hint))]
+    Service {
+        /// The `__type` KMS returned, e.g. `AccessDeniedException`.
+        code: String,
+        /// KMS's message.
+        message: String,
+        /// The HTTP status.
+        status: u16,
+        /// What it most likely means for this enclave.
+        hint: Option<String>,
+    },
+    /// The SDK's whole-operation timeout fired.
+    #[error("KMS: the Decrypt operation timed out: {0}")]
+    Timeout(String),
+    /// KMS answered 2xx but the answer could not be read.
+    #[error("KMS: unreadable response: {0}")]
+    Response(String),
+    /// KMS answered with `Plaintext` although a `Recipient` was sent: the
+    /// value crossed the host in the clear (only TLS protected it). Refused;
+    /// the plaintext was wiped unused.
+    #[error(
+        "KMS response refused: it carries Plaintext instead of CiphertextForRecipient, so the value was not sealed for this enclave"
+    )]
+    PlaintextInResponse,
+    /// KMS answered without `CiphertextForRecipient`.
+    #[error("KMS response refused: no CiphertextForRecipient")]
+    MissingCiphertextForRecipient,
+    /// `CiphertextForRecipient` could not be opened with the pair's key.
+    #[error("CMS: cannot open CiphertextForRecipient: {0}")]
+    Cms(#[source] CmsError),
+    /// Any other SDK failure (request construction).
+    #[error("KMS client: {0}")]
+    Other(String),
+}
+
+fn hint_text(hint: &Option<String>) -> String {
+    match hint {
+        Some(h) => format!(" ({h})"),
+        None => String::new(),
+    }
+}
+
+impl KmsError {
+    /// The stage that failed, as one word for logs and status.
+    pub fn stage(&self) -> &'static str {
+        match self {
+            KmsError::Config(_) => "config",
+            KmsError::Nsm(_) => "nsm",
+            KmsError::ProxyConnect(_) => "proxy-connect",
+            KmsError::Tls(_) => "tls",
+            KmsError::Transport(_) | KmsError::Timeout(_) => "transport",
+            KmsError::Credentials(_) => "credentials",
+            KmsError::Service { .. }
+            | KmsError::Response(_)
+            | KmsError::PlaintextInResponse
+            | KmsError::MissingCiphertextForRecipient
+            | KmsError::Other(_) => "kms",
+            KmsError::Cms(_) => "cms",
+        }
+    }
+
+    /// The `__type` KMS returned, if KMS answered with an error.
+    pub fn kms_code(&self) -> Option<&str> {
+        match self {
+            KmsError::Service { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying the same call later can succeed: throttling, KMS
+    /// 5xx, dropped connections and timeouts.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            KmsError::ProxyConnect(e) | KmsError::Tls(e) | KmsError::Transport(e) => {
+                e.is_retryable()
+            }
+            KmsError::Timeout(_) => true,
+            KmsError::Credentials(e) => e.is_retryable(),
+            KmsError::Service { code, status, .. } => {
+                *status >= 500
+                    || *status == 429
+                    || matches!(
+                        code.as_str(),
+                        "ThrottlingException"
+                            | "KMSInternalException"
+                            | "DependencyTimeoutException"
+                            | "InternalFailure"
+                            | "ServiceUnavailable"
+                            | "ServiceUnavailableException"
+                            | "RequestTimeout"
+                            | "RequestTimeoutException"
+                    )
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether KMS refused the attestation document itself (stale, not
+    /// verifiable): the caller should invalidate the recipient pair and
+    /// retry once with a fresh one. A key-policy refusal
+    /// (`AccessDeniedException`) is not one: a new document carries the same
+    /// PCRs.
+    pub fn is_attestation_refusal(&self) -> bool {
+        match self {
+            KmsError::Service { code, message, .. } => {
+                matches!(
+                    code.as_str(),
+                    "ValidationException" | "InvalidRequestException" | "InvalidParameterValue"
+                ) && message.to_ascii_lowercase().contains("attestation")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Counters of the KMS client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KmsStats {
+    /// Transport counters (connections, handshakes, requests).
+    pub transport: TransportStats,
+    /// Calls to the credentials service.
+    pub credential_fetches: u64,
+}
+
+/// The enclave's KMS client. Cheap to clone; clones share the connection
+/// pool and the credentials cache.
+#[derive(Clone)]
+pub struct Kms {
+    client: aws_sdk_kms::Client,
+    transport: KmsTransport,
+    credentials: CredentialsProvider,
+}
+
+impl fmt::Debug for Kms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kms")
+            .field("transport", &self.transport)
+            .field("credentials", &self.credentials)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Kms {
+    /// Builds the client. Nothing is dialed until the first call.
+    pub fn new(config: KmsConfig) -> Result<Kms, KmsError> {
+        config.validate()?;
+        let transport =
+            KmsTransport::new(&config.transport).map_err(|e| KmsError::Config(e.to_string()))?;
+        let credentials = CredentialsProvider::new(config.credentials.clone());
+        let sdk_config = aws_sdk_kms::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(config.region.clone()))
+            .endpoint_url(format!("https://{}", config.transport.kms_host))
+            .credentials_provider(credentials.clone())
+            // Our provider caches; a second cache would hide its refreshes.
+            .identity_cache(IdentityCache::no_cache())
+            .http_client(transport.clone())
+            .retry_config(RetryConfig::disabled())
+            .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .operation_timeout(config.operation_timeout)
+                    .build(),
+            )
+            .build();
+        Ok(Kms {
+            client: aws_sdk_kms::Client::from_conf(sdk_config),
+            transport,
+            credentials,
+        })
+    }
+
+    /// Connection and credentials counters.
+    pub fn stats(&self) -> KmsStats {
+        KmsStats {
+            transport: self.transport.stats(),
+            credential_fetches: self.credentials.fetches(),
+        }
+    }
+
+    /// The credentials provider (shared with the SDK).
+    pub fn credentials(&self) -> &CredentialsProvider {
+        &self.credentials
+    }
+
+    /// `Decrypt` with `EncryptionContext = context` and `Recipient` = the
+    /// pair's attestation document, then opens `CiphertextForRecipient` with
+    /// the pair's key.
+    ///
+    /// The encryption context is the name binding: KMS refuses a ciphertext
+    /// presented under a context it was not encrypted with. An answer with
+    /// `Plaintext` is refused ([`KmsError::PlaintextInResponse`]).
+    pub async fn decrypt_for_recipient(
+        &self,
+        ciphertext: &[u8],
+        context: &BTreeMap<String, String>,
+        pair: &RecipientPair,
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        // Resolve credentials first so a failure there is reported as the
+        // credentials stage, not buried in the SDK's error chain. The SDK
+        // then gets the same (cached) credentials.
+        self.credentials
+            .credentials()
+            .await
+            .map_err(KmsError::Credentials)?;
+        let recipient = RecipientInfo::builder()
+            .key_encryption_algorithm(KeyEncryptionMechanism::RsaesOaepSha256)
+            .attestation_document(Blob::new(pair.document().to_vec()))
+            .build();
+        let mut request = self
+            .client
+            .decrypt()
+            .ciphertext_blob(Blob::new(ciphertext.to_vec()))
+            .recipient(recipient);
+        for (key, value) in context {
+            request = request.encryption_context(key, value);
+        }
+        let output = request
+            .send()
+            .await
+            .map_err(|e| classify(e, context, pair))?;
+        if let Some(plaintext) = output.plaintext {
+            // Wipe it; it must not be used.
+            drop(Zeroizing::new(plaintext.into_inner()));
+            tracing::error!("KMS answered a Recipient request with Plaintext; refused");
+            return Err(KmsError::PlaintextInResponse);
+        }
+        let sealed = output
+            .ciphertext_for_recipient
+            .ok_or(KmsError::MissingCiphertextForRecipient)?;
+        cms::open(sealed.as_ref(), pair.key()).map_err(KmsError::Cms)
+    }
+}
+
+/// Turns the SDK's error into a stage-named [`KmsError`].
+fn classify(
+    err: SdkError<DecryptError, HttpResponse>,
+    context: &BTreeMap<String, String>,
+    pair: &RecipientPair,
+) -> KmsError {
+    if let Some(service) = err.as_service_error() {
+        let status = err.raw_response().map_or(0, |r| r.status().as_u16());
+        let code = service.code().unwrap_or("").to_owned();
+        let message: String = service
+            .message()
+            .unwrap_or("")
+            .chars()
+            .take(MAX_KMS_MESSAGE)
+            .collect();
+        let code = if code.is_empty() {
+            format!("(no error code; HTTP {status})")
+        } else {
+            code
+        };
+        let hint = hint_for(&code, &message, status, context, pair);
+        return KmsError::Service {
+            code,
+            message,
+            status,
+            hint,
+        };
+    }
+    let source: &(dyn std::error::Error + 'static) = &err;
+    if let Some(t) = transport::find_source::<TransportError>(source) {
+        return if t.is_proxy_connect() {
+            KmsError::ProxyConnect(t.clone())
+        } else if t.is_tls() {
+            KmsError::Tls(t.clone())
+        } else {
+            KmsError::Transport(t.clone())
+        };
+    }
+    if let Some(c) = transport::find_source::<CredentialsError>(source) {
+        return KmsError::Credentials(c.clone());
+    }
+    let text = transport::error_chain(source);
+    match err {
+        SdkError::TimeoutError(_) => KmsError::Timeout(text),
+        SdkError::ResponseError(_) => KmsError::Response(text),
+        _ => KmsError::Other(text),
+    }
+}
+
+/// What a KMS refusal most likely means for this enclave.
+fn hint_for(
+    code: &str,
+    message: &str,
+    status: u16,
+    context: &BTreeMap<String, String>,
+    pair: &RecipientPair,
+) -> Option<String> {
+    match code {
+        "AccessDeniedException" => {
+            let pcr0 = AttestationDocument::parse_unverified(pair.document())
+                .ok()
+                .and_then(|doc| doc.pcrs.get(&0).map(hex::encode))
+                .unwrap_or_else(|| "<unreadable>".to_owned());
+            Some(format!(
+                "the key policy does not allow this enclave: PCR0 = {pcr0}"
+            ))
+        }
+        "InvalidCiphertextException" => {
+            let bound = context
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            Some(format!(
+                "the ciphertext was not encrypted under this encryption context ({bound}): moved under another name, or corrupted"
+            ))
+        }
+        "ThrottlingException" => Some("KMS is throttling; retried with backoff".to_owned()),
+        "IncorrectKeyException" | "NotFoundException" | "DisabledException"
+        | "KMSInvalidStateException" => {
+            Some("the KMS key is missing, disabled or not usable for Decrypt".to_owned())
+        }
+        "UnrecognizedClientException" | "InvalidSignatureException" | "ExpiredTokenException" => {
+            Some("KMS rejected the credentials from the credentials service".to_owned())
+        }
+        _ if message.to_ascii_lowercase().contains("attestation") => Some(
+            "KMS refused the attestation document (stale or not verifiable); the recipient pair is regenerated once"
+                .to_owned(),
+        ),
+        _ if status >= 500 => Some("KMS-side failure; retried with backoff".to_owned()),
+        _ => None,
+    }
+}

@@ -1,0 +1,373 @@
+//! The real load path end to end, in process: mock NSM + `Recipient` +
+//! the enclave's `Kms` client (own TLS connector through a tcp "proxy"
+//! endpoint, credentials from a local credentials service) + the KMS
+//! emulator enforcing a key policy that pins PCR0 → `Loader` fills the
+//! sealed store.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod kms_support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_kms::primitives::Blob;
+use keystore_enclave::kms::credentials::CredentialsConfig;
+use keystore_enclave::kms::transport::TransportConfig;
+use keystore_enclave::kms::{Kms, KmsConfig};
+use keystore_enclave::load::{LoadConfig, LoadError, Loader};
+use keystore_enclave::nsm::{
+    AttestationRequest, MockConfig, MockNsm, Nsm, NsmError, PcrDescription,
+};
+use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig, RecipientHandle};
+use keystore_enclave::store::{SealKey, Store, StoreConfig};
+use keystore_shared::endpoint::Endpoint;
+use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
+use keystore_shared::frame::Connection;
+use keystore_shared::protocol::{Credentials, Request, Response, ResponseBody, SecretString};
+use keystore_tests::kms::{Fault, Operation};
+use kms_support::{ACCESS_KEY_ID, Fixture, PCR0, SECRET_ACCESS_KEY};
+use tokio::task::JoinHandle;
+
+/// The mock NSM with a movable clock, so a test can make fresh documents
+/// look as young as the emulator's advanced clock expects.
+struct ShiftedNsm {
+    inner: MockNsm,
+    ahead_secs: AtomicU64,
+}
+
+impl Nsm for ShiftedNsm {
+    fn attest(&self, req: &AttestationRequest) -> Result<Vec<u8>, NsmError> {
+        let ahead = Duration::from_secs(self.ahead_secs.load(Ordering::SeqCst));
+        self.inner.attest_at(req, SystemTime::now() + ahead)
+    }
+    fn fill_random(&self, buf: &mut [u8]) -> Result<(), NsmError> {
+        self.inner.fill_random(buf)
+    }
+    fn describe_pcr(&self, index: u16) -> Result<PcrDescription, NsmError> {
+        self.inner.describe_pcr(index)
+    }
+}
+
+/// A credentials service handing out the emulator's accepted key.
+async fn credentials_service() -> (Endpoint, JoinHandle<()>) {
+    let listener = Endpoint::tcp("127.0.0.1", 0).bind().await.unwrap();
+    let endpoint = listener.local_endpoint().clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut conn = Connection::new(stream);
+                while let Ok(Some(req)) = conn.read_message::<Request>().await {
+                    let expiration = keystore_shared::attestation::rfc3339(
+                        &(SystemTime::now() + Duration::from_secs(3600)),
+                    );
+                    let body = ResponseBody::Credentials(Credentials {
+                        access_key_id: SecretString::new(ACCESS_KEY_ID.to_owned()),
+                        secret_access_key: SecretString::new(SECRET_ACCESS_KEY.to_owned()),
+                        session_token: None,
+                        expiration: Some(SecretString::new(expiration)),
+                    });
+                    if conn
+                        .write_message(&Response::new(req.id, body))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (endpoint, task)
+}
+
+fn pcr0_policy(pcr0: &[u8]) -> String {
+    format!(
+        r#"{{"Version":"2012-10-17","Statement":[
+        {{"Sid":"Admin","Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::111122223333:root"}},
+          "Action":["kms:Encrypt","kms:DescribeKey"],"Resource":"*"}},
+        {{"Sid":"EnclaveOnly","Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::111122223333:root"}},
+          "Action":["kms:Decrypt"],"Resource":"*",
+          "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"{}"}}}}}}]}}"#,
+        hex::encode(pcr0)
+    )
+}
+
+struct E2e {
+    fx: Fixture,
+    nsm: Arc<ShiftedNsm>,
+    recipient: Recipient,
+    _handle: RecipientHandle,
+    store: Arc<Store>,
+    loader: Loader,
+    _creds: JoinHandle<()>,
+}
+
+async fn start(config: LoadConfig) -> E2e {
+    let fx = Fixture::start().await;
+    // Same PKI directory as the fixture's NSM, so the emulator trusts it.
+    let nsm = Arc::new(ShiftedNsm {
+        inner: MockNsm::open_with_pcr0(fx.dir.path().join("nsm"), MockConfig::default(), PCR0)
+            .unwrap(),
+        ahead_secs: AtomicU64::new(0),
+    });
+    let (recipient, handle) = Recipient::start(
+        nsm.clone(),
+        RecipientConfig {
+            bits: RecipientBits::B2048,
+            ..RecipientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (creds, creds_task) = credentials_service().await;
+    // The "proxy" is the emulator's TCP port; TLS names `localhost`, which
+    // its certificate covers.
+    let mut transport = TransportConfig::new(
+        Endpoint::tcp("127.0.0.1", fx.kms.local_addr().port()),
+        "localhost",
+    );
+    transport.extra_ca_pem = Some(std::fs::read(fx.kms.ca_pem_path()).unwrap());
+    let kms = Kms::new(KmsConfig {
+        region: fx.kms.region().to_owned(),
+        transport,
+        credentials: CredentialsConfig::new(creds),
+        operation_timeout: Duration::from_secs(30),
+    })
+    .unwrap();
+    let store = Arc::new(Store::new(
+        SealKey::from_entropy(&[3; 32], &[4; 32]),
+        StoreConfig::default(),
+    ));
+    let loader = Loader::new(kms, recipient.clone(), store.clone(), config).unwrap();
+    E2e {
+        fx,
+        nsm,
+        recipient,
+        _handle: handle,
+        store,
+        loader,
+        _creds: creds_task,
+    }
+}
+
+fn fast() -> LoadConfig {
+    LoadConfig {
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+        ..LoadConfig::default()
+    }
+}
+
+impl E2e {
+    fn key(&self, pcr0: &[u8]) -> String {
+        self.fx
+            .kms
+            .create_key(Some(&pcr0_policy(pcr0)))
+            .unwrap()
+            .key_id
+    }
+
+    /// The operator side: `Encrypt` with the name-binding context.
+    async fn entry(
+        &self,
+        key: &str,
+        name: &str,
+        value: &[u8],
+    ) -> keystore_shared::protocol::LoadEntry {
+        let out = self
+            .fx
+            .client()
+            .encrypt()
+            .key_id(key)
+            .plaintext(Blob::new(value))
+            .encryption_context(NAME_CONTEXT_KEY, name)
+            .send()
+            .await
+            .unwrap();
+        keystore_shared::protocol::LoadEntry {
+            name: name.to_owned(),
+            envelope: Envelope::kms(out.ciphertext_blob.unwrap().into_inner())
+                .unwrap()
+                .to_string(),
+        }
+    }
+
+    async fn entries(
+        &self,
+        key: &str,
+        prefix: &str,
+        n: usize,
+    ) -> Vec<keystore_shared::protocol::LoadEntry> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            out.push(
+                self.entry(
+                    key,
+                    &format!("{prefix}{i}"),
+                    format!("value-{prefix}{i}").as_bytes(),
+                )
+                .await,
+            );
+        }
+        out
+    }
+}
+
+#[tokio::test]
+async fn load_fills_the_store_through_the_emulator() {
+    let e = start(fast()).await;
+    let key = e.key(&PCR0);
+    let entries = e.entries(&key, "S", 20).await;
+    e.fx.kms.reset_calls();
+    let report = e.loader.load(entries).await.unwrap();
+    assert_eq!(
+        (report.count, report.kms_calls, report.retries),
+        (20, 20, 0)
+    );
+    for i in 0..20 {
+        assert_eq!(
+            e.store.get(&format!("S{i}")).unwrap().as_slice(),
+            format!("value-S{i}").as_bytes()
+        );
+    }
+    let decrypts = e.fx.kms.calls(Operation::Decrypt);
+    assert_eq!(decrypts.calls, 20);
+    assert_eq!(decrypts.with_recipient, 20);
+    assert_eq!(decrypts.plaintext_responses, 0);
+    // Keep-alive: at most one TLS handshake per worker, not one per value.
+    let stats = e.loader.kms().stats();
+    assert!(stats.transport.tls_handshakes <= 8, "{stats:?}");
+    assert_eq!(stats.credential_fetches, 1);
+    eprintln!(
+        "20 values: {} KMS calls over {} TLS handshakes in {:?}",
+        report.kms_calls, stats.transport.tls_handshakes, report.duration
+    );
+}
+
+#[tokio::test]
+async fn a_policy_pinning_another_pcr0_fails_with_the_hint_and_keeps_the_old_set() {
+    let e = start(fast()).await;
+    let good = e.key(&PCR0);
+    e.loader
+        .load(vec![e.entry(&good, "OLD", b"old").await])
+        .await
+        .unwrap();
+    let other = e.key(&[0x11; 48]);
+    let mut batch = e.entries(&good, "N", 3).await;
+    batch.push(e.entry(&other, "PINNED_ELSEWHERE", b"x").await);
+    let err = e.loader.load(batch).await.unwrap_err();
+    assert_eq!(err.name(), Some("PINNED_ELSEWHERE"));
+    let text = err.to_string();
+    assert!(text.contains("AccessDeniedException"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "the key policy does not allow this enclave: PCR0 = {}",
+            hex::encode(PCR0)
+        )),
+        "{text}"
+    );
+    assert_eq!(e.store.names(), ["OLD"]);
+    assert_eq!(e.store.get("OLD").unwrap().as_slice(), b"old");
+    assert!(
+        e.loader
+            .last_error()
+            .unwrap()
+            .contains("AccessDeniedException")
+    );
+}
+
+#[tokio::test]
+async fn a_stale_document_is_replaced_once_and_the_load_succeeds() {
+    let e = start(LoadConfig {
+        concurrency: 4,
+        ..fast()
+    })
+    .await;
+    let key = e.key(&PCR0);
+    let entries = e.entries(&key, "T", 6).await;
+    let generation = e.recipient.current().generation();
+    // The emulator now sees the published document as six minutes old;
+    // documents made from now on carry the emulator's time.
+    e.fx.kms.advance_clock(Duration::from_secs(6 * 60));
+    e.nsm.ahead_secs.store(6 * 60, Ordering::SeqCst);
+    e.fx.kms.reset_calls();
+    let report = e.loader.load(entries).await.unwrap();
+    assert_eq!(report.count, 6);
+    assert_eq!(e.recipient.current().generation(), generation + 1);
+    assert!((1..=4).contains(&report.invalidations), "{report:?}");
+    let decrypts = e.fx.kms.calls(Operation::Decrypt);
+    assert_eq!(decrypts.calls, 6 + report.invalidations);
+    assert_eq!(decrypts.errors, report.invalidations);
+}
+
+#[tokio::test]
+async fn throttling_5xx_and_dropped_connections_are_retried_within_bounds() {
+    let e = start(LoadConfig {
+        concurrency: 1,
+        ..fast()
+    })
+    .await;
+    let key = e.key(&PCR0);
+    let entries = e.entries(&key, "R", 3).await;
+    e.fx.kms.reset_calls();
+    assert!(
+        e.fx.kms
+            .inject(Fault::throttle().next(2).on(Operation::Decrypt))
+    );
+    assert!(
+        e.fx.kms
+            .inject(Fault::internal_error().next(1).on(Operation::Decrypt))
+    );
+    assert!(
+        e.fx.kms
+            .inject(Fault::drop_connection().next(1).on(Operation::Decrypt))
+    );
+    let report = e.loader.load(entries).await.unwrap();
+    assert_eq!(report.count, 3);
+    assert_eq!(report.retries, 4);
+    assert_eq!(report.kms_calls, 7);
+    let decrypts = e.fx.kms.calls(Operation::Decrypt);
+    assert_eq!(decrypts.calls, 7);
+    assert_eq!(decrypts.faulted, 4);
+    assert_eq!(e.fx.kms.pending_faults(), 0);
+
+    // Throttled beyond the attempt budget: the load fails, bounded.
+    let e = start(LoadConfig {
+        concurrency: 1,
+        max_attempts: 3,
+        ..fast()
+    })
+    .await;
+    let key = e.key(&PCR0);
+    let entry = e.entry(&key, "ONLY", b"v").await;
+    e.fx.kms.reset_calls();
+    assert!(
+        e.fx.kms
+            .inject(Fault::throttle().next(10).on(Operation::Decrypt))
+    );
+    let err = e.loader.load(vec![entry]).await.unwrap_err();
+    assert!(matches!(err, LoadError::Kms { attempts: 3, .. }), "{err:?}");
+    assert!(err.to_string().contains("ThrottlingException"), "{err}");
+    assert_eq!(e.fx.kms.calls(Operation::Decrypt).calls, 3);
+    assert!(e.store.is_empty());
+}
+
+#[tokio::test]
+async fn a_ciphertext_moved_under_another_name_is_refused() {
+    let e = start(fast()).await;
+    let key = e.key(&PCR0);
+    let guest = e.entry(&key, "GUEST_TOKEN", b"guest").await;
+    let moved = keystore_shared::protocol::LoadEntry {
+        name: "ADMIN_TOKEN".to_owned(),
+        envelope: guest.envelope,
+    };
+    let err = e.loader.load(vec![moved]).await.unwrap_err();
+    assert_eq!(err.name(), Some("ADMIN_TOKEN"));
+    assert_eq!(err.stage(), "name-binding");
+    assert!(
+        err.to_string().contains("InvalidCiphertextException"),
+        "{err}"
+    );
+    assert!(e.store.is_empty());
+}
