@@ -3,7 +3,9 @@
 
 mod attestation_cmd;
 mod client_cmd;
+mod encrypt_cmd;
 mod policy_cmd;
+mod proxy_cmd;
 mod rfc3339;
 
 use std::process::ExitCode;
@@ -41,6 +43,10 @@ enum Command {
     Attestation(attestation_cmd::AttestationCommand),
     /// Write the KMS key policy that pins this enclave build's measurements.
     Policy(policy_cmd::PolicyArgs),
+    /// Run the KMS forwarder, credentials service and secrets loader.
+    Proxy(proxy_cmd::ProxyArgs),
+    /// Encrypt plain values of a `.env` file in place with KMS.
+    Encrypt(encrypt_cmd::EncryptArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +67,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Client(cmd) => client_cmd::run(&cli.enclave, cmd),
         Command::Attestation(cmd) => attestation_cmd::run(cmd),
         Command::Policy(args) => policy_cmd::run(args),
+        Command::Proxy(args) => proxy_cmd::run(&cli.enclave, args),
+        Command::Encrypt(args) => encrypt_cmd::run(args),
     }
 }
 

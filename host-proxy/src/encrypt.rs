@@ -1,0 +1,315 @@
+//! `keystore-host encrypt`: turn plain values of a `.env` file into
+//! `ENC[v1:kms:...]` envelopes in place.
+//!
+//! Each chosen value is encrypted by KMS `Encrypt` under the operator's key
+//! with the encryption context `{"keystore:name": NAME}`, which binds the
+//! ciphertext to its name: the enclave decrypts with the same context, so a
+//! host that moves one envelope under another name gets a KMS failure, not
+//! the wrong secret. Values already `ENC[...]` are left alone, so running the
+//! command twice is harmless. Everything else in the file (comments, order,
+//! quoting) is kept byte for byte, and the file is replaced atomically (a
+//! temporary file in the same directory, then `rename`) with its
+//! permissions, so a crash leaves either the old or the new file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use aws_sdk_kms::primitives::Blob;
+use keystore_shared::envelope::{Envelope, EnvelopeError, NAME_CONTEXT_KEY};
+use zeroize::Zeroizing;
+
+use crate::dotenv::{DotEnv, DotEnvError};
+use crate::loader::{LoadError, read_secrets_file};
+
+/// Largest value KMS `Encrypt` takes directly; larger values need the `dek`
+/// envelope kind.
+pub const MAX_KMS_PLAINTEXT: usize = 4096;
+
+/// Why encrypting a file failed. Messages name entries, never values.
+#[derive(Debug, thiserror::Error)]
+pub enum EncryptError {
+    /// The file could not be read.
+    #[error(transparent)]
+    Read(LoadError),
+    /// The file is not valid `.env`.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: DotEnvError,
+    },
+    /// A chosen value is too large for KMS `Encrypt`; nothing was changed.
+    #[error(
+        "{name} (line {line}) is {len} bytes; KMS encrypts at most {MAX_KMS_PLAINTEXT} bytes \
+         directly (larger values need the `dek` kind, not yet supported); nothing was changed"
+    )]
+    TooLarge {
+        /// The entry.
+        name: String,
+        /// Its line.
+        line: usize,
+        /// Its size.
+        len: usize,
+    },
+    /// KMS refused or could not be reached; nothing was changed.
+    #[error("KMS Encrypt of {name} failed: {message}; nothing was changed")]
+    Kms {
+        /// The entry being encrypted.
+        name: String,
+        /// The SDK's error with its context (no plaintext).
+        message: String,
+    },
+    /// KMS answered without a usable ciphertext.
+    #[error("KMS returned an unusable ciphertext for {name}: {source}")]
+    Ciphertext {
+        /// The entry.
+        name: String,
+        /// Why it is unusable.
+        #[source]
+        source: EnvelopeError,
+    },
+    /// Writing the new file failed; the old file is untouched.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file being written (the temporary file or the target).
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Which values to encrypt: names matching any of the glob patterns (`*`
+/// any run of characters, `?` one character), or every name if there are
+/// none.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    patterns: Vec<String>,
+}
+
+impl Selection {
+    /// Every name.
+    pub fn all() -> Self {
+        Selection::default()
+    }
+
+    /// Names matching any of `patterns`; no patterns means every name.
+    pub fn patterns(patterns: Vec<String>) -> Self {
+        Selection { patterns }
+    }
+
+    /// Whether `name` is selected.
+    pub fn matches(&self, name: &str) -> bool {
+        self.patterns.is_empty() || self.patterns.iter().any(|p| glob_match(p, name))
+    }
+}
+
+/// Glob matching with `*` and `?` over characters, iterative with single
+/// backtracking so hostile patterns cannot blow up.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ni));
+                pi += 1;
+            }
+            Some(&c) if c == '?' || Some(&c) == n.get(ni) => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    pi = sp + 1;
+                    ni = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p.get(pi..)
+        .is_some_and(|rest| rest.iter().all(|&c| c == '*'))
+}
+
+/// What [`encrypt_file`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EncryptReport {
+    /// Names newly encrypted.
+    pub encrypted: Vec<String>,
+    /// Selected names already `ENC[...]`.
+    pub already_encrypted: Vec<String>,
+    /// Selected names with empty values (nothing to protect; KMS refuses
+    /// empty plaintext).
+    pub skipped_empty: Vec<String>,
+}
+
+/// Encrypts the selected plain values of the `.env` file at `path` under
+/// `key_id`, replacing the file atomically. Nothing is written unless every
+/// selected value was encrypted.
+pub async fn encrypt_file(
+    client: &aws_sdk_kms::Client,
+    key_id: &str,
+    path: &Path,
+    selection: &Selection,
+) -> Result<EncryptReport, EncryptError> {
+    let bytes = read_secrets_file(path).map_err(EncryptError::Read)?;
+    let mut file = DotEnv::parse(&bytes).map_err(|source| EncryptError::Parse {
+        path: path.to_owned(),
+        source,
+    })?;
+    drop(bytes);
+
+    let mut report = EncryptReport::default();
+    let mut todo = Vec::new();
+    for (index, entry) in file.entries().enumerate() {
+        if !selection.matches(entry.name) {
+            continue;
+        }
+        if Envelope::is_envelope(entry.value) {
+            report.already_encrypted.push(entry.name.to_owned());
+        } else if entry.value.is_empty() {
+            report.skipped_empty.push(entry.name.to_owned());
+        } else if entry.value.len() > MAX_KMS_PLAINTEXT {
+            return Err(EncryptError::TooLarge {
+                name: entry.name.to_owned(),
+                line: entry.line,
+                len: entry.value.len(),
+            });
+        } else {
+            todo.push(index);
+        }
+    }
+
+    for index in todo {
+        let (name, plaintext) = match file.entries().nth(index) {
+            Some(entry) => (
+                entry.name.to_owned(),
+                Zeroizing::new(entry.value.as_bytes().to_vec()),
+            ),
+            None => continue,
+        };
+        let envelope = encrypt_value(client, key_id, &name, &plaintext).await?;
+        file.set_value(index, &envelope.to_string())
+            .map_err(|source| EncryptError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+        tracing::info!(name = %name, "encrypted");
+        report.encrypted.push(name);
+    }
+
+    if !report.encrypted.is_empty() {
+        write_atomically(path, file.text().as_bytes())?;
+    }
+    Ok(report)
+}
+
+/// One KMS `Encrypt` with the name-binding encryption context.
+async fn encrypt_value(
+    client: &aws_sdk_kms::Client,
+    key_id: &str,
+    name: &str,
+    plaintext: &[u8],
+) -> Result<Envelope, EncryptError> {
+    let output = client
+        .encrypt()
+        .key_id(key_id)
+        .plaintext(Blob::new(plaintext.to_vec()))
+        .encryption_context(NAME_CONTEXT_KEY, name)
+        .send()
+        .await
+        .map_err(|err| EncryptError::Kms {
+            name: name.to_owned(),
+            message: aws_smithy_types::error::display::DisplayErrorContext(&err).to_string(),
+        })?;
+    let blob = output
+        .ciphertext_blob
+        .map(Blob::into_inner)
+        .unwrap_or_default();
+    Envelope::kms(blob).map_err(|source| EncryptError::Ciphertext {
+        name: name.to_owned(),
+        source,
+    })
+}
+
+/// Replaces `path` with `contents`: a new file in the same directory (so
+/// `rename` is atomic) with the old file's permissions, synced, renamed
+/// over the old one, and the directory synced.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), EncryptError> {
+    let write_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| EncryptError::Write { path, source }
+    };
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let permissions = std::fs::metadata(path)
+        .map_err(write_err(path))?
+        .permissions();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "secrets".to_owned());
+    let mut attempt = 0u32;
+    let (tmp_path, mut tmp) = loop {
+        let candidate = dir.join(format!(
+            ".{file_name}.keystore-tmp-{}-{attempt}",
+            std::process::id()
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&candidate)
+        {
+            Ok(file) => break (candidate, file),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
+                attempt += 1;
+            }
+            Err(err) => return Err(write_err(&candidate)(err)),
+        }
+    };
+    let result = (|| {
+        tmp.set_permissions(permissions)?;
+        tmp.write_all(contents)?;
+        tmp.sync_all()
+    })();
+    drop(tmp);
+    if let Err(err) = result.and_then(|()| std::fs::rename(&tmp_path, path)) {
+        let _ = std::fs::remove_file(&tmp_path);
+        return Err(write_err(path)(err));
+    }
+    if let Ok(dir) = std::fs::File::open(&dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", "ANY"));
+        assert!(glob_match("DB_*", "DB_PASSWORD"));
+        assert!(!glob_match("DB_*", "API_KEY"));
+        assert!(glob_match("*_KEY", "API_KEY"));
+        assert!(glob_match("A?C", "ABC"));
+        assert!(!glob_match("A?C", "AC"));
+        assert!(glob_match("*a*b*", "xxaxxbxx"));
+        assert!(!glob_match("*a*b*", "xxbxxaxx"));
+        assert!(glob_match("EXACT", "EXACT"));
+        assert!(!glob_match("EXACT", "EXACTLY"));
+        assert!(glob_match(&"*".repeat(100), &"a".repeat(100)));
+        assert!(!glob_match(&"*a".repeat(30), &"a".repeat(29)));
+        assert!(Selection::all().matches("X"));
+        assert!(!Selection::patterns(vec!["A*".into()]).matches("B"));
+    }
+}

@@ -1,0 +1,70 @@
+//! `keystore-host encrypt`: flags and AWS set-up around
+//! [`keystore_host::encrypt::encrypt_file`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use keystore_host::encrypt::{Selection, encrypt_file};
+
+/// Arguments of `encrypt`.
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    /// KMS key id, ARN or `alias/NAME` to encrypt under.
+    #[arg(long)]
+    pub key_id: String,
+    /// The `.env` file to encrypt in place.
+    pub file: PathBuf,
+    /// Encrypt only names matching this glob (`*`, `?`); repeatable.
+    /// Default: every plain value.
+    #[arg(long = "keys", value_name = "GLOB")]
+    pub keys: Vec<String>,
+    /// AWS region (default: the SDK's region chain).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// KMS endpoint URL, e.g. a KMS emulator.
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// Extra trusted CA certificates (PEM), for an emulator's test CA.
+    #[arg(long, value_name = "PEM")]
+    pub ca_bundle: Option<PathBuf>,
+}
+
+/// Encrypts the file and prints what changed.
+pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
+    let ca = args
+        .ca_bundle
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
+        })
+        .transpose()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = runtime.block_on(async {
+        let sdk = keystore_host::aws::sdk_config(args.region, args.endpoint_url, ca).await?;
+        let client = aws_sdk_kms::Client::new(&sdk);
+        let selection = Selection::patterns(args.keys);
+        anyhow::Ok(encrypt_file(&client, &args.key_id, &args.file, &selection).await?)
+    })?;
+    for name in &report.encrypted {
+        println!("encrypted {name}");
+    }
+    for name in &report.already_encrypted {
+        println!("unchanged {name} (already ENC[...])");
+    }
+    for name in &report.skipped_empty {
+        println!("skipped {name} (empty)");
+    }
+    eprintln!(
+        "{}: {} encrypted, {} already encrypted, {} empty",
+        args.file.display(),
+        report.encrypted.len(),
+        report.already_encrypted.len(),
+        report.skipped_empty.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,660 @@
+//! The KMS forwarder: the enclave's only way out to the network.
+//!
+//! The enclave has no network interface; its KMS client dials a vsock port on
+//! the parent, and this forwarder pipes those bytes to a TCP upstream such as
+//! `kms.us-east-1.amazonaws.com:443`. TLS runs end to end between the enclave
+//! and KMS, so the bytes pass through untouched: the parent never sees
+//! plaintext, and a compromised parent can only drop or delay traffic.
+//!
+//! Each listen endpoint is bound to exactly one upstream fixed at start-up
+//! ([`Forward`]); the configuration *is* the allowlist, so nothing a peer
+//! sends can steer a connection anywhere else. The upstream name is resolved
+//! for every connection (KMS endpoints change addresses) and every resolved
+//! address is tried in order until one accepts.
+//!
+//! Limits: at most `max_connections` at once (further connections wait in
+//! the listen backlog rather than being refused, since the SDK in the
+//! enclave would only retry), a connect timeout per address, and an idle
+//! timeout after which a connection with no bytes in either direction is
+//! closed. A connection that fails, for whatever reason, ends alone.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use keystore_shared::endpoint::{Endpoint, EndpointError, Listener, Peer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// Copy buffer per direction. 64 KiB matches `socat -b 65536` and the
+/// largest TLS records KMS sends fit whole; smaller buffers cost measurably
+/// more system calls on bulk transfers.
+pub const BUFFER_SIZE: usize = 64 * 1024;
+
+/// At most this many resolved addresses are tried per connection, so a
+/// hostile or broken resolver cannot make one connection attempt unbounded.
+pub const MAX_RESOLVED_ADDRS: usize = 16;
+
+/// The default KMS port.
+pub const KMS_PORT: u16 = 443;
+
+/// Default listen endpoint of the KMS forwarder.
+pub const DEFAULT_LISTEN: &str = "vsock://ANY:8000";
+
+/// A TCP destination, `HOST:PORT`; `HOST` is a DNS name or an IP address
+/// (IPv6 in brackets).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Upstream {
+    /// Name or address, without brackets.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl Upstream {
+    /// The regional KMS endpoint, `kms.<region>.amazonaws.com:443`.
+    pub fn kms(region: &str) -> Result<Self, ForwardError> {
+        format!("kms.{region}.amazonaws.com:{KMS_PORT}").parse()
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for Upstream {
+    type Err = ForwardError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: &str| ForwardError::InvalidSpec {
+            input: input.chars().take(120).collect(),
+            reason: reason.to_owned(),
+        };
+        let (host, port) = input
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected HOST:PORT"))?;
+        let host = match host.strip_prefix('[') {
+            Some(inner) => inner
+                .strip_suffix(']')
+                .ok_or_else(|| bad("unbalanced `[` in host"))?,
+            None if host.contains(':') => return Err(bad("put IPv6 addresses in brackets")),
+            None => host,
+        };
+        if host.is_empty() || host.len() > 253 {
+            return Err(bad("host must be 1 to 253 characters"));
+        }
+        if !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'))
+        {
+            return Err(bad(
+                "host may hold only letters, digits, `.`, `-`, `_` and `:`",
+            ));
+        }
+        let port = (!port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| port.parse::<u16>().ok())
+            .flatten()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad("port must be a number from 1 to 65535"))?;
+        Ok(Upstream {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// One allowlisted route: connections accepted on `listen` go to
+/// `upstream` and nowhere else. Text form `LISTEN=HOST:PORT`, e.g.
+/// `vsock://ANY:8000=kms.eu-west-1.amazonaws.com:443`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// Where the enclave connects.
+    pub listen: Endpoint,
+    /// Where its bytes go.
+    pub upstream: Upstream,
+}
+
+impl Forward {
+    /// The default route: [`DEFAULT_LISTEN`] to the regional KMS endpoint.
+    pub fn kms(region: &str) -> Result<Self, ForwardError> {
+        Ok(Forward {
+            listen: DEFAULT_LISTEN.parse().map_err(ForwardError::Endpoint)?,
+            upstream: Upstream::kms(region)?,
+        })
+    }
+}
+
+impl fmt::Display for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.listen, self.upstream)
+    }
+}
+
+impl FromStr for Forward {
+    type Err = ForwardError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let (listen, upstream) =
+            input
+                .rsplit_once('=')
+                .ok_or_else(|| ForwardError::InvalidSpec {
+                    input: input.chars().take(120).collect(),
+                    reason: "expected LISTEN=HOST:PORT".to_owned(),
+                })?;
+        Ok(Forward {
+            listen: listen.parse().map_err(ForwardError::Endpoint)?,
+            upstream: upstream.parse()?,
+        })
+    }
+}
+
+/// Everything that can go wrong configuring the forwarder or opening one
+/// upstream connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// A `--forward` or upstream text is malformed.
+    #[error("invalid forward {input:?}: {reason}")]
+    InvalidSpec {
+        /// The rejected text (truncated).
+        input: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The listen endpoint is malformed or cannot be bound.
+    #[error(transparent)]
+    Endpoint(EndpointError),
+    /// Name resolution failed.
+    #[error("cannot resolve {upstream}: {source}")]
+    Resolve {
+        /// The upstream being resolved.
+        upstream: Upstream,
+        /// The resolver's error.
+        #[source]
+        source: io::Error,
+    },
+    /// Name resolution did not finish within the connect timeout.
+    #[error("resolving {upstream} took longer than {timeout:?}")]
+    ResolveTimeout {
+        /// The upstream being resolved.
+        upstream: Upstream,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The name resolved to no addresses.
+    #[error("{0} resolved to no addresses")]
+    NoAddresses(Upstream),
+    /// Every resolved address refused or timed out.
+    #[error("cannot connect to {upstream}: {tried} address(es) tried, last {last_addr}: {last}")]
+    Connect {
+        /// The upstream.
+        upstream: Upstream,
+        /// How many addresses were tried.
+        tried: usize,
+        /// The last address tried.
+        last_addr: SocketAddr,
+        /// Its error.
+        #[source]
+        last: io::Error,
+    },
+}
+
+/// A future returned by [`Resolve::resolve`].
+pub type ResolveFuture<'a> = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>>;
+
+/// Turns an upstream name into addresses. Injectable so tests can make a
+/// name resolve to several loopback addresses.
+pub trait Resolve: Send + Sync + 'static {
+    /// All addresses for `host:port`, in the order to try them.
+    fn resolve<'a>(&'a self, host: &'a str, port: u16) -> ResolveFuture<'a>;
+}
+
+/// The system resolver (`getaddrinfo` on a blocking thread).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve<'a>(&'a self, host: &'a str, port: u16) -> ResolveFuture<'a> {
+        Box::pin(async move {
+            Ok(tokio::net::lookup_host((host, port))
+                .await?
+                .take(MAX_RESOLVED_ADDRS)
+                .collect())
+        })
+    }
+}
+
+/// Limits of a [`Forwarder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwarderLimits {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Bound on resolving the upstream, and on connecting to each address.
+    pub connect_timeout: Duration,
+    /// A connection with no bytes in either direction for this long is
+    /// closed.
+    pub idle_timeout: Duration,
+    /// On shutdown, how long open connections may finish before they are
+    /// cut.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ForwarderLimits {
+    fn default() -> Self {
+        ForwarderLimits {
+            max_connections: 256,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Pipes connections from one listener to one [`Upstream`].
+#[derive(Clone)]
+pub struct Forwarder {
+    upstream: Upstream,
+    limits: ForwarderLimits,
+    resolver: Arc<dyn Resolve>,
+}
+
+impl fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("upstream", &self.upstream)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Forwarder {
+    /// A forwarder to `upstream` using the system resolver.
+    pub fn new(upstream: Upstream, limits: ForwarderLimits) -> Self {
+        Forwarder {
+            upstream,
+            limits,
+            resolver: Arc::new(SystemResolver),
+        }
+    }
+
+    /// Replaces the resolver.
+    pub fn with_resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
+        self.resolver = resolver;
+        self
+    }
+
+    /// The configured upstream.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// Accepts connections on `listener` until `shutdown` completes, then
+    /// lets open connections finish for up to the drain timeout. Returns an
+    /// error only if the listener itself fails for good.
+    pub async fn serve(
+        self,
+        listener: Listener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), EndpointError> {
+        let this = Arc::new(self);
+        let permits = Arc::new(Semaphore::new(this.limits.max_connections.max(1)));
+        let mut tasks = JoinSet::new();
+        let mut next_id: u64 = 0;
+        let local = listener.local_endpoint().clone();
+        tracing::info!(listen = %local, upstream = %this.upstream, "forwarding");
+        tokio::pin!(shutdown);
+        let result = loop {
+            while tasks.try_join_next().is_some() {}
+            let permit = match permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    tracing::warn!(
+                        listen = %local,
+                        max = this.limits.max_connections,
+                        "connection limit reached; new connections wait"
+                    );
+                    tokio::select! {
+                        permit = permits.clone().acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => break Ok(()),
+                        },
+                        () = &mut shutdown => break Ok(()),
+                    }
+                }
+            };
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut shutdown => break Ok(()),
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    next_id += 1;
+                    let this = this.clone();
+                    let id = next_id;
+                    tasks.spawn(async move {
+                        this.handle(id, stream, peer).await;
+                        drop(permit);
+                    });
+                }
+                Err(err) if err.is_transient() => {
+                    tracing::warn!(listen = %local, error = %err, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => break Err(err),
+            }
+        };
+        drop(listener);
+        while tasks.try_join_next().is_some() {}
+        if !tasks.is_empty() {
+            tracing::info!(listen = %local, open = tasks.len(), "draining connections");
+            let drained = tokio::time::timeout(this.limits.drain_timeout, async {
+                while tasks.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(listen = %local, open = tasks.len(), "drain timeout; closing");
+                tasks.shutdown().await;
+            }
+        }
+        result
+    }
+
+    /// Opens a TCP connection to the upstream: resolve (bounded), then try
+    /// each address in order, each bounded by the connect timeout.
+    pub async fn connect_upstream(&self) -> Result<(TcpStream, SocketAddr), ForwardError> {
+        let timeout = self.limits.connect_timeout;
+        let upstream = &self.upstream;
+        let addrs = tokio::time::timeout(
+            timeout,
+            self.resolver.resolve(&upstream.host, upstream.port),
+        )
+        .await
+        .map_err(|_| ForwardError::ResolveTimeout {
+            upstream: upstream.clone(),
+            timeout,
+        })?
+        .map_err(|source| ForwardError::Resolve {
+            upstream: upstream.clone(),
+            source,
+        })?;
+        let mut last = None;
+        let mut tried = 0;
+        for addr in addrs.into_iter().take(MAX_RESOLVED_ADDRS) {
+            tried += 1;
+            let attempt = tokio::time::timeout(timeout, TcpStream::connect(addr)).await;
+            let err = match attempt {
+                Ok(Ok(stream)) => {
+                    if let Err(err) = stream.set_nodelay(true) {
+                        tracing::debug!(%addr, error = %err, "could not set TCP_NODELAY");
+                    }
+                    return Ok((stream, addr));
+                }
+                Ok(Err(err)) => err,
+                Err(_) => io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {timeout:?}"),
+                ),
+            };
+            tracing::debug!(upstream = %upstream, %addr, error = %err, "upstream address failed");
+            last = Some((addr, err));
+        }
+        match last {
+            Some((last_addr, last)) => Err(ForwardError::Connect {
+                upstream: upstream.clone(),
+                tried,
+                last_addr,
+                last,
+            }),
+            None => Err(ForwardError::NoAddresses(upstream.clone())),
+        }
+    }
+
+    async fn handle(&self, id: u64, client: keystore_shared::Stream, peer: Peer) {
+        let started = Instant::now();
+        let (upstream, addr) = match self.connect_upstream().await {
+            Ok(connected) => connected,
+            Err(err) => {
+                tracing::warn!(conn = id, %peer, error = %err, "upstream unreachable; closing");
+                return;
+            }
+        };
+        tracing::debug!(conn = id, %peer, upstream = %addr, "connected");
+        let stats = pipe(client, upstream, self.limits.idle_timeout).await;
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match &stats.end {
+            PipeEnd::Closed => tracing::info!(
+                conn = id, %peer, upstream = %addr,
+                to_upstream = stats.to_upstream, to_client = stats.to_client,
+                elapsed_ms, "connection closed"
+            ),
+            PipeEnd::Idle => tracing::info!(
+                conn = id, %peer, upstream = %addr,
+                to_upstream = stats.to_upstream, to_client = stats.to_client,
+                elapsed_ms, "idle timeout; connection closed"
+            ),
+            PipeEnd::Failed(err) => tracing::warn!(
+                conn = id, %peer, upstream = %addr,
+                to_upstream = stats.to_upstream, to_client = stats.to_client,
+                elapsed_ms, error = %err, "connection failed"
+            ),
+        }
+    }
+}
+
+/// How a [`pipe`] ended.
+#[derive(Debug)]
+pub enum PipeEnd {
+    /// Both sides closed their write halves.
+    Closed,
+    /// Nothing moved for the idle timeout.
+    Idle,
+    /// A read or write failed.
+    Failed(io::Error),
+}
+
+/// Bytes moved by a [`pipe`], and how it ended.
+#[derive(Debug)]
+pub struct PipeStats {
+    /// Bytes written to the upstream.
+    pub to_upstream: u64,
+    /// Bytes written to the client.
+    pub to_client: u64,
+    /// Why it ended.
+    pub end: PipeEnd,
+}
+
+/// Copies both directions until both are done, with half-close: when one
+/// side stops writing, the other side's write half is shut down and the
+/// opposite direction keeps flowing. Ends early if no byte moves for
+/// `idle_timeout`.
+pub async fn pipe<A, B>(client: A, upstream: B, idle_timeout: Duration) -> PipeStats
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Arc::new(Activity::new());
+    let mut client = Metered {
+        inner: client,
+        activity: activity.clone(),
+        written: Direction::ToClient,
+    };
+    let mut upstream = Metered {
+        inner: upstream,
+        activity: activity.clone(),
+        written: Direction::ToUpstream,
+    };
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        BUFFER_SIZE,
+        BUFFER_SIZE,
+    );
+    let watchdog = async {
+        loop {
+            let idle = activity.idle_for();
+            if idle >= idle_timeout {
+                return;
+            }
+            tokio::time::sleep(idle_timeout - idle).await;
+        }
+    };
+    let end = tokio::select! {
+        result = copy => match result {
+            Ok(_) => PipeEnd::Closed,
+            Err(err) => PipeEnd::Failed(err),
+        },
+        () = watchdog => PipeEnd::Idle,
+    };
+    PipeStats {
+        to_upstream: activity.to_upstream.load(Ordering::Relaxed),
+        to_client: activity.to_client.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+/// Byte counts and the time of the last transfer, shared by both sides of
+/// a pipe and its idle watchdog.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    to_upstream: AtomicU64,
+    to_client: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            to_upstream: AtomicU64::new(0),
+            to_client: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.last_ms.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    ToUpstream,
+    ToClient,
+}
+
+/// A stream that reports its transfers to an [`Activity`].
+struct Metered<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    /// Which count bytes written to this stream go to.
+    written: Direction,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.touch();
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result
+            && n > 0
+        {
+            let counter = match this.written {
+                Direction::ToUpstream => &this.activity.to_upstream,
+                Direction::ToClient => &this.activity.to_client,
+            };
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            this.activity.touch();
+        }
+        result
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_routes() {
+        let f: Forward = "vsock://ANY:8000=kms.eu-west-1.amazonaws.com:443"
+            .parse()
+            .unwrap();
+        assert_eq!(f.upstream.host, "kms.eu-west-1.amazonaws.com");
+        assert_eq!(f.upstream.port, 443);
+        assert_eq!(
+            f.to_string(),
+            "vsock://ANY:8000=kms.eu-west-1.amazonaws.com:443"
+        );
+        let v6: Upstream = "[::1]:8443".parse().unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 8443));
+        assert_eq!(v6.to_string(), "[::1]:8443");
+        assert_eq!(
+            Forward::kms("us-east-1").unwrap().to_string(),
+            "vsock://ANY:8000=kms.us-east-1.amazonaws.com:443"
+        );
+        for bad in [
+            "tcp://127.0.0.1:1",
+            "tcp://127.0.0.1:1=host",
+            "tcp://127.0.0.1:1=host:0",
+            "tcp://127.0.0.1:1=host:99999",
+            "tcp://127.0.0.1:1=::1:443",
+            "tcp://127.0.0.1:1=ho st:443",
+            "tcp://127.0.0.1:1=:443",
+            "nope=host:443",
+        ] {
+            assert!(bad.parse::<Forward>().is_err(), "{bad}");
+        }
+        assert!(Upstream::kms("us-east-1/../x").is_err());
+    }
+}

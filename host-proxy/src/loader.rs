@@ -1,0 +1,342 @@
+//! The secrets loader: keeps the enclave's secret set in step with the
+//! secrets file on the parent.
+//!
+//! The file holds `ENC[...]` envelopes (ciphertext, safe on the parent's
+//! disk) next to plain settings. Only the envelopes are sent, as one `Load`
+//! frame; the enclave decrypts them and swaps its set atomically, keeping
+//! the old set if anything fails. The enclave may start after the proxy or
+//! KMS may be briefly unreachable, so a load is retried with capped
+//! exponential backoff until the enclave accepts it, each attempt bounded in
+//! time. The file is polled (size, mtime, and a SHA-256 of the contents when
+//! those change) so an edit is picked up without a restart; a
+//! [`ReloadTrigger`] (wired to SIGHUP by the proxy) forces a reload even when
+//! the file looks unchanged, e.g. after the enclave restarted.
+
+use std::future::Future;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use keystore_shared::endpoint::{Endpoint, EndpointError};
+use keystore_shared::envelope::{Envelope, EnvelopeError};
+use keystore_shared::frame::{Connection, FrameError, FrameLimits};
+use keystore_shared::protocol::{
+    DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_RESPONSE_FRAME, ErrorCode, LoadEntry, ProtocolError,
+    Request, RequestOp, ResponseBody,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use zeroize::Zeroizing;
+
+use crate::dotenv::{DotEnv, DotEnvError, MAX_FILE_SIZE};
+
+/// Default enclave secret-server endpoint (enclave CID 16, port 5000).
+pub const DEFAULT_ENCLAVE: &str = "vsock://16:5000";
+
+/// Why one load attempt failed. Messages carry names and line numbers,
+/// never values.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The secrets file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The secrets file is not valid `.env`.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: DotEnvError,
+    },
+    /// A value looks like `ENC[...]` but is not a readable envelope.
+    #[error("{path} line {line} ({name}): {source}")]
+    Envelope {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// The entry's name.
+        name: String,
+        /// What is wrong.
+        #[source]
+        source: EnvelopeError,
+    },
+    /// The enclave could not be reached.
+    #[error(transparent)]
+    Connect(#[from] EndpointError),
+    /// Sending the frame or reading the answer failed.
+    #[error("talking to the enclave: {0}")]
+    Frame(#[from] FrameError),
+    /// The enclave closed the connection without answering.
+    #[error("the enclave closed the connection without answering")]
+    NoAnswer,
+    /// The enclave answered with another protocol version.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The enclave refused the load.
+    #[error("the enclave refused the load: {code}: {message}")]
+    Refused {
+        /// Its error code.
+        code: ErrorCode,
+        /// Its message (never secret material).
+        message: String,
+    },
+    /// The enclave answered with something other than `Loaded`.
+    #[error("unexpected answer from the enclave")]
+    UnexpectedAnswer,
+    /// The attempt did not finish in time.
+    #[error("no answer from the enclave within {0:?}")]
+    Timeout(Duration),
+}
+
+/// The `Load` entries of a secrets file: every `ENC[...]` value, checked to
+/// be a readable envelope. Plain values stay on the parent.
+pub fn load_entries(path: &Path, file: &DotEnv) -> Result<Vec<LoadEntry>, LoadError> {
+    let mut entries = Vec::new();
+    for entry in file.entries() {
+        if !Envelope::is_envelope(entry.value) {
+            continue;
+        }
+        Envelope::parse(entry.value).map_err(|source| LoadError::Envelope {
+            path: path.to_owned(),
+            line: entry.line,
+            name: entry.name.to_owned(),
+            source,
+        })?;
+        entries.push(LoadEntry {
+            name: entry.name.to_owned(),
+            envelope: entry.value.trim().to_owned(),
+        });
+    }
+    Ok(entries)
+}
+
+/// Reads at most [`MAX_FILE_SIZE`] + 1 bytes into a wiped buffer.
+pub fn read_secrets_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, LoadError> {
+    let read_err = |source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.take(MAX_FILE_SIZE as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    Ok(bytes)
+}
+
+/// Sends one `Load` to the enclave and waits for `Loaded`; returns the
+/// number of secrets the enclave now holds.
+pub async fn send_load(
+    enclave: &Endpoint,
+    entries: Vec<LoadEntry>,
+    request_id: u64,
+    timeout: Duration,
+) -> Result<u64, LoadError> {
+    let attempt = async {
+        let stream = enclave.connect().await?;
+        let mut conn = Connection::with_limits(
+            stream,
+            FrameLimits::new(DEFAULT_MAX_RESPONSE_FRAME, DEFAULT_MAX_LOAD_FRAME),
+        );
+        conn.write_message(&Request::new(request_id, RequestOp::Load { entries }))
+            .await?;
+        let response = conn
+            .read_message::<keystore_shared::protocol::Response>()
+            .await?
+            .ok_or(LoadError::NoAnswer)?;
+        response.check_version()?;
+        match response.result {
+            ResponseBody::Loaded { count } => Ok(count),
+            ResponseBody::Error { code, message } => Err(LoadError::Refused { code, message }),
+            _ => Err(LoadError::UnexpectedAnswer),
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| LoadError::Timeout(timeout))?
+}
+
+/// Settings of a [`Loader`].
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    /// The secrets file.
+    pub path: PathBuf,
+    /// The enclave's secret server.
+    pub enclave: Endpoint,
+    /// How often the file is checked for changes.
+    pub poll_interval: Duration,
+    /// Bound on one load attempt (connect, send, decrypt, answer).
+    pub attempt_timeout: Duration,
+    /// First retry delay after a failure.
+    pub backoff_initial: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+}
+
+impl LoaderConfig {
+    /// Defaults: poll every 2 s, 60 s per attempt (the enclave decrypts
+    /// every value through KMS before answering), backoff 0.5 s to 30 s.
+    pub fn new(path: PathBuf, enclave: Endpoint) -> Self {
+        LoaderConfig {
+            path,
+            enclave,
+            poll_interval: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(60),
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Forces the [`Loader`] to reload, even if the file looks unchanged.
+#[derive(Debug, Clone)]
+pub struct ReloadTrigger(Arc<Notify>);
+
+impl ReloadTrigger {
+    /// Asks for a reload; several requests before the loader wakes count as
+    /// one.
+    pub fn reload(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// What the loader last saw of the file, to detect changes cheaply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+    })
+}
+
+/// Watches the secrets file and loads it into the enclave.
+#[derive(Debug)]
+pub struct Loader {
+    config: LoaderConfig,
+    trigger: Arc<Notify>,
+    next_id: u64,
+}
+
+impl Loader {
+    /// A loader for `config`.
+    pub fn new(config: LoaderConfig) -> Self {
+        Loader {
+            config,
+            trigger: Arc::new(Notify::new()),
+            next_id: 0,
+        }
+    }
+
+    /// A handle that forces a reload.
+    pub fn trigger(&self) -> ReloadTrigger {
+        ReloadTrigger(self.trigger.clone())
+    }
+
+    /// Reads, checks and sends the file once.
+    pub async fn load_once(&mut self) -> Result<(u64, [u8; 32]), LoadError> {
+        let path = &self.config.path;
+        let bytes = read_secrets_file(path)?;
+        let digest: [u8; 32] = Sha256::digest(&*bytes).into();
+        let file = DotEnv::parse(&bytes).map_err(|source| LoadError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        drop(bytes);
+        let entries = load_entries(path, &file)?;
+        drop(file);
+        self.next_id = self.next_id.wrapping_add(1);
+        let count = send_load(
+            &self.config.enclave,
+            entries,
+            self.next_id,
+            self.config.attempt_timeout,
+        )
+        .await?;
+        Ok((count, digest))
+    }
+
+    /// Loads the file, then keeps it loaded until `shutdown` completes:
+    /// reloads when its contents change or a reload is triggered, and
+    /// retries failures with backoff. The enclave keeps its previous set
+    /// while a reload fails.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut loaded: Option<[u8; 32]> = None;
+        let mut seen: Option<FileStamp> = None;
+        let mut failing = false;
+        let mut forced = true;
+        let mut backoff = self.config.backoff_initial;
+        loop {
+            let now_stamp = stamp(&self.config.path);
+            let changed = now_stamp != seen;
+            if forced || failing || changed {
+                seen = now_stamp;
+                let unchanged = !forced && loaded.is_some() && self.digest() == loaded;
+                if unchanged {
+                    failing = false;
+                } else {
+                    match self.load_once().await {
+                        Ok((count, digest)) => {
+                            tracing::info!(
+                                path = %self.config.path.display(),
+                                enclave = %self.config.enclave,
+                                count,
+                                "secrets loaded"
+                            );
+                            loaded = Some(digest);
+                            failing = false;
+                            backoff = self.config.backoff_initial;
+                        }
+                        Err(err) => {
+                            tracing::warn!(
+                                path = %self.config.path.display(),
+                                enclave = %self.config.enclave,
+                                error = %err,
+                                retry_in = ?backoff,
+                                "loading secrets failed; the enclave keeps its previous set"
+                            );
+                            failing = true;
+                        }
+                    }
+                }
+            }
+            let wait = if failing {
+                let wait = backoff;
+                backoff = (backoff * 2).min(self.config.backoff_max);
+                wait
+            } else {
+                self.config.poll_interval
+            };
+            forced = tokio::select! {
+                () = tokio::time::sleep(wait) => false,
+                () = self.trigger.notified() => {
+                    tracing::info!(path = %self.config.path.display(), "reload requested");
+                    backoff = self.config.backoff_initial;
+                    true
+                },
+                () = &mut shutdown => return,
+            };
+        }
+    }
+
+    /// SHA-256 of the file as it is now, if readable.
+    fn digest(&self) -> Option<[u8; 32]> {
+        let bytes = read_secrets_file(&self.config.path).ok()?;
+        Some(Sha256::digest(&*bytes).into())
+    }
+}

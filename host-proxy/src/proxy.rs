@@ -1,0 +1,206 @@
+//! `keystore-host proxy`: the KMS forwarders, the credentials service and
+//! the secrets loader, run together on the parent instance.
+//!
+//! Every listener is bound before anything is served, so a bad address or a
+//! port in use fails start-up with a clear error instead of leaving a proxy
+//! that is half up. A listener that fails for good stops the whole proxy
+//! (a supervisor restarts it); a failing connection never does.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use keystore_shared::endpoint::{Endpoint, EndpointError};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::credentials::{CredentialCache, CredentialsService, ServiceLimits};
+use crate::forwarder::{Forward, Forwarder, ForwarderLimits};
+use crate::loader::{Loader, LoaderConfig, ReloadTrigger};
+
+/// Everything the proxy runs.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The allowlisted routes, one forwarder each.
+    pub forwards: Vec<Forward>,
+    /// Limits shared by every forwarder.
+    pub forwarder_limits: ForwarderLimits,
+    /// Where the credentials service listens.
+    pub credentials_listen: Endpoint,
+    /// Limits of the credentials service.
+    pub credentials_limits: ServiceLimits,
+    /// The enclave's secret server, for `Load`.
+    pub enclave: Endpoint,
+    /// The secrets file; without one, no loader runs.
+    pub secrets: Option<PathBuf>,
+}
+
+/// A listener failed for good.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Binding or accepting failed.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+}
+
+/// Stops a running proxy; cloneable so signal handlers and tests can hold
+/// one.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle(watch::Sender<bool>);
+
+impl ShutdownHandle {
+    /// Asks every part of the proxy to stop.
+    pub fn shutdown(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// A proxy whose listeners are bound and which is ready to [`Proxy::run`].
+pub struct Proxy {
+    forwarders: Vec<(Forwarder, keystore_shared::Listener)>,
+    credentials: (CredentialsService, keystore_shared::Listener),
+    loader: Option<Loader>,
+    stop: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("forwarders", &self.forwarders.len())
+            .field("loader", &self.loader.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Binds every listener. `credentials` is the source of AWS credentials
+    /// (the standard chain in production, static ones in tests).
+    pub async fn bind(
+        config: ProxyConfig,
+        credentials: CredentialCache,
+    ) -> Result<Self, ProxyError> {
+        let mut forwarders = Vec::with_capacity(config.forwards.len());
+        for forward in &config.forwards {
+            let listener = forward.listen.bind().await?;
+            forwarders.push((
+                Forwarder::new(forward.upstream.clone(), config.forwarder_limits),
+                listener,
+            ));
+        }
+        let credentials_listener = config.credentials_listen.bind().await?;
+        let loader = config
+            .secrets
+            .map(|path| Loader::new(LoaderConfig::new(path, config.enclave.clone())));
+        Ok(Proxy {
+            forwarders,
+            credentials: (
+                CredentialsService::new(credentials, config.credentials_limits),
+                credentials_listener,
+            ),
+            loader,
+            stop: watch::channel(false).0,
+        })
+    }
+
+    /// The endpoints actually bound: forwarders in order, then the
+    /// credentials service (for port 0 in tests).
+    pub fn local_endpoints(&self) -> Vec<Endpoint> {
+        self.forwarders
+            .iter()
+            .map(|(_, l)| l.local_endpoint().clone())
+            .chain([self.credentials.1.local_endpoint().clone()])
+            .collect()
+    }
+
+    /// A handle that stops [`Proxy::run`].
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.stop.clone())
+    }
+
+    /// The loader's reload trigger, if a secrets file is configured.
+    pub fn reload_trigger(&self) -> Option<ReloadTrigger> {
+        self.loader.as_ref().map(Loader::trigger)
+    }
+
+    /// Wires process signals: SIGTERM and SIGINT stop the proxy gracefully,
+    /// SIGHUP reloads the secrets file. Must be called inside a Tokio
+    /// runtime; once installed, these signals no longer kill the process.
+    pub fn install_signal_handlers(&self) -> std::io::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let stop = self.shutdown_handle();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+            stop.shutdown();
+        });
+        let trigger = self.reload_trigger();
+        let mut stopped = self.stop.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    received = hup.recv() => {
+                        if received.is_none() {
+                            return;
+                        }
+                        match &trigger {
+                            Some(trigger) => {
+                                tracing::info!("SIGHUP: reloading the secrets file");
+                                trigger.reload();
+                            }
+                            None => tracing::info!("SIGHUP ignored: no --secrets file"),
+                        }
+                    }
+                    _ = stopped.wait_for(|stop| *stop) => return,
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Serves until the shutdown handle fires (then drains) or a listener
+    /// fails for good.
+    pub async fn run(self) -> Result<(), ProxyError> {
+        let stopped = |stop: &watch::Sender<bool>| -> Pin<Box<dyn Future<Output = ()> + Send>> {
+            let mut rx = stop.subscribe();
+            Box::pin(async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+        };
+        let mut tasks: JoinSet<Result<(), EndpointError>> = JoinSet::new();
+        for (forwarder, listener) in self.forwarders {
+            tasks.spawn(forwarder.serve(listener, stopped(&self.stop)));
+        }
+        let (service, listener) = self.credentials;
+        tasks.spawn(service.serve(listener, stopped(&self.stop)));
+        if let Some(loader) = self.loader {
+            let done = stopped(&self.stop);
+            tasks.spawn(async move {
+                loader.run(done).await;
+                Ok(())
+            });
+        }
+        let mut result = Ok(());
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::error!(error = %err, "listener failed; stopping the proxy");
+                    self.stop.send_replace(true);
+                    if result.is_ok() {
+                        result = Err(err.into());
+                    }
+                }
+                Err(join) => {
+                    tracing::error!(error = %join, "proxy task ended abnormally; stopping");
+                    self.stop.send_replace(true);
+                }
+            }
+        }
+        result
+    }
+}

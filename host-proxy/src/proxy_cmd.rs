@@ -1,0 +1,86 @@
+//! `keystore-host proxy`: flags, AWS set-up and signals around
+//! [`keystore_host::proxy::Proxy`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use keystore_host::credentials::{self, CredentialCache, ServiceLimits};
+use keystore_host::forwarder::{Forward, ForwarderLimits};
+use keystore_host::proxy::{Proxy, ProxyConfig};
+use keystore_shared::Endpoint;
+
+/// Arguments of `proxy`.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// AWS region: picks the KMS endpoint of the default route and the
+    /// credential chain's region.
+    #[arg(long, env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// An allowlisted route `LISTEN=HOST:PORT`; repeatable. Without any, the
+    /// one route is `vsock://ANY:8000=kms.<region>.amazonaws.com:443`.
+    #[arg(long = "forward", value_name = "LISTEN=HOST:PORT")]
+    pub forwards: Vec<Forward>,
+    /// Where the credentials service listens.
+    #[arg(long, value_name = "ENDPOINT", default_value = credentials::DEFAULT_LISTEN)]
+    pub credentials_listen: Endpoint,
+    /// The `.env` secrets file to load into the enclave (and reload on
+    /// change or SIGHUP). Without it, no loader runs.
+    #[arg(long, value_name = "FILE")]
+    pub secrets: Option<PathBuf>,
+    /// Connections each forwarder serves at once; more wait.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
+    /// Seconds allowed to resolve the upstream and to connect to each of
+    /// its addresses.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub connect_timeout: u64,
+    /// Seconds without a byte in either direction before a forwarded
+    /// connection is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub idle_timeout: u64,
+}
+
+/// Runs the proxy until SIGTERM or SIGINT; `enclave` (the global
+/// `--enclave`) is where the secrets file is loaded.
+pub fn run(enclave: &Endpoint, args: ProxyArgs) -> anyhow::Result<ExitCode> {
+    let forwards = if args.forwards.is_empty() {
+        let Some(region) = &args.region else {
+            bail!("give --region (or AWS_REGION) or at least one --forward");
+        };
+        vec![Forward::kms(region)?]
+    } else {
+        args.forwards
+    };
+    let config = ProxyConfig {
+        forwards,
+        forwarder_limits: ForwarderLimits {
+            max_connections: args.max_connections.max(1),
+            connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+            idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+            ..ForwarderLimits::default()
+        },
+        credentials_listen: args.credentials_listen,
+        credentials_limits: ServiceLimits::default(),
+        enclave: enclave.clone(),
+        secrets: args.secrets,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let sdk = keystore_host::aws::sdk_config(args.region, None, None).await?;
+        let provider = sdk
+            .credentials_provider()
+            .context("the AWS SDK configured no credentials provider")?;
+        let proxy = Proxy::bind(config, CredentialCache::new(provider)).await?;
+        proxy
+            .install_signal_handlers()
+            .context("installing signal handlers")?;
+        proxy.run().await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
