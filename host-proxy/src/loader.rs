@@ -165,12 +165,34 @@ pub async fn send_load(
         .map_err(|_| LoadError::Timeout(timeout))?
 }
 
+/// Asks the enclave's load port whether it holds a loaded set. `None` when
+/// it cannot say (unreachable, slow, odd answer): only a clear "not ready"
+/// triggers a reload, so a down enclave is not hammered.
+pub async fn enclave_ready(enclave: &Endpoint, timeout: Duration) -> Option<bool> {
+    let ask = async {
+        let stream = enclave.connect().await.ok()?;
+        let mut conn = Connection::with_limits(stream, FrameLimits::default());
+        conn.write_message(&Request::new(0, RequestOp::Status))
+            .await
+            .ok()?;
+        let response = conn
+            .read_message::<keystore_shared::protocol::Response>()
+            .await
+            .ok()??;
+        match response.result {
+            ResponseBody::Status(report) => Some(report.ready),
+            _ => None,
+        }
+    };
+    tokio::time::timeout(timeout, ask).await.ok().flatten()
+}
+
 /// Settings of a [`Loader`].
 #[derive(Debug, Clone)]
 pub struct LoaderConfig {
     /// The secrets file.
     pub path: PathBuf,
-    /// The enclave's secret server.
+    /// The enclave's load port.
     pub enclave: Endpoint,
     /// How often the file is checked for changes.
     pub poll_interval: Duration,
@@ -284,6 +306,20 @@ impl Loader {
         loop {
             let now_stamp = stamp(&self.config.path);
             let changed = now_stamp != seen;
+            // A restarted enclave comes back empty: give it the file again.
+            if !forced
+                && !failing
+                && !changed
+                && loaded.is_some()
+                && enclave_ready(&self.config.enclave, self.config.attempt_timeout).await
+                    == Some(false)
+            {
+                tracing::info!(
+                    enclave = %self.config.enclave,
+                    "the enclave holds no secrets (restarted?); loading again"
+                );
+                forced = true;
+            }
             if forced || failing || changed {
                 seen = now_stamp;
                 let unchanged = !forced && loaded.is_some() && self.digest() == loaded;

@@ -67,7 +67,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Client(cmd) => client_cmd::run(&cli.enclave, cmd),
         Command::Attestation(cmd) => attestation_cmd::run(cmd),
         Command::Policy(args) => policy_cmd::run(args),
-        Command::Proxy(args) => proxy_cmd::run(&cli.enclave, args),
+        Command::Proxy(args) => proxy_cmd::run(args),
         Command::Encrypt(args) => encrypt_cmd::run(args),
     }
 }

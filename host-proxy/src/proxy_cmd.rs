@@ -26,6 +26,15 @@ pub struct ProxyArgs {
     /// Where the credentials service listens.
     #[arg(long, value_name = "ENDPOINT", default_value = credentials::DEFAULT_LISTEN)]
     pub credentials_listen: Endpoint,
+    /// The enclave's load port, where the secrets file is sent (its secret
+    /// port, `--enclave`, refuses `Load`).
+    #[arg(
+        long,
+        value_name = "ENDPOINT",
+        env = "KEYSTORE_ENCLAVE_LOAD",
+        default_value = "vsock://16:5001"
+    )]
+    pub load_to: Endpoint,
     /// The `.env` secrets file to load into the enclave (and reload on
     /// change or SIGHUP). Without it, no loader runs.
     #[arg(long, value_name = "FILE")]
@@ -43,9 +52,8 @@ pub struct ProxyArgs {
     pub idle_timeout: u64,
 }
 
-/// Runs the proxy until SIGTERM or SIGINT; `enclave` (the global
-/// `--enclave`) is where the secrets file is loaded.
-pub fn run(enclave: &Endpoint, args: ProxyArgs) -> anyhow::Result<ExitCode> {
+/// Runs the proxy until SIGTERM or SIGINT.
+pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let forwards = if args.forwards.is_empty() {
         let Some(region) = &args.region else {
             bail!("give --region (or AWS_REGION) or at least one --forward");
@@ -64,7 +72,7 @@ pub fn run(enclave: &Endpoint, args: ProxyArgs) -> anyhow::Result<ExitCode> {
         },
         credentials_listen: args.credentials_listen,
         credentials_limits: ServiceLimits::default(),
-        enclave: enclave.clone(),
+        enclave: args.load_to.clone(),
         secrets: args.secrets,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
