@@ -1,0 +1,431 @@
+//! The attested KMS path with real processes: `keystore-enclave --nsm mock`
+//! and `keystore-host proxy` run as programs, wired over unix sockets; the
+//! KMS emulator runs in the test so it can count calls, inject faults and
+//! move its clock.
+
+// Helpers outside `#[test]` functions panic on purpose: this is a test file.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kms::config::Credentials;
+use aws_sdk_kms::primitives::Blob;
+use keystore_host::policy::{Measurements, PolicySpec, key_policy};
+use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
+use keystore_shared::{Client, Endpoint, StatusReport};
+use keystore_tests::kms::{Credential, Fault, MockKms, MockKmsConfig, MockKmsHandle, Operation};
+use sha2::{Digest, Sha384};
+
+const ACCESS_KEY: &str = "AKIAE2ETESTE2ETEST01";
+const SECRET_KEY: &str = "e2e-secret-access-key";
+const REGION: &str = "us-east-1";
+
+/// Builds (if stale) and returns the enclave binary next to this crate's.
+fn enclave_binary() -> PathBuf {
+    let host = PathBuf::from(env!("CARGO_BIN_EXE_keystore-host"));
+    let profile_dir = host.parent().unwrap();
+    let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
+        "debug" => "dev".to_owned(),
+        other => other.to_owned(),
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "keystore-enclave",
+            "--bin",
+            "keystore-enclave",
+        ])
+        .args(["--profile", &profile])
+        .arg("--target-dir")
+        .arg(profile_dir.parent().unwrap())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building keystore-enclave failed");
+    profile_dir.join("keystore-enclave")
+}
+
+/// A child process killed when dropped, its stderr kept in a file.
+struct Running {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Running {
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Everything one test runs: emulator, enclave, proxy and their sockets.
+struct Stack {
+    dir: tempfile::TempDir,
+    kms: MockKmsHandle,
+    enclave_bin: PathBuf,
+    enclave: Option<Running>,
+    proxy: Option<Running>,
+    pcr0: Vec<u8>,
+    key_id: String,
+    client: aws_sdk_kms::Client,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let enclave_bin = enclave_binary();
+        let pcr0 = Sha384::digest(std::fs::read(&enclave_bin).unwrap()).to_vec();
+        // The emulator starts first; the mock NSM's root appears later and
+        // is read on the first Recipient.
+        let kms = MockKms::start(
+            MockKmsConfig::new(
+                dir.path().join("kms-tls"),
+                vec![Credential::new(ACCESS_KEY, SECRET_KEY)],
+            )
+            .with_attestation_root(dir.path().join("pki/root.pem")),
+        )
+        .await
+        .unwrap();
+        let ca = std::fs::read(kms.ca_pem_path()).unwrap();
+        let sdk = keystore_host::aws::sdk_config(
+            Some(REGION.into()),
+            Some(kms.endpoint_url().into()),
+            Some(ca),
+        )
+        .await
+        .unwrap();
+        let config = aws_sdk_kms::config::Builder::from(&sdk)
+            .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "e2e"))
+            .build();
+        let client = aws_sdk_kms::Client::from_conf(config);
+        let mut stack = Stack {
+            dir,
+            kms,
+            enclave_bin,
+            enclave: None,
+            proxy: None,
+            key_id: String::new(),
+            pcr0,
+            client,
+        };
+        stack.key_id = stack.key_pinned_to(&stack.pcr0.clone());
+        stack
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn unix(&self, name: &str) -> String {
+        format!("unix://{}", self.path(name).display())
+    }
+
+    /// A key whose policy (written by `keystore-host policy`'s library)
+    /// lets only an enclave with this PCR0 decrypt.
+    fn key_pinned_to(&self, pcr0: &[u8]) -> String {
+        let hex = hex::encode(pcr0);
+        let json = format!(r#"{{"PCR0":"{hex}","PCR1":"{hex}","PCR2":"{hex}"}}"#);
+        let spec = PolicySpec {
+            current: Some(Measurements::from_json(&json).unwrap()),
+            enclave_principals: vec!["arn:aws:iam::111122223333:role/parent".into()],
+            admin_principals: vec!["arn:aws:iam::111122223333:role/admin".into()],
+            encrypt_principals: vec!["arn:aws:iam::111122223333:role/operator".into()],
+            ..PolicySpec::default()
+        };
+        let policy = key_policy(&spec).unwrap().to_string();
+        self.kms.create_key(Some(&policy)).unwrap().key_id
+    }
+
+    async fn encrypt(&self, key_id: &str, name: &str, value: &str) -> String {
+        let out = self
+            .client
+            .encrypt()
+            .key_id(key_id)
+            .plaintext(Blob::new(value.as_bytes().to_vec()))
+            .encryption_context(NAME_CONTEXT_KEY, name)
+            .send()
+            .await
+            .unwrap();
+        let blob = out.ciphertext_blob().unwrap().as_ref().to_vec();
+        Envelope::kms(blob).unwrap().to_string()
+    }
+
+    /// Writes the secrets file: `# comment`, plain values and ENC values.
+    fn write_secrets(&self, lines: &[String]) {
+        let text = format!("# e2e secrets\nPLAIN=visible\n{}\n", lines.join("\n"));
+        let tmp = self.path("secrets.env.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, self.path("secrets.env")).unwrap();
+    }
+
+    fn start_enclave(&mut self) {
+        let log = self.path("enclave.log");
+        let child = Command::new(&self.enclave_bin)
+            .args([
+                "--nsm",
+                "mock",
+                "--recipient-bits",
+                "2048",
+                "--region",
+                REGION,
+            ])
+            .args(["--kms-host", "localhost"])
+            .arg("--mock-pki")
+            .arg(self.path("pki"))
+            .args(["--listen", &self.unix("enclave.sock")])
+            .args(["--load-listen", &self.unix("load.sock")])
+            .args(["--kms-proxy", &self.unix("kms.sock")])
+            .args(["--credentials", &self.unix("credentials.sock")])
+            .arg("--kms-ca")
+            .arg(self.kms.ca_pem_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.enclave = Some(Running { child, log });
+    }
+
+    fn start_proxy(&mut self) {
+        let log = self.path("proxy.log");
+        let forward = format!(
+            "{}=127.0.0.1:{}",
+            self.unix("kms.sock"),
+            self.kms.local_addr().port()
+        );
+        let child = Command::new(env!("CARGO_BIN_EXE_keystore-host"))
+            .args(["proxy", "--region", REGION, "--forward", &forward])
+            .args(["--credentials-listen", &self.unix("credentials.sock")])
+            .args(["--load-to", &self.unix("load.sock")])
+            .arg("--secrets")
+            .arg(self.path("secrets.env"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.proxy = Some(Running { child, log });
+    }
+
+    async fn status(&self) -> Option<StatusReport> {
+        let endpoint: Endpoint = self.unix("enclave.sock").parse().unwrap();
+        let mut client = Client::connect(&endpoint).await.ok()?;
+        client.status().await.ok()
+    }
+
+    async fn get(&self, name: &str) -> Option<String> {
+        let endpoint: Endpoint = self.unix("enclave.sock").parse().unwrap();
+        let mut client = Client::connect(&endpoint).await.ok()?;
+        let value = client.get(name).await.ok()?;
+        Some(String::from_utf8(value.expose().to_vec()).unwrap())
+    }
+
+    /// Waits until `check` holds, or fails with both processes' logs.
+    async fn until<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !check().await {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}\n--- enclave log\n{}\n--- proxy log\n{}",
+                    self.enclave.as_ref().map(Running::log).unwrap_or_default(),
+                    self.proxy.as_ref().map(Running::log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn wait_for_value(&self, name: &str, want: &str) {
+        self.until(&format!("{name} = {want}"), || async {
+            self.get(name).await.as_deref() == Some(want)
+        })
+        .await;
+    }
+
+    async fn wait_for_error(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let seen = self
+                .status()
+                .await
+                .and_then(|s| s.last_error)
+                .unwrap_or_default();
+            if seen.contains(needle) {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no load error containing {needle:?} (last: {seen:?})\n--- enclave log\n{}\n--- proxy log\n{}",
+                self.enclave.as_ref().map(Running::log).unwrap_or_default(),
+                self.proxy.as_ref().map(Running::log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn calls(kms: &MockKmsHandle) -> HashMap<&'static str, (u64, u64, u64)> {
+    let d = kms.calls(Operation::Decrypt);
+    HashMap::from([(
+        "Decrypt",
+        (d.calls, d.with_recipient, d.plaintext_responses),
+    )])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_reach_the_enclave_only_through_attested_decrypts() {
+    let mut stack = Stack::start().await;
+    let key = stack.key_id.clone();
+    let db = stack.encrypt(&key, "DB_PASSWORD", "hunter2").await;
+    stack.write_secrets(&[format!("DB_PASSWORD={db}")]);
+    stack.start_enclave();
+    stack.start_proxy();
+
+    // Happy path: loaded through Decrypt + Recipient, never Plaintext.
+    stack.wait_for_value("DB_PASSWORD", "hunter2").await;
+    let (decrypts, with_recipient, plaintext) = calls(&stack.kms)["Decrypt"];
+    assert!(decrypts >= 1);
+    assert_eq!(
+        with_recipient, decrypts,
+        "every Decrypt carried a Recipient"
+    );
+    assert_eq!(plaintext, 0, "KMS never returned Plaintext");
+    // Plain values are not sent to the enclave.
+    assert_eq!(stack.status().await.unwrap().secret_count, 1);
+
+    // The parent itself cannot decrypt: the policy needs an attested enclave.
+    let blob = Envelope::parse(&db).unwrap();
+    let err = stack
+        .client
+        .decrypt()
+        .ciphertext_blob(Blob::new(blob.ciphertext().to_vec()))
+        .encryption_context(NAME_CONTEXT_KEY, "DB_PASSWORD")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("AccessDeniedException"),
+        "{err:?}"
+    );
+
+    // A value under a key pinned to another PCR0: the load fails, naming
+    // the policy and our PCR0; the previous set keeps being served.
+    let other = stack.key_pinned_to(&[0x11; 48]);
+    let pinned = stack.encrypt(&other, "ELSEWHERE", "nope").await;
+    stack.write_secrets(&[format!("DB_PASSWORD={db}"), format!("ELSEWHERE={pinned}")]);
+    let error = stack.wait_for_error("AccessDeniedException").await;
+    assert!(
+        error.contains(&format!("PCR0 = {}", hex::encode(&stack.pcr0))),
+        "{error}"
+    );
+    assert_eq!(stack.get("DB_PASSWORD").await.as_deref(), Some("hunter2"));
+    assert_eq!(stack.get("ELSEWHERE").await, None);
+
+    // A stale document: move the emulator's clock so the current document
+    // is just past KMS's 300 s limit while a fresh one is not. The enclave
+    // regenerates its pair once and the load succeeds.
+    let api = stack.encrypt(&key, "API_TOKEN", "tok-1").await;
+    let age_ms = loop {
+        let status = stack.status().await.unwrap();
+        let age = status.document_age_ms.unwrap();
+        if age >= 15_000 {
+            break age;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let refreshes = stack.status().await.unwrap().refresh_count;
+    stack
+        .kms
+        .advance_clock(Duration::from_millis(300_000 - age_ms + 5_000));
+    stack.write_secrets(&[format!("DB_PASSWORD={db}"), format!("API_TOKEN={api}")]);
+    stack.wait_for_value("API_TOKEN", "tok-1").await;
+    assert!(stack.status().await.unwrap().refresh_count > refreshes);
+    stack.kms.reset_clock();
+
+    // Throttling and 5xx for the next calls: the load gets through after
+    // bounded retries.
+    stack.kms.reset_calls();
+    assert!(
+        stack
+            .kms
+            .inject(Fault::throttle().next(2).on(Operation::Decrypt))
+    );
+    assert!(
+        stack
+            .kms
+            .inject(Fault::internal_error().next(1).on(Operation::Decrypt))
+    );
+    let api2 = stack.encrypt(&key, "API_TOKEN", "tok-2").await;
+    stack.write_secrets(&[format!("DB_PASSWORD={db}"), format!("API_TOKEN={api2}")]);
+    stack.wait_for_value("API_TOKEN", "tok-2").await;
+    let d = stack.kms.calls(Operation::Decrypt);
+    assert_eq!(d.faulted, 3, "{d:?}");
+    assert!(d.calls <= 2 + 3 + 2, "retries are bounded: {d:?}");
+    assert_eq!(d.plaintext_responses, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_of_either_side_are_recovered() {
+    let mut stack = Stack::start().await;
+    let key = stack.key_id.clone();
+    let v1 = stack.encrypt(&key, "TOKEN", "one").await;
+    stack.write_secrets(&[format!("TOKEN={v1}")]);
+    stack.start_enclave();
+    stack.start_proxy();
+    stack.wait_for_value("TOKEN", "one").await;
+
+    // The host proxy restarts while the enclave runs: the next load works.
+    stack.proxy.as_mut().unwrap().stop();
+    stack.start_proxy();
+    let v2 = stack.encrypt(&key, "TOKEN", "two").await;
+    stack.write_secrets(&[format!("TOKEN={v2}")]);
+    stack.wait_for_value("TOKEN", "two").await;
+
+    // The enclave restarts (empty, with a new key): the loader notices and
+    // loads it again without being told.
+    stack.enclave.as_mut().unwrap().stop();
+    stack.start_enclave();
+    stack.wait_for_value("TOKEN", "two").await;
+    let status = stack.status().await.unwrap();
+    assert!(status.ready);
+    assert_eq!(status.secret_count, 1);
+}
