@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Commands the tests call, and the Debian package each comes from.
-need=(openssl:openssl shellcheck:shellcheck jq:jq systemd-analyze:systemd)
+need=(openssl:openssl shellcheck:shellcheck jq:jq systemd-analyze:systemd curl:curl)
 missing=()
 for pair in "${need[@]}"; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
@@ -39,3 +39,5 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --locked --workspace --no-fail-fast
 fi
+echo "== the README's demo, end to end"
+scripts/demo.sh
