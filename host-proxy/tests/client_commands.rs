@@ -3,8 +3,10 @@
 //! against the real `keystore-enclave` binary with a mock NSM.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +21,7 @@ use keystore_shared::Endpoint;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
+use support::enclave_binary;
 use zeroize::Zeroizing;
 
 const BINARY_VALUE: &[u8] = b"line one\nline two\n\x00\xff\xfe no trailing newline";
@@ -165,38 +168,6 @@ async fn client_commands_against_an_in_process_server() {
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
     refresher.shutdown().await.unwrap();
-}
-
-/// The `keystore-enclave` binary, built into the same target directory as
-/// this crate's binary (cargo builds only the binaries of the package under
-/// test, so it is built here; when it is fresh that is a no-op).
-fn enclave_binary() -> PathBuf {
-    let host = PathBuf::from(env!("CARGO_BIN_EXE_keystore-host"));
-    let profile_dir = host.parent().unwrap();
-    let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
-        "debug" => "dev".to_owned(),
-        other => other.to_owned(),
-    };
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "keystore-enclave",
-            "--bin",
-            "keystore-enclave",
-        ])
-        .args(["--profile", &profile])
-        .arg("--target-dir")
-        .arg(profile_dir.parent().unwrap())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "building keystore-enclave failed");
-    let binary = profile_dir.join("keystore-enclave");
-    assert!(binary.exists(), "{} is missing", binary.display());
-    binary
 }
 
 struct Running(Child);

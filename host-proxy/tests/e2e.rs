@@ -6,6 +6,8 @@
 // Helpers outside `#[test]` functions panic on purpose: this is a test file.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -18,38 +20,11 @@ use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
 use keystore_shared::{Client, Endpoint, StatusReport};
 use keystore_tests::kms::{Credential, Fault, MockKms, MockKmsConfig, MockKmsHandle, Operation};
 use sha2::{Digest, Sha384};
+use support::enclave_binary;
 
 const ACCESS_KEY: &str = "AKIAE2ETESTE2ETEST01";
 const SECRET_KEY: &str = "e2e-secret-access-key";
 const REGION: &str = "us-east-1";
-
-/// Builds (if stale) and returns the enclave binary next to this crate's.
-fn enclave_binary() -> PathBuf {
-    let host = PathBuf::from(env!("CARGO_BIN_EXE_keystore-host"));
-    let profile_dir = host.parent().unwrap();
-    let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
-        "debug" => "dev".to_owned(),
-        other => other.to_owned(),
-    };
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "keystore-enclave",
-            "--bin",
-            "keystore-enclave",
-        ])
-        .args(["--profile", &profile])
-        .arg("--target-dir")
-        .arg(profile_dir.parent().unwrap())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "building keystore-enclave failed");
-    profile_dir.join("keystore-enclave")
-}
 
 /// A child process killed when dropped, its stderr kept in a file.
 struct Running {
