@@ -163,8 +163,18 @@ impl Stack {
     }
 
     fn start_enclave(&mut self) {
+        self.start_enclave_trusting(true);
+    }
+
+    /// Starts the enclave; without the emulator's CA it trusts only the
+    /// webpki roots, as a real enclave does.
+    fn start_enclave_trusting(&mut self, emulator_ca: bool) {
         let log = self.path("enclave.log");
-        let child = Command::new(&self.enclave_bin)
+        let mut command = Command::new(&self.enclave_bin);
+        if emulator_ca {
+            command.arg("--kms-ca").arg(self.kms.ca_pem_path());
+        }
+        let child = command
             .args([
                 "--nsm",
                 "mock",
@@ -180,8 +190,6 @@ impl Stack {
             .args(["--load-listen", &self.unix("load.sock")])
             .args(["--kms-proxy", &self.unix("kms.sock")])
             .args(["--credentials", &self.unix("credentials.sock")])
-            .arg("--kms-ca")
-            .arg(self.kms.ca_pem_path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -191,6 +199,10 @@ impl Stack {
     }
 
     fn start_proxy(&mut self) {
+        self.start_proxy_with_secret(SECRET_KEY);
+    }
+
+    fn start_proxy_with_secret(&mut self, secret_key: &str) {
         let log = self.path("proxy.log");
         let forward = format!(
             "{}=127.0.0.1:{}",
@@ -206,7 +218,7 @@ impl Stack {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap())
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", secret_key)
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -403,4 +415,32 @@ async fn restarts_of_either_side_are_recovered() {
     let status = stack.status().await.unwrap();
     assert!(status.ready);
     assert_eq!(status.secret_count, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_kms_certificate_and_wrong_credentials_are_named() {
+    // The forwarder reaches a TLS server whose certificate no webpki root
+    // vouches for: the enclave refuses the connection at the TLS stage.
+    let mut stack = Stack::start().await;
+    let key = stack.key_id.clone();
+    let v = stack.encrypt(&key, "TOKEN", "value").await;
+    stack.write_secrets(&[format!("TOKEN={v}")]);
+    stack.start_enclave_trusting(false);
+    stack.start_proxy();
+    let error = stack.wait_for_error("UnknownIssuer").await;
+    assert!(error.contains("TLS"), "{error}");
+    assert!(!stack.status().await.unwrap().ready, "{error}");
+    assert_eq!(stack.kms.calls(Operation::Decrypt).calls, 0, "{error}");
+
+    // The host hands the enclave credentials KMS does not accept: the load
+    // fails naming KMS's verdict, and nothing is served.
+    let mut stack = Stack::start().await;
+    let key = stack.key_id.clone();
+    let v = stack.encrypt(&key, "TOKEN", "value").await;
+    stack.write_secrets(&[format!("TOKEN={v}")]);
+    stack.start_enclave();
+    stack.start_proxy_with_secret("not-the-secret");
+    let error = stack.wait_for_error("InvalidSignatureException").await;
+    assert!(!stack.status().await.unwrap().ready, "{error}");
+    assert_eq!(stack.get("TOKEN").await, None);
 }
