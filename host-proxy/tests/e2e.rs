@@ -199,10 +199,12 @@ impl Stack {
     }
 
     fn start_proxy(&mut self) {
-        self.start_proxy_with_secret(SECRET_KEY);
+        self.start_proxy_with(ACCESS_KEY, SECRET_KEY);
     }
 
-    fn start_proxy_with_secret(&mut self, secret_key: &str) {
+    /// Starts the proxy with these AWS credentials in its environment (the
+    /// start of its credential chain).
+    fn start_proxy_with(&mut self, access_key: &str, secret_key: &str) {
         let log = self.path("proxy.log");
         let forward = format!(
             "{}=127.0.0.1:{}",
@@ -217,7 +219,7 @@ impl Stack {
             .arg(self.path("secrets.env"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap())
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_ACCESS_KEY_ID", access_key)
             .env("AWS_SECRET_ACCESS_KEY", secret_key)
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("RUST_LOG", "info")
@@ -400,10 +402,16 @@ async fn restarts_of_either_side_are_recovered() {
     stack.start_proxy();
     stack.wait_for_value("TOKEN", "one").await;
 
-    // The host proxy restarts while the enclave runs: the next load works.
-    stack.proxy.as_mut().unwrap().stop();
-    stack.start_proxy();
+    // The host proxy restarts while the enclave runs, and the credentials
+    // rotate with it: KMS now knows only the new ones, while the enclave
+    // still caches the old. The next load works all the same.
     let v2 = stack.encrypt(&key, "TOKEN", "two").await;
+    stack.proxy.as_mut().unwrap().stop();
+    stack.kms.set_credentials([Credential::new(
+        "AKIAE2EROTATEDROTAT2",
+        "rotated-secret-access-key",
+    )]);
+    stack.start_proxy_with("AKIAE2EROTATEDROTAT2", "rotated-secret-access-key");
     stack.write_secrets(&[format!("TOKEN={v2}")]);
     stack.wait_for_value("TOKEN", "two").await;
 
@@ -439,7 +447,7 @@ async fn an_untrusted_kms_certificate_and_wrong_credentials_are_named() {
     let v = stack.encrypt(&key, "TOKEN", "value").await;
     stack.write_secrets(&[format!("TOKEN={v}")]);
     stack.start_enclave();
-    stack.start_proxy_with_secret("not-the-secret");
+    stack.start_proxy_with(ACCESS_KEY, "not-the-secret");
     let error = stack.wait_for_error("InvalidSignatureException").await;
     assert!(!stack.status().await.unwrap().ready, "{error}");
     assert_eq!(stack.get("TOKEN").await, None);

@@ -238,6 +238,18 @@ impl KmsError {
         }
     }
 
+    /// Whether KMS refused the credentials themselves (unknown key id, bad
+    /// signature, expired session token): fetching new ones may help.
+    pub fn is_credentials_rejection(&self) -> bool {
+        matches!(
+            self,
+            KmsError::Service { code, .. } if matches!(
+                code.as_str(),
+                "UnrecognizedClientException" | "InvalidSignatureException" | "ExpiredTokenException"
+            )
+        )
+    }
+
     /// Whether KMS refused the attestation document itself (stale, not
     /// verifiable): the caller should invalidate the recipient pair and
     /// retry once with a fresh one. A key-policy refusal
@@ -339,29 +351,43 @@ impl Kms {
         context: &BTreeMap<String, String>,
         pair: &RecipientPair,
     ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
-        // Resolve credentials first so a failure there is reported as the
-        // credentials stage, not buried in the SDK's error chain. The SDK
-        // then gets the same (cached) credentials.
-        self.credentials
-            .credentials()
-            .await
-            .map_err(KmsError::Credentials)?;
-        let recipient = RecipientInfo::builder()
-            .key_encryption_algorithm(KeyEncryptionMechanism::RsaesOaepSha256)
-            .attestation_document(Blob::new(pair.document().to_vec()))
-            .build();
-        let mut request = self
-            .client
-            .decrypt()
-            .ciphertext_blob(Blob::new(ciphertext.to_vec()))
-            .recipient(recipient);
-        for (key, value) in context {
-            request = request.encryption_context(key, value);
-        }
-        let output = request
-            .send()
-            .await
-            .map_err(|e| classify(e, context, pair))?;
+        // Credentials rotated on the host: KMS rejects the cached ones once,
+        // they are dropped, and the call is made again with fresh ones.
+        let mut fresh_credentials = false;
+        let output = loop {
+            // Resolve credentials first so a failure there is reported as
+            // the credentials stage, not buried in the SDK's error chain.
+            // The SDK then gets the same (cached) credentials.
+            self.credentials
+                .credentials()
+                .await
+                .map_err(KmsError::Credentials)?;
+            let recipient = RecipientInfo::builder()
+                .key_encryption_algorithm(KeyEncryptionMechanism::RsaesOaepSha256)
+                .attestation_document(Blob::new(pair.document().to_vec()))
+                .build();
+            let mut request = self
+                .client
+                .decrypt()
+                .ciphertext_blob(Blob::new(ciphertext.to_vec()))
+                .recipient(recipient);
+            for (key, value) in context {
+                request = request.encryption_context(key, value);
+            }
+            match request.send().await {
+                Ok(output) => break output,
+                Err(err) => {
+                    let err = classify(err, context, pair);
+                    if err.is_credentials_rejection() && !fresh_credentials {
+                        tracing::info!(error = %err, "KMS rejected the cached credentials; fetching new ones");
+                        self.credentials.invalidate().await;
+                        fresh_credentials = true;
+                        continue;
+                    }
+                    return Err(err);
+                }
+            }
+        };
         if let Some(plaintext) = output.plaintext {
             // Wipe it; it must not be used.
             drop(Zeroizing::new(plaintext.into_inner()));
