@@ -250,7 +250,7 @@ impl Stack {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = Instant::now() + Duration::from_secs(90);
+        let deadline = Instant::now() + Duration::from_secs(240);
         while !check().await {
             if Instant::now() > deadline {
                 panic!(
@@ -271,7 +271,7 @@ impl Stack {
     }
 
     async fn wait_for_error(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(90);
+        let deadline = Instant::now() + Duration::from_secs(240);
         loop {
             let seen = self
                 .status()

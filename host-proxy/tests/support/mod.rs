@@ -3,12 +3,18 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The `keystore-enclave` binary, built into the same target directory as
-/// this crate's binary (cargo builds only the binaries of the package under
-/// test, so it is built here; when it is fresh that is a no-op).
+/// The `keystore-enclave` binary from the same target directory as this
+/// crate's binary. A workspace test run (`scripts/test.sh`) has already
+/// built it; building it here with `-p keystore-enclave` would resolve other
+/// features and rebuild half the dependency tree, so that only happens when
+/// it is missing (e.g. `cargo test -p keystore-host` on a clean tree).
 pub fn enclave_binary() -> PathBuf {
     let host = PathBuf::from(env!("CARGO_BIN_EXE_keystore-host"));
     let profile_dir = host.parent().unwrap();
+    let binary = profile_dir.join("keystore-enclave");
+    if binary.exists() {
+        return binary;
+    }
     let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
         "debug" => "dev".to_owned(),
         other => other.to_owned(),
@@ -30,7 +36,6 @@ pub fn enclave_binary() -> PathBuf {
         .status()
         .unwrap();
     assert!(status.success(), "building keystore-enclave failed");
-    let binary = profile_dir.join("keystore-enclave");
     assert!(binary.exists(), "{} is missing", binary.display());
     binary
 }
