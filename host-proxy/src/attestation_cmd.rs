@@ -124,7 +124,7 @@ pub(crate) fn load_root(spec: &str) -> anyhow::Result<Root> {
 
 /// Reads at most `max + 1` bytes so an oversized file is detected without
 /// being read whole.
-fn read_bounded(path: &PathBuf, max: usize) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_bounded(path: &PathBuf, max: usize) -> anyhow::Result<Vec<u8>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut buf = Vec::new();
     file.take(max as u64 + 1)

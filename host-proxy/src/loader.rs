@@ -165,6 +165,10 @@ pub async fn send_load(
         .map_err(|_| LoadError::Timeout(timeout))?
 }
 
+/// How often an idle loader asks the enclave whether it still holds its
+/// secrets (restart detection takes at most this long plus one poll).
+pub const ENCLAVE_CHECK_INTERVAL: Duration = Duration::from_secs(15);
+
 /// Asks the enclave's load port whether it holds a loaded set. `None` when
 /// it cannot say (unreachable, slow, odd answer): only a clear "not ready"
 /// triggers a reload, so a down enclave is not hammered.
@@ -303,14 +307,22 @@ impl Loader {
         let mut failing = false;
         let mut forced = true;
         let mut backoff = self.config.backoff_initial;
+        let mut last_enclave_check = std::time::Instant::now();
         loop {
             let now_stamp = stamp(&self.config.path);
             let changed = now_stamp != seen;
             // A restarted enclave comes back empty: give it the file again.
-            if !forced
+            // Checked on its own, slower clock: each check is a connection
+            // the enclave logs.
+            let check_enclave = !forced
                 && !failing
                 && !changed
                 && loaded.is_some()
+                && last_enclave_check.elapsed() >= ENCLAVE_CHECK_INTERVAL;
+            if check_enclave {
+                last_enclave_check = std::time::Instant::now();
+            }
+            if check_enclave
                 && enclave_ready(&self.config.enclave, self.config.attempt_timeout).await
                     == Some(false)
             {

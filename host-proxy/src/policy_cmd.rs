@@ -7,6 +7,9 @@ use anyhow::Context;
 use clap::Args;
 use keystore_host::policy::{Measurements, PolicySpec, key_policy};
 
+/// nitro-cli's measurements JSON is a few hundred bytes.
+const MAX_MEASUREMENTS_FILE: usize = 64 * 1024;
+
 /// Write the KMS key policy that lets only this enclave build decrypt.
 #[derive(Debug, Args)]
 pub struct PolicyArgs {
@@ -42,8 +45,15 @@ pub struct PolicyArgs {
 /// Runs the command.
 pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
     let read = |path: &PathBuf| -> anyhow::Result<Measurements> {
+        let bytes = crate::attestation_cmd::read_bounded(path, MAX_MEASUREMENTS_FILE)?;
+        if bytes.len() > MAX_MEASUREMENTS_FILE {
+            anyhow::bail!(
+                "{} is over {MAX_MEASUREMENTS_FILE} bytes; not a measurements file",
+                path.display()
+            );
+        }
         let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", path.display()))?;
         Measurements::from_json(&text).with_context(|| format!("{}", path.display()))
     };
     let mut current = read(&args.measurements)?;

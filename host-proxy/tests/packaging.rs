@@ -407,3 +407,14 @@ fn systemd_unit_verifies() {
         "{complaints}"
     );
 }
+
+#[test]
+fn key_policy_refuses_an_oversized_measurements_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = dir.path().join("huge.json");
+    fs::write(&huge, vec![b' '; 65 * 1024]).unwrap();
+    let run = key_policy(&huge, &[]);
+    assert!(!run.status.success());
+    let err = text(&run.stderr);
+    assert!(err.contains("not a measurements file"), "{err}");
+}
