@@ -12,7 +12,7 @@ use aws_sdk_kms::config::retry::RetryConfig;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{KeyEncryptionMechanism, RecipientInfo};
 use keystore_enclave::nsm::{AttestationRequest, MockConfig, MockNsm, Nsm};
-use kms_support::{PCR0, client_for, error_code, rsa_2048};
+use kms_support::{PCR0, client_for, encrypt_blob, error_code, rsa_2048};
 use rsa::pkcs8::EncodePublicKey;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mock-kms");
@@ -108,16 +108,7 @@ async fn binary_serves_until_sigterm() {
         arn.starts_with("arn:aws:kms:eu-west-1:111122223333:key/"),
         "{arn}"
     );
-    let blob = kms
-        .encrypt()
-        .key_id(&arn)
-        .plaintext(Blob::new(b"from the binary".to_vec()))
-        .send()
-        .await
-        .expect("Encrypt")
-        .ciphertext_blob()
-        .expect("blob")
-        .clone();
+    let blob = encrypt_blob(&kms, &arn, b"from the binary").await;
 
     let recipient_key = rsa_2048();
     let document = nsm

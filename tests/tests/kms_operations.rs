@@ -10,7 +10,7 @@ use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{DataKeySpec, KeyEncryptionMechanism, RecipientInfo};
 use keystore_enclave::nsm::{MockConfig, MockNsm};
 use keystore_tests::kms::Operation;
-use kms_support::{Fixture, PCR0, error_code, error_message, rsa_2048};
+use kms_support::{Fixture, PCR0, encrypt_blob, error_code, error_message, rsa_2048};
 
 #[tokio::test]
 async fn create_alias_and_describe_key() {
@@ -526,16 +526,7 @@ async fn recipient_policy_pinned_to_another_pcr0_is_denied() {
         .create_key(Some(&pcr0_policy(&other_pcr0)))
         .expect("key")
         .key_id;
-    let blob = kms
-        .encrypt()
-        .key_id(&key_id)
-        .plaintext(Blob::new(b"x".to_vec()))
-        .send()
-        .await
-        .expect("Encrypt")
-        .ciphertext_blob()
-        .expect("blob")
-        .clone();
+    let blob = encrypt_blob(&kms, &key_id, b"x").await;
     let key = rsa_2048();
     let err = kms
         .decrypt()
@@ -621,16 +612,7 @@ async fn stale_and_foreign_documents_are_refused() {
         .create_key(Some(&pcr0_policy(&hex::encode(PCR0))))
         .expect("key")
         .key_id;
-    let blob = kms
-        .encrypt()
-        .key_id(&key_id)
-        .plaintext(Blob::new(b"x".to_vec()))
-        .send()
-        .await
-        .expect("Encrypt")
-        .ciphertext_blob()
-        .expect("blob")
-        .clone();
+    let blob = encrypt_blob(&kms, &key_id, b"x").await;
     let key = rsa_2048();
     let document = fx.attest(&key);
 

@@ -11,8 +11,8 @@ use aws_sdk_kms::error::SdkError;
 use aws_sdk_kms::primitives::Blob;
 use keystore_tests::kms::{Credential, Fault, Operation};
 use kms_support::{
-    ACCESS_KEY_ID, Fixture, SECRET_ACCESS_KEY, error_code, error_message, raw_request,
-    signed_headers,
+    ACCESS_KEY_ID, Fixture, SECRET_ACCESS_KEY, encrypt_blob, error_code, error_message,
+    raw_request, signed_headers,
 };
 
 fn creds(id: &str, secret: &str, token: Option<&str>) -> Credentials {
@@ -169,17 +169,7 @@ async fn credentials_rotate_through_the_api_and_the_admin_endpoint() {
 async fn throttling_for_two_calls_then_success_with_sdk_retries() {
     let fx = Fixture::start().await;
     let key_id = fx.kms.create_key(None).expect("key").key_id;
-    let blob = fx
-        .client()
-        .encrypt()
-        .key_id(&key_id)
-        .plaintext(Blob::new(b"v".to_vec()))
-        .send()
-        .await
-        .expect("Encrypt")
-        .ciphertext_blob()
-        .expect("blob")
-        .clone();
+    let blob = encrypt_blob(&fx.client(), &key_id, b"v").await;
 
     assert!(
         fx.kms
@@ -524,17 +514,7 @@ async fn malformed_requests_get_kms_errors_and_never_crash_the_server() {
         );
     }
     // Recipient with a garbage document on a real blob: ValidationException.
-    let blob = fx
-        .client()
-        .encrypt()
-        .key_id(&key_id)
-        .plaintext(Blob::new(b"x".to_vec()))
-        .send()
-        .await
-        .expect("Encrypt")
-        .ciphertext_blob()
-        .expect("blob")
-        .clone();
+    let blob = encrypt_blob(&fx.client(), &key_id, b"x").await;
     use base64::Engine;
     let body = serde_json::json!({
         "CiphertextBlob": base64::engine::general_purpose::STANDARD.encode(blob.as_ref()),

@@ -125,6 +125,23 @@ pub fn client_for(
     aws_sdk_kms::Client::from_conf(config)
 }
 
+/// `Encrypt` of `plaintext` under `key_id` with the real client; the blob.
+pub async fn encrypt_blob(
+    kms: &aws_sdk_kms::Client,
+    key_id: &str,
+    plaintext: &[u8],
+) -> aws_sdk_kms::primitives::Blob {
+    kms.encrypt()
+        .key_id(key_id)
+        .plaintext(aws_sdk_kms::primitives::Blob::new(plaintext.to_vec()))
+        .send()
+        .await
+        .expect("Encrypt")
+        .ciphertext_blob()
+        .expect("blob")
+        .clone()
+}
+
 /// A fresh RSA-2048 recipient key.
 pub fn rsa_2048() -> rsa::PrivateKey {
     rsa::PrivateKey::new(&mut rand::rng(), 2048).expect("RSA keygen")
