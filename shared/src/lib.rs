@@ -1,7 +1,10 @@
 //! Pieces both sides of nitro-keystore share: how to address a socket
-//! ([`endpoint`]), how messages are framed and what they say ([`frame`],
-//! [`protocol`]), how an attestation document is checked
-//! ([`attestation`]), and the [`client`] host apps use.
+//! ([`endpoint`]), the one accept loop every server runs ([`serve`]), how
+//! messages are framed and what they say ([`frame`], [`protocol`]), what a
+//! secret may be called ([`name`]), the `ENC[...]` value format
+//! ([`envelope`]), how an attestation document is checked
+//! ([`attestation`]), and the [`client`] that makes every request/response
+//! exchange.
 #![forbid(unsafe_code)]
 
 pub mod attestation;
@@ -9,11 +12,14 @@ pub mod client;
 pub mod endpoint;
 pub mod envelope;
 pub mod frame;
+pub mod name;
 pub mod protocol;
+pub mod serve;
 
 pub use client::{Client, ClientConfig, ClientError};
 pub use endpoint::{Endpoint, EndpointError, Listener, Peer, Stream};
 pub use frame::{Connection, FrameError, FrameLimits};
+pub use name::{NameError, SecretName};
 pub use protocol::{
     Credentials, ErrorCode, LoadEntry, PROTOCOL_VERSION, ProtocolError, Request, RequestOp,
     Response, ResponseBody, SecretBytes, SecretString, StatusReport,

@@ -1,0 +1,607 @@
+//! The one accept loop every nitro-keystore server runs: the enclave's secret
+//! and load ports, the host's credentials service and KMS forwarder, and the
+//! KMS emulator.
+//!
+//! [`serve`] owns the listener, the connection slots and shutdown; a
+//! [`Handler`] owns what happens on one admitted connection. For every
+//! accepted connection, in this order:
+//!
+//! 1. **Peer policy**: [`PeerPolicy::check`] sees what the kernel says about
+//!    the peer before a single byte is read. A refused peer is told so by
+//!    [`Handler::refuse`] ([`Refusal::Denied`]) and closed.
+//! 2. **Admission**: at most [`ServeConfig::max_connections`] connections
+//!    are served at once. A connection beyond that waits up to
+//!    [`ServeConfig::admission_wait`] for a slot (at most as many wait as
+//!    there are slots), then is told [`Refusal::Busy`] and closed. Refusals
+//!    are bounded too: each gets [`REFUSAL_TIMEOUT`], and when as many
+//!    refusals are already under way as there are slots, further ones are
+//!    closed without a word.
+//! 3. **Serving**: [`Handler::handle`] runs on the connection, wrapped so
+//!    that no byte moving in either direction for
+//!    [`ServeConfig::idle_timeout`] closes it, and so that it never lives
+//!    longer than [`ServeConfig::max_lifetime`] when that is set (a peer
+//!    that trickles one byte at a time cannot hold a slot forever).
+//!
+//! **Shutdown** (one behaviour for every server): when the `shutdown` future
+//! completes, the listener is closed at once (new clients are refused by the
+//! OS, a unix socket file is removed), waiting connections give up, and every
+//! handler's [`Accepted::shutdown`] fires so it can stop at a safe point
+//! (between requests). Whatever still runs after
+//! [`ServeConfig::shutdown_grace`] is aborted. [`serve`] returns only after
+//! every connection task has ended.
+//!
+//! Transient accept errors (aborted handshakes, descriptor exhaustion) back
+//! off from 10 ms to 1 s and continue; any other accept error stops the loop
+//! (after the same drain) and is returned.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::endpoint::{EndpointError, Listener, Peer, Stream};
+
+/// How long a refused peer is given to receive its refusal.
+pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// First pause after a transient accept error.
+const ACCEPT_BACKOFF_INITIAL: Duration = Duration::from_millis(10);
+/// Longest pause between accept retries.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Limits and timeouts of one listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// A short name for logs ("secret server", "forwarder", ...).
+    pub name: &'static str,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// How long a connection beyond the limit waits for a slot.
+    pub admission_wait: Duration,
+    /// A connection with no byte read or written for this long is closed.
+    pub idle_timeout: Duration,
+    /// A connection is closed this long after admission, however busy.
+    pub max_lifetime: Option<Duration>,
+    /// How long connections may finish after shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+impl ServeConfig {
+    /// Defaults for a server called `name`: 256 connections, 2 s admission
+    /// wait, 60 s idle timeout, no lifetime bound, 5 s shutdown grace.
+    pub fn named(name: &'static str) -> Self {
+        ServeConfig {
+            name,
+            max_connections: 256,
+            admission_wait: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            max_lifetime: None,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+
+    /// Rejects values that would make the server refuse everything or never
+    /// time out.
+    pub fn validate(&self) -> Result<(), ServeError> {
+        let invalid = |what: &'static str| Err(ServeError::InvalidConfig(what));
+        if self.max_connections == 0 {
+            return invalid("max_connections must be at least 1");
+        }
+        if self.max_connections > Semaphore::MAX_PERMITS / 4 {
+            return invalid("max_connections is unreasonably large");
+        }
+        if self.idle_timeout.is_zero() {
+            return invalid("idle_timeout must be > 0");
+        }
+        if self.max_lifetime.is_some_and(|d| d.is_zero()) {
+            return invalid("max_lifetime must be > 0 when set");
+        }
+        Ok(())
+    }
+}
+
+/// Why [`serve`] could not run or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A configuration value is unusable.
+    #[error("invalid server configuration: {0}")]
+    InvalidConfig(&'static str),
+    /// The listener failed in a way that does not pass; open connections
+    /// were drained first.
+    #[error("stopped accepting: {0}")]
+    Accept(EndpointError),
+}
+
+/// Why a connection was not served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Every slot stayed taken for the admission wait.
+    Busy {
+        /// The server's slot count, for the message.
+        max_connections: usize,
+    },
+    /// The peer policy refused this peer.
+    Denied(PeerDenied),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Busy { max_connections } => write!(
+                f,
+                "server busy: all {max_connections} connection slots are in use; try again later"
+            ),
+            Refusal::Denied(denied) => denied.fmt(f),
+        }
+    }
+}
+
+/// A peer policy's reason for refusing a peer (no secret material: it is
+/// sent to the peer and logged).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("connection refused: {reason}")]
+pub struct PeerDenied {
+    /// What about the peer is not allowed.
+    pub reason: String,
+}
+
+/// Decides from what the kernel reports about a peer whether it may be
+/// served; runs before any byte is read from it.
+pub trait PeerPolicy: Send + Sync + 'static {
+    /// `Ok` to serve `peer`, or why not.
+    fn check(&self, peer: &Peer) -> Result<(), PeerDenied>;
+}
+
+/// Serves every peer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AnyPeer;
+
+impl PeerPolicy for AnyPeer {
+    fn check(&self, _peer: &Peer) -> Result<(), PeerDenied> {
+        Ok(())
+    }
+}
+
+/// What a server does with its connections.
+pub trait Handler: Send + Sync + 'static {
+    /// Serves one admitted connection until it is done. Should return soon
+    /// after [`Accepted::shutdown`] fires, at a point where stopping loses
+    /// nothing (between requests); it is aborted after the shutdown grace.
+    fn handle(&self, conn: Accepted) -> impl Future<Output = ()> + Send;
+
+    /// Tells a peer that is not served why, before it is closed. Bounded by
+    /// [`REFUSAL_TIMEOUT`]. The default says nothing.
+    fn refuse(&self, stream: &mut Stream, refusal: &Refusal) -> impl Future<Output = ()> + Send {
+        let _ = (stream, refusal);
+        async {}
+    }
+}
+
+/// A [`Handler`] made of a closure; see [`handler_fn`].
+pub struct HandlerFn<F>(F);
+
+/// Wraps `f(conn)` as a [`Handler`] that refuses silently (for tests and
+/// small servers).
+pub fn handler_fn<F, Fut>(f: F) -> HandlerFn<F>
+where
+    F: Fn(Accepted) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    HandlerFn(f)
+}
+
+impl<F, Fut> Handler for HandlerFn<F>
+where
+    F: Fn(Accepted) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    fn handle(&self, conn: Accepted) -> impl Future<Output = ()> + Send {
+        (self.0)(conn)
+    }
+}
+
+/// An admitted connection, handed to [`Handler::handle`].
+#[derive(Debug)]
+pub struct Accepted {
+    /// The byte stream; its traffic keeps the connection from idling out.
+    pub stream: Watched<Stream>,
+    /// Who the kernel says is on the other end.
+    pub peer: Peer,
+    /// A number unique within this listener, for logs.
+    pub id: u64,
+    /// Fires when the server starts shutting down.
+    pub shutdown: Shutdown,
+}
+
+/// Tells a handler the server is shutting down.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// Completes once shutdown has begun (at once if it already has).
+    pub async fn wait(&mut self) {
+        // An error means the sender is gone, which also means shutdown.
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_started(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// Runs the accept loop on `listener` until `shutdown` completes, then
+/// drains; see the module docs for the whole behaviour.
+pub async fn serve<H: Handler>(
+    listener: Listener,
+    handler: Arc<H>,
+    policy: Arc<dyn PeerPolicy>,
+    config: ServeConfig,
+    shutdown: impl Future,
+) -> Result<(), ServeError> {
+    config.validate()?;
+    let (notify, shutdown_rx) = watch::channel(false);
+    let mut state = AcceptLoop {
+        admission: Arc::new(Admission {
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            waiting: Arc::new(Semaphore::new(config.max_connections)),
+            refusing: Arc::new(Semaphore::new(config.max_connections)),
+            max_connections: config.max_connections,
+            wait: config.admission_wait,
+        }),
+        listener,
+        handler,
+        policy,
+        config,
+        shutdown: Shutdown(shutdown_rx),
+        tasks: JoinSet::new(),
+        next_id: 1,
+    };
+    tracing::info!(server = state.config.name, endpoint = %state.listener.local_endpoint(), "listening");
+    let outcome = tokio::select! {
+        outcome = state.run() => outcome,
+        _ = shutdown => Ok(()),
+    };
+    notify.send_replace(true);
+    let AcceptLoop {
+        listener,
+        mut tasks,
+        config,
+        ..
+    } = state;
+    drop(listener);
+    tracing::info!(
+        server = config.name,
+        open_connections = tasks.len(),
+        "shutting down"
+    );
+    drain(&mut tasks, &config).await;
+    tracing::info!(server = config.name, "stopped");
+    outcome
+}
+
+/// The accept loop's state.
+struct AcceptLoop<H> {
+    listener: Listener,
+    handler: Arc<H>,
+    policy: Arc<dyn PeerPolicy>,
+    config: ServeConfig,
+    admission: Arc<Admission>,
+    shutdown: Shutdown,
+    tasks: JoinSet<()>,
+    next_id: u64,
+}
+
+impl<H: Handler> AcceptLoop<H> {
+    async fn run(&mut self) -> Result<(), ServeError> {
+        let mut backoff = ACCEPT_BACKOFF_INITIAL;
+        loop {
+            tokio::select! {
+                // Reap finished connections so the set stays small, and
+                // surface a handler panic (a bug) in the logs.
+                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    log_join(self.config.name, joined);
+                }
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        backoff = ACCEPT_BACKOFF_INITIAL;
+                        self.spawn(stream, peer);
+                    }
+                    Err(err) if err.is_transient() => {
+                        tracing::warn!(
+                            server = self.config.name,
+                            error = %err,
+                            backoff_ms = millis(backoff),
+                            "transient accept error; retrying"
+                        );
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    }
+                    Err(err) => {
+                        tracing::error!(server = self.config.name, error = %err, "accept failed; no longer accepting");
+                        return Err(ServeError::Accept(err));
+                    }
+                },
+            }
+        }
+    }
+
+    fn spawn(&mut self, stream: Stream, peer: Peer) {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let span = tracing::info_span!("conn", server = self.config.name, id, peer = %peer);
+        let handler = self.handler.clone();
+        let admission = self.admission.clone();
+        let mut shutdown = self.shutdown.clone();
+        let verdict = self.policy.check(&peer);
+        let idle_timeout = self.config.idle_timeout;
+        let max_lifetime = self.config.max_lifetime;
+        self.tasks.spawn(
+            async move {
+                let mut stream = stream;
+                if let Err(denied) = verdict {
+                    tracing::warn!(reason = %denied.reason, "peer refused by policy");
+                    admission
+                        .refuse(&*handler, &mut stream, Refusal::Denied(denied))
+                        .await;
+                    return;
+                }
+                let Some(slot) = admission.admit(&mut shutdown).await else {
+                    if !shutdown.is_started() {
+                        tracing::warn!(
+                            max_connections = admission.max_connections,
+                            "connection refused: server busy"
+                        );
+                        let busy = Refusal::Busy {
+                            max_connections: admission.max_connections,
+                        };
+                        admission.refuse(&*handler, &mut stream, busy).await;
+                    }
+                    return;
+                };
+                let opened = Instant::now();
+                let activity = Arc::new(Activity::new());
+                let conn = Accepted {
+                    stream: Watched::new(stream, activity.clone()),
+                    peer,
+                    id,
+                    shutdown,
+                };
+                let lifetime = async {
+                    match max_lifetime {
+                        Some(limit) => tokio::time::sleep(limit).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let reason = tokio::select! {
+                    () = handler.handle(conn) => "done",
+                    () = activity.idle(idle_timeout) => "idle timeout",
+                    () = lifetime => "lifetime limit",
+                };
+                tracing::debug!(
+                    reason,
+                    read = activity.read.load(Ordering::Relaxed),
+                    written = activity.written.load(Ordering::Relaxed),
+                    duration_ms = millis(opened.elapsed()),
+                    "connection closed"
+                );
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Slot bookkeeping shared by the connection tasks.
+struct Admission {
+    /// One permit per connection being served.
+    slots: Arc<Semaphore>,
+    /// One permit per connection waiting for a slot.
+    waiting: Arc<Semaphore>,
+    /// One permit per refusal being delivered.
+    refusing: Arc<Semaphore>,
+    max_connections: usize,
+    wait: Duration,
+}
+
+impl Admission {
+    /// A slot, or `None` when none frees up within the wait (or on
+    /// shutdown).
+    async fn admit(&self, shutdown: &mut Shutdown) -> Option<OwnedSemaphorePermit> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => return Some(slot),
+            Err(TryAcquireError::Closed) => return None,
+            Err(TryAcquireError::NoPermits) => {}
+        }
+        let _waiter = self.waiting.clone().try_acquire_owned().ok()?;
+        tokio::select! {
+            slot = tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()) => {
+                slot.ok()?.ok()
+            }
+            () = shutdown.wait() => None,
+        }
+    }
+
+    /// Delivers a refusal within [`REFUSAL_TIMEOUT`], unless too many are
+    /// already being delivered.
+    async fn refuse<H: Handler>(&self, handler: &H, stream: &mut Stream, refusal: Refusal) {
+        let Ok(_permit) = self.refusing.clone().try_acquire_owned() else {
+            return;
+        };
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT, handler.refuse(stream, &refusal)).await;
+    }
+}
+
+/// Lets connections finish within the grace, then aborts the rest.
+async fn drain(tasks: &mut JoinSet<()>, config: &ServeConfig) {
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        while let Some(joined) = tasks.join_next().await {
+            log_join(config.name, joined);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            server = config.name,
+            remaining = tasks.len(),
+            grace_ms = millis(config.shutdown_grace),
+            "connections did not finish within the shutdown grace; aborting them"
+        );
+        tasks.abort_all();
+        while let Some(joined) = tasks.join_next().await {
+            log_join(config.name, joined);
+        }
+    }
+}
+
+fn log_join(server: &str, joined: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = joined
+        && err.is_panic()
+    {
+        tracing::error!(server, error = %err, "connection handler panicked");
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// When bytes last moved on a connection, and how many.
+#[derive(Debug)]
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            read: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        millis(self.start.elapsed())
+    }
+
+    fn touch(&self, counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Completes once no byte has moved for `limit`.
+    async fn idle(&self, limit: Duration) {
+        loop {
+            let idle = Duration::from_millis(
+                self.now_ms()
+                    .saturating_sub(self.last_ms.load(Ordering::Relaxed)),
+            );
+            if idle >= limit {
+                return;
+            }
+            tokio::time::sleep(limit - idle).await;
+        }
+    }
+}
+
+/// A stream whose reads and writes count as activity for the idle timeout.
+#[derive(Debug)]
+pub struct Watched<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Watched<S> {
+    fn new(inner: S, activity: Arc<Activity>) -> Self {
+        Watched { inner, activity }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Bytes read from the peer so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.activity.read.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written to the peer so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.activity.written.load(Ordering::Relaxed)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            this.activity.touch(&this.activity.read, n);
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result
+            && n > 0
+        {
+            this.activity.touch(&this.activity.written, n);
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = result
+            && n > 0
+        {
+            this.activity.touch(&this.activity.written, n);
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
