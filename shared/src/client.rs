@@ -234,10 +234,13 @@ impl Client {
         }
     }
 
-    /// Sends one request and reads its answer, checking id and version and
-    /// turning `Error` answers into [`ClientError::Server`].
-    async fn call(&mut self, op: RequestOp) -> Result<ResponseBody, ClientError> {
+    /// Sends one request and reads its answer: the only request/response
+    /// exchange in nitro-keystore. The answer must echo the request's id,
+    /// speak [`crate::PROTOCOL_VERSION`] and be the success type that answers
+    /// `op` (or an `Error`, returned as [`ClientError::Server`]).
+    pub async fn call(&mut self, op: RequestOp) -> Result<ResponseBody, ClientError> {
         let kind = op.kind();
+        let expected = op.answer_kind();
         if self.broken {
             return Err(ClientError::Broken);
         }
@@ -286,21 +289,19 @@ impl Client {
                 code,
                 message,
             }),
-            body => Ok(body),
+            body if body.kind() == expected => Ok(body),
+            body => Err(ClientError::UnexpectedResponse {
+                op: kind,
+                got: body.kind(),
+            }),
         }
     }
 }
 
 /// Names the kind of an unexpected answer without printing its content.
 fn unexpected(op: &'static str, body: &ResponseBody) -> ClientError {
-    let got = match body {
-        ResponseBody::Secret { .. } => "Secret",
-        ResponseBody::Names { .. } => "Names",
-        ResponseBody::Status(_) => "Status",
-        ResponseBody::Attestation { .. } => "Attestation",
-        ResponseBody::Loaded { .. } => "Loaded",
-        ResponseBody::Credentials(_) => "Credentials",
-        ResponseBody::Error { .. } => "Error",
-    };
-    ClientError::UnexpectedResponse { op, got }
+    ClientError::UnexpectedResponse {
+        op,
+        got: body.kind(),
+    }
 }

@@ -107,6 +107,18 @@ impl RequestOp {
             RequestOp::GetCredentials => "get_credentials",
         }
     }
+
+    /// The [`ResponseBody::kind`] of a successful answer to this operation.
+    pub fn answer_kind(&self) -> &'static str {
+        match self {
+            RequestOp::Get { .. } => "Secret",
+            RequestOp::List => "Names",
+            RequestOp::Status => "Status",
+            RequestOp::Attest { .. } => "Attestation",
+            RequestOp::Load { .. } => "Loaded",
+            RequestOp::GetCredentials => "Credentials",
+        }
+    }
 }
 
 /// One encrypted secret in a `Load`. The envelope is ciphertext, not a
@@ -185,6 +197,21 @@ pub enum ResponseBody {
         /// Human-readable detail.
         message: String,
     },
+}
+
+impl ResponseBody {
+    /// The variant's name, for logs and errors (never its content).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ResponseBody::Secret { .. } => "Secret",
+            ResponseBody::Names { .. } => "Names",
+            ResponseBody::Status(_) => "Status",
+            ResponseBody::Attestation { .. } => "Attestation",
+            ResponseBody::Loaded { .. } => "Loaded",
+            ResponseBody::Credentials(_) => "Credentials",
+            ResponseBody::Error { .. } => "Error",
+        }
+    }
 }
 
 /// Why a request failed.
@@ -470,11 +497,7 @@ impl<'de> Deserialize<'de> for SecretString {
     }
 }
 
-/// Equality whose running time depends only on the lengths.
+/// Equality whose running time depends only on the lengths (`subtle`).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
+    bool::from(subtle::ConstantTimeEq::ct_eq(a, b))
 }
