@@ -15,19 +15,25 @@
 //! attestation document, the recipient pair is invalidated once (the
 //! [`Recipient`] makes that single-flight across workers) and the call
 //! retried with the new pair.
+//!
+//! [`Loader::reload_periodically`] decrypts the last good load again on a
+//! timer and wipes the store when KMS says the enclave may no longer
+//! decrypt (revocation).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use keystore_shared::envelope::{Envelope, EnvelopeError, encryption_context};
+use keystore_shared::name::NameError;
 use keystore_shared::protocol::{ErrorCode, LoadEntry};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinSet;
 use zeroize::Zeroizing;
 
-use crate::kms::{Kms, KmsError};
+use crate::kms::{Kms, KmsError, KmsErrorCode};
 use crate::recipient::{Recipient, RecipientError};
 use crate::store::{Store, StoreError, validate_name};
 
@@ -196,7 +202,7 @@ impl LoadError {
             | LoadError::Kms { name, .. }
             | LoadError::Recipient { name, .. }
             | LoadError::Store { name, .. } => Some(name),
-            LoadError::InvalidName(StoreError::InvalidName { name, .. }) => Some(name),
+            LoadError::InvalidName(StoreError::InvalidName(NameError { name, .. })) => Some(name),
             _ => None,
         }
     }
@@ -213,7 +219,7 @@ impl LoadError {
             | LoadError::InvalidName(_) => "request",
             LoadError::Envelope { .. } => "envelope",
             LoadError::Kms { source, .. } => {
-                if source.kms_code() == Some("InvalidCiphertextException") {
+                if source.kms_code() == Some(&KmsErrorCode::InvalidCiphertext) {
                     "name-binding"
                 } else {
                     source.stage()
@@ -232,15 +238,9 @@ impl LoadError {
     /// periodic re-decrypt that ends this way must stop serving the secrets,
     /// or revoking the policy would never take effect.
     pub fn is_revocation(&self) -> bool {
-        const REVOKED: [&str; 4] = [
-            "AccessDeniedException",
-            "DisabledException",
-            "KMSInvalidStateException",
-            "NotFoundException",
-        ];
         match self {
             LoadError::Kms { source, .. } => {
-                source.kms_code().is_some_and(|c| REVOKED.contains(&c))
+                source.kms_code().is_some_and(KmsErrorCode::is_revocation)
             }
             _ => false,
         }
@@ -398,6 +398,39 @@ impl Loader {
         };
         self.record(&result);
         result
+    }
+
+    /// Re-decrypts the last good load every `every` until `stop`
+    /// completes, so a revoked key policy stops the enclave serving within
+    /// one period: when KMS refuses ([`LoadError::is_revocation`]), the
+    /// store is wiped. Any other failure (KMS unreachable, throttled) keeps
+    /// the current secrets; both are reported in `Status`.
+    pub async fn reload_periodically(&self, every: Duration, stop: impl Future<Output = ()>) {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await; // the first tick is immediate
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = ticks.tick() => {}
+            }
+            if self.last_load().is_none() {
+                continue; // nothing loaded yet
+            }
+            match self.reload().await {
+                Ok(report) => {
+                    tracing::info!(count = report.count, "periodic re-decrypt succeeded")
+                }
+                Err(err) if err.is_revocation() => {
+                    self.store.clear();
+                    tracing::error!(error = %err, "KMS no longer allows this enclave: secrets wiped");
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "periodic re-decrypt failed; keeping the current secrets")
+                }
+            }
+        }
     }
 
     fn record(&self, result: &Result<LoadReport, LoadError>) {

@@ -22,6 +22,7 @@ use std::time::{Instant, SystemTime};
 use aes_gcm::aead::consts::U12;
 use aes_gcm::{AeadInOut, Aes256Gcm, Key, KeyInit, Nonce};
 use arc_swap::ArcSwap;
+use keystore_shared::name::{NameError, SecretName};
 use rand::TryRng;
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
@@ -32,9 +33,7 @@ use crate::nsm::{Nsm, NsmError};
 /// default response limit so every stored value can also be served.
 pub const DEFAULT_MAX_VALUE_LEN: usize = 1024 * 1024;
 
-/// Longest secret name, in bytes. Names travel in every request and log line;
-/// a bound keeps both small.
-pub const MAX_NAME_LEN: usize = 256;
+pub use keystore_shared::name::MAX_NAME_LEN;
 
 /// Bytes of entropy taken from each source when deriving a [`SealKey`].
 pub const SEAL_ENTROPY_LEN: usize = 32;
@@ -65,13 +64,8 @@ pub enum StoreError {
         name: String,
     },
     /// The name is empty, too long or contains characters we refuse.
-    #[error("invalid secret name {name:?}: {reason}")]
-    InvalidName {
-        /// The offending name, shortened to at most 64 characters.
-        name: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
     /// The value exceeds the configured size limit.
     #[error("secret `{name}` is {len} bytes; the limit is {max}")]
     ValueTooLarge {
@@ -204,29 +198,10 @@ struct SealedValue {
     ciphertext: Vec<u8>,
 }
 
-/// Checks a secret name: non-empty, at most [`MAX_NAME_LEN`] bytes, printable
-/// ASCII without leading or trailing spaces.
-///
-/// Names end up in logs, error messages and `List` responses; refusing control
-/// characters and look-alike Unicode keeps those unambiguous.
+/// Checks a secret name with the rule both sides share
+/// ([`SecretName::check`]).
 pub fn validate_name(name: &str) -> Result<(), StoreError> {
-    let invalid = |reason| StoreError::InvalidName {
-        name: name.chars().take(64).collect(),
-        reason,
-    };
-    if name.is_empty() {
-        return Err(invalid("empty"));
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(invalid("longer than 256 bytes"));
-    }
-    if !name.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
-        return Err(invalid("only printable ASCII is allowed"));
-    }
-    if name.starts_with(' ') || name.ends_with(' ') {
-        return Err(invalid("leading or trailing space"));
-    }
-    Ok(())
+    Ok(SecretName::check(name)?)
 }
 
 /// An immutable set of sealed secrets, as produced by one load.
@@ -771,7 +746,7 @@ mod tests {
     fn invalid_name_errors_are_bounded() {
         let huge = "x".repeat(10_000) + "\n";
         match validate_name(&huge) {
-            Err(e @ StoreError::InvalidName { .. }) => assert!(e.to_string().len() < 200, "{e}"),
+            Err(e @ StoreError::InvalidName(_)) => assert!(e.to_string().len() < 200, "{e}"),
             other => panic!("expected InvalidName, got {other:?}"),
         }
     }
