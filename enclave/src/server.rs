@@ -1,18 +1,19 @@
 //! The secret server: host apps connect over vsock (tcp/unix in tests), send
 //! framed [`Request`]s and get [`Response`]s.
 //!
-//! The shape follows the classic tokio server pattern: a `Listener` owns the
-//! accept loop and the connection limit, and one `Handler` per connection
-//! reads frames, applies them to the shared [`KeystoreService`] and writes
-//! the answers. Everything a peer controls is bounded:
+//! The accept loop, connection slots, admission wait, idle and lifetime
+//! bounds and shutdown are [`keystore_shared::serve`]'s; this module is the
+//! [`Handler`] that reads frames on each admitted connection, applies them to
+//! the shared [`KeystoreService`] and writes the answers. Everything a peer
+//! controls is bounded:
 //!
 //! - connections: at most [`ServerConfig::max_connections`] are served; a
 //!   connection beyond that waits up to [`ServerConfig::admission_wait`] for a
-//!   slot (at most as many waiters as slots), then is told
-//!   `Error{Unavailable, "server busy"}` and closed;
+//!   slot, then is told `Error{Unavailable, "server busy"}` and closed;
 //! - time: a complete request frame must arrive within
 //!   [`ServerConfig::idle_timeout`] (so a silent or trickling peer is dropped),
-//!   and answering one within [`ServerConfig::request_timeout`];
+//!   answering one within [`ServerConfig::request_timeout`], and no
+//!   connection outlives [`ServerConfig::max_lifetime`];
 //! - size: request frames over [`ServerConfig::max_request_frame`] are refused
 //!   after reading only their 4-byte prefix;
 //! - shutdown: the accept loop stops, idle connections close, in-flight
@@ -25,21 +26,18 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use keystore_shared::endpoint::{
-    Endpoint, EndpointError, Listener as EndpointListener, Peer, Stream,
-};
+use keystore_shared::endpoint::{Endpoint, EndpointError, Listener as EndpointListener, Stream};
 use keystore_shared::frame::{Connection, FrameError, FrameLimits};
 use keystore_shared::protocol::{
     DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME, ErrorCode,
     PROTOCOL_VERSION, ProtocolError, Request, RequestOp, Response, ResponseBody, SecretBytes,
 };
+use keystore_shared::serve::{
+    Accepted, AnyPeer, Handler, Refusal, ServeConfig, ServeError, Shutdown, Watched, serve,
+};
 use serde::Deserialize;
-use tokio::sync::{Semaphore, TryAcquireError, watch};
-use tokio::task::JoinSet;
-use tracing::Instrument;
 
 use crate::service::{KeystoreService, ServiceError};
 
@@ -56,13 +54,12 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Connections the load port serves at once (one loader, plus a retry).
 pub const DEFAULT_MAX_LOAD_CONNECTIONS: usize = 4;
 
-/// How long the server tries to deliver a "server busy" or "too large" error
-/// to a peer before just closing: the peer may not be reading.
-const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
-/// First pause after a transient accept error (e.g. out of descriptors).
-const ACCEPT_BACKOFF_INITIAL: Duration = Duration::from_millis(10);
-/// Longest pause between accept retries.
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long the server tries to deliver a "too large" error to a peer
+/// before just closing: the peer may not be reading.
+const REFUSAL_WRITE_TIMEOUT: Duration = keystore_shared::serve::REFUSAL_TIMEOUT;
+/// Default bound on a connection's whole life, so a peer trickling one
+/// byte at a time cannot keep a slot.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// Limits and timeouts of the secret server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +79,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// How long in-flight requests may run after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Longest a connection may stay open, however busy.
+    pub max_lifetime: Option<Duration>,
     /// Largest request frame body accepted.
     pub max_request_frame: usize,
     /// Largest response frame body sent (sized by the secret-value limit).
@@ -97,6 +96,7 @@ impl Default for ServerConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_lifetime: Some(DEFAULT_MAX_LIFETIME),
             max_request_frame: DEFAULT_MAX_REQUEST_FRAME,
             max_response_frame: DEFAULT_MAX_RESPONSE_FRAME,
         }
@@ -136,8 +136,11 @@ impl ServerConfig {
         if self.max_connections == 0 {
             return invalid("max_connections must be at least 1");
         }
-        if self.max_connections > Semaphore::MAX_PERMITS / 2 {
+        if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS / 4 {
             return invalid("max_connections is unreasonably large");
+        }
+        if self.max_lifetime.is_some_and(|d| d.is_zero()) {
+            return invalid("max_lifetime must be > 0 when set");
         }
         if self.idle_timeout.is_zero() || self.request_timeout.is_zero() {
             return invalid("idle_timeout and request_timeout must be > 0");
@@ -208,214 +211,88 @@ impl Server {
         self.listener.local_endpoint()
     }
 
-    /// Serves until `shutdown` completes (e.g. a signal), then shuts down
-    /// gracefully: stops accepting, closes idle connections, gives in-flight
-    /// requests [`ServerConfig::shutdown_grace`] and aborts what is left.
+    /// Serves until `shutdown` completes (e.g. a signal), then shuts down the
+    /// way every nitro-keystore server does ([`keystore_shared::serve`]):
+    /// stops accepting, closes idle connections, gives in-flight requests
+    /// [`ServerConfig::shutdown_grace`] and aborts what is left.
     ///
     /// Returns an error only if the listener itself failed for good; even
     /// then the connections already open were drained first.
     pub async fn run(self, shutdown: impl Future) -> Result<(), ServerError> {
-        let (notify, shutdown_rx) = watch::channel(false);
-        let mut listener = Listener {
-            listener: self.listener,
+        let config = self.config;
+        let serve_config = ServeConfig {
+            name: match config.role {
+                Role::Secrets => "secret server",
+                Role::Loading => "load server",
+            },
+            max_connections: config.max_connections,
+            admission_wait: config.admission_wait,
+            idle_timeout: config.idle_timeout,
+            max_lifetime: config.max_lifetime,
+            shutdown_grace: config.shutdown_grace,
+        };
+        let handler = Arc::new(RequestHandler {
             service: self.service,
-            limits: FrameLimits::new(
-                self.config.max_request_frame,
-                self.config.max_response_frame,
-            ),
-            slots: Arc::new(Semaphore::new(self.config.max_connections)),
-            waiting: Arc::new(Semaphore::new(self.config.max_connections)),
-            config: self.config,
-            shutdown: shutdown_rx,
-            tasks: JoinSet::new(),
-            next_conn: AtomicU64::new(1),
-        };
-        tracing::info!(endpoint = %listener.listener.local_endpoint(), "secret server listening");
-        let outcome = tokio::select! {
-            outcome = listener.accept_loop() => outcome,
-            _ = shutdown => Ok(()),
-        };
-        tracing::info!(
-            open_connections = listener.tasks.len(),
-            "secret server shutting down"
-        );
-        notify.send_replace(true);
-        let Listener {
-            listener: socket,
-            mut tasks,
-            config,
-            ..
-        } = listener;
-        // Stop accepting at once: new clients get a refused connection (and
-        // a unix socket file is removed) instead of waiting in the backlog.
-        drop(socket);
-        drain(&mut tasks, config.shutdown_grace).await;
-        tracing::info!("secret server stopped");
-        outcome
+            role: config.role,
+            limits: FrameLimits::new(config.max_request_frame, config.max_response_frame),
+            idle_timeout: config.idle_timeout,
+            request_timeout: config.request_timeout,
+        });
+        serve(
+            self.listener,
+            handler,
+            Arc::new(AnyPeer),
+            serve_config,
+            shutdown,
+        )
+        .await
+        .map_err(|err| match err {
+            ServeError::InvalidConfig(what) => ServerError::InvalidConfig(what),
+            ServeError::Accept(err) => ServerError::Accept(err),
+        })
     }
 }
 
-/// The accept loop's state.
-struct Listener {
-    listener: EndpointListener,
+/// Answers framed requests on each admitted connection.
+struct RequestHandler {
     service: Arc<KeystoreService>,
-    config: ServerConfig,
+    role: Role,
     limits: FrameLimits,
-    /// One permit per connection being served.
-    slots: Arc<Semaphore>,
-    /// One permit per connection waiting for a slot, so waiting is bounded
-    /// too.
-    waiting: Arc<Semaphore>,
-    shutdown: watch::Receiver<bool>,
-    tasks: JoinSet<()>,
-    next_conn: AtomicU64,
+    idle_timeout: Duration,
+    request_timeout: Duration,
 }
 
-impl Listener {
-    /// Accepts until the listener fails for good. Transient errors (aborted
-    /// handshakes, descriptor exhaustion) back off and continue.
-    async fn accept_loop(&mut self) -> Result<(), ServerError> {
-        let mut backoff = ACCEPT_BACKOFF_INITIAL;
-        loop {
-            tokio::select! {
-                // Reap finished connections so the set stays small, and
-                // surface a handler panic (a bug) in the logs.
-                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
-                    log_join(joined);
-                }
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        backoff = ACCEPT_BACKOFF_INITIAL;
-                        self.spawn_connection(stream, peer);
-                    }
-                    Err(err) if err.is_transient() => {
-                        tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "transient accept error; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %err, "accept failed; no longer accepting");
-                        return Err(ServerError::Accept(err));
-                    }
-                },
-            }
-        }
-    }
-
-    fn spawn_connection(&mut self, stream: Stream, peer: Peer) {
-        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!("conn", id = conn_id, peer = %peer);
-        let admission = Admission {
-            slots: self.slots.clone(),
-            waiting: self.waiting.clone(),
-            wait: self.config.admission_wait,
-            max_connections: self.config.max_connections,
+impl Handler for RequestHandler {
+    async fn handle(&self, conn: Accepted) {
+        let opened = Instant::now();
+        tracing::info!("connection opened");
+        let mut session = Session {
+            connection: Connection::with_limits(conn.stream, self.limits),
+            service: &self.service,
+            role: self.role,
+            idle_timeout: self.idle_timeout,
+            request_timeout: self.request_timeout,
+            shutdown: conn.shutdown,
         };
-        let mut handler = Handler {
-            connection: Connection::with_limits(stream, self.limits),
-            service: self.service.clone(),
-            role: self.config.role,
-            idle_timeout: self.config.idle_timeout,
-            request_timeout: self.config.request_timeout,
-            shutdown: self.shutdown.clone(),
+        let (requests, reason) = session.run().await;
+        tracing::info!(
+            requests,
+            reason,
+            duration_ms = millis(opened.elapsed()),
+            "connection closed"
+        );
+    }
+
+    async fn refuse(&self, stream: &mut Stream, refusal: &Refusal) {
+        let code = match refusal {
+            Refusal::Busy { .. } => ErrorCode::Unavailable,
+            Refusal::Denied(_) => ErrorCode::Denied,
         };
-        self.tasks.spawn(
-            async move {
-                let Some(_slot) = admission.admit(&mut handler).await else {
-                    return;
-                };
-                let opened = Instant::now();
-                tracing::info!("connection opened");
-                let (requests, reason) = handler.run().await;
-                tracing::info!(
-                    requests,
-                    reason,
-                    duration_ms = millis(opened.elapsed()),
-                    "connection closed"
-                );
-            }
-            .instrument(span),
-        );
-    }
-}
-
-/// Waits for open connections after shutdown was announced: idle ones
-/// close at once, busy ones finish their request; whatever still runs after
-/// the grace period is aborted.
-async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
-    let drained = tokio::time::timeout(grace, async {
-        while let Some(joined) = tasks.join_next().await {
-            log_join(joined);
+        let mut connection = Connection::with_limits(stream, self.limits);
+        let response = Response::error(0, code, refusal.to_string());
+        if connection.write_message(&response).await.is_ok() {
+            let _ = connection.shutdown().await;
         }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            remaining = tasks.len(),
-            grace_ms = millis(grace),
-            "in-flight requests did not finish within the shutdown grace; aborting them"
-        );
-        tasks.abort_all();
-        while let Some(joined) = tasks.join_next().await {
-            log_join(joined);
-        }
-    }
-}
-
-fn log_join(joined: Result<(), tokio::task::JoinError>) {
-    if let Err(err) = joined
-        && err.is_panic()
-    {
-        tracing::error!(error = %err, "connection handler panicked");
-    }
-}
-
-/// Decides whether a new connection gets a slot.
-struct Admission {
-    slots: Arc<Semaphore>,
-    waiting: Arc<Semaphore>,
-    wait: Duration,
-    max_connections: usize,
-}
-
-impl Admission {
-    /// A slot for the connection, or `None` after telling the peer the
-    /// server is busy (or on shutdown).
-    async fn admit(&self, handler: &mut Handler) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        match self.slots.clone().try_acquire_owned() {
-            Ok(slot) => return Some(slot),
-            Err(TryAcquireError::Closed) => return None,
-            Err(TryAcquireError::NoPermits) => {}
-        }
-        let waited = match self.waiting.clone().try_acquire_owned() {
-            Ok(_waiter) => {
-                let mut shutdown = handler.shutdown.clone();
-                tokio::select! {
-                    slot = tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()) => {
-                        match slot {
-                            Ok(Ok(slot)) => return Some(slot),
-                            Ok(Err(_closed)) => return None,
-                            Err(_elapsed) => true,
-                        }
-                    }
-                    _ = shutdown.wait_for(|stop| *stop) => return None,
-                }
-            }
-            Err(_) => false,
-        };
-        tracing::warn!(
-            max_connections = self.max_connections,
-            waited,
-            "connection refused: server busy"
-        );
-        let message = format!(
-            "server busy: all {} connection slots are in use; try again later",
-            self.max_connections
-        );
-        handler
-            .refuse(Response::error(0, ErrorCode::Unavailable, message))
-            .await;
-        None
     }
 }
 
@@ -433,14 +310,14 @@ struct Envelope {
     op: Option<serde_cbor::Value>,
 }
 
-/// Serves one connection.
-struct Handler {
-    connection: Connection<Stream>,
-    service: Arc<KeystoreService>,
+/// One connection being served.
+struct Session<'a> {
+    connection: Connection<Watched<Stream>>,
+    service: &'a KeystoreService,
     role: Role,
     idle_timeout: Duration,
     request_timeout: Duration,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 }
 
 /// Whether the connection continues after a request.
@@ -449,18 +326,17 @@ enum Next {
     Close(&'static str),
 }
 
-impl Handler {
+impl Session<'_> {
     /// Reads and answers requests one at a time until the peer leaves,
     /// misbehaves, idles out, or the server shuts down. Returns the number of
     /// requests answered and why the connection ended.
     async fn run(&mut self) -> (u64, &'static str) {
         let mut answered = 0u64;
         loop {
-            let mut shutdown = self.shutdown.clone();
             let read = tokio::select! {
                 // read_message is cancellation safe: a partial frame stays
                 // buffered, but we are closing anyway.
-                _ = shutdown.wait_for(|stop| *stop) => return (answered, "server shutdown"),
+                () = self.shutdown.wait() => return (answered, "server shutdown"),
                 read = tokio::time::timeout(self.idle_timeout, self.connection.read_message::<Envelope>()) => read,
             };
             let next = match read {
@@ -487,7 +363,7 @@ impl Handler {
                 let kind = request.op.kind();
                 let answered = tokio::time::timeout(
                     self.request_timeout,
-                    apply(&self.service, self.role, request.op),
+                    apply(self.service, self.role, request.op),
                 )
                 .await;
                 let result = answered.unwrap_or_else(|_| {
