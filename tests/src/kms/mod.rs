@@ -30,8 +30,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use keystore_shared::Endpoint;
 use keystore_shared::attestation::{AttestationError, Root};
-use tokio::net::TcpListener;
+use keystore_shared::serve::{AnyPeer, serve};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -108,14 +109,9 @@ pub enum StartError {
     /// The test PKI could not be created.
     #[error("test PKI: {0}")]
     Tls(#[from] TlsError),
-    /// Binding the listener failed.
-    #[error("bind {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The underlying error.
-        source: std::io::Error,
-    },
+    /// Binding the listener failed (the endpoint error names the address).
+    #[error(transparent)]
+    Bind(keystore_shared::EndpointError),
     /// The attestation root could not be read.
     #[error("attestation root {path}: {source}")]
     RootFile {
@@ -176,17 +172,15 @@ impl MockKms {
             })??;
         let acceptor = TlsAcceptor::from(pki.server_config()?);
 
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let listen = Endpoint::tcp(config.listen.ip().to_string(), config.listen.port());
+        let listener = listen.bind().await.map_err(StartError::Bind)?;
+        let local_addr = match listener.local_endpoint() {
+            Endpoint::Tcp { host, port } => host
+                .parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, *port))
+                .unwrap_or(config.listen),
+            _ => config.listen,
+        };
 
         let clock = Arc::new(Clock::default());
         let shared = Arc::new(Shared {
@@ -198,13 +192,27 @@ impl MockKms {
             region: config.region.clone(),
             max_body: config.max_body_bytes,
         });
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let task = tokio::spawn(server::serve(
-            listener,
+        let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+        let handler = Arc::new(server::KmsHandler {
             acceptor,
-            Arc::clone(&shared),
-            shutdown_rx,
-        ));
+            shared: Arc::clone(&shared),
+        });
+        let stopped = async move {
+            let _ = shutdown_rx.wait_for(|stop| *stop).await;
+        };
+        let task = tokio::spawn(async move {
+            let served = serve(
+                listener,
+                handler,
+                Arc::new(AnyPeer),
+                server::serve_config(),
+                stopped,
+            )
+            .await;
+            if let Err(err) = served {
+                tracing::error!(error = %err, "mock-kms stopped");
+            }
+        });
         let host = if local_addr.ip().is_unspecified() {
             "127.0.0.1".to_owned()
         } else if local_addr.is_ipv6() {

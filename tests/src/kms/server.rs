@@ -34,11 +34,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use keystore_shared::endpoint::Peer;
+use keystore_shared::serve::{Accepted, Handler, ServeConfig};
 use serde::Deserialize;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use super::clock::Clock;
 use super::faults::{CallCounter, Fault, FaultKind, Faults};
@@ -54,6 +54,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections served at once; later ones wait for a slot.
 pub const MAX_CONNECTIONS: usize = 256;
+/// An idle keep-alive connection is closed after this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long shutdown waits for requests in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -74,91 +76,70 @@ pub(crate) struct Shared {
 #[error("connection dropped by fault injection")]
 struct DropConnection;
 
-/// Accepts connections until `shutdown` flips, then lets open connections
-/// finish within [`SHUTDOWN_GRACE`].
-pub(crate) async fn serve(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.changed() => break,
-            permit = Arc::clone(&slots).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let shared = Arc::clone(&shared);
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            connection(stream, peer, acceptor, shared, shutdown).await;
-            drop(permit);
-        });
-        // Reap finished connections so the set does not grow without bound.
-        while connections.try_join_next().is_some() {}
+/// Limits of the emulator's listener: connections beyond the slots wait
+/// (as the SDK would only retry), idle keep-alive connections close after a
+/// while, and shutdown waits [`SHUTDOWN_GRACE`] for requests in flight.
+pub(crate) fn serve_config() -> ServeConfig {
+    ServeConfig {
+        max_connections: MAX_CONNECTIONS,
+        admission_wait: Duration::from_secs(30),
+        idle_timeout: IDLE_TIMEOUT,
+        max_lifetime: None,
+        shutdown_grace: SHUTDOWN_GRACE,
+        ..ServeConfig::named("mock-kms")
     }
-    drop(listener);
-    let drain = async { while connections.join_next().await.is_some() {} };
-    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-        connections.abort_all();
-    }
-    info!("mock-kms stopped");
 }
 
-async fn connection(
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    acceptor: TlsAcceptor,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            debug!(%peer, error = %e, "TLS handshake failed");
+/// TLS, then HTTP/1.1, on each connection [`serve`](keystore_shared::serve::serve)
+/// admits.
+pub(crate) struct KmsHandler {
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Handler for KmsHandler {
+    async fn handle(&self, mut conn: Accepted) {
+        let Peer::Tcp(peer) = conn.peer else {
+            // The admin endpoint trusts loopback peers only; a peer without
+            // an IP address is not served.
+            debug!(peer = %conn.peer, "not a TCP peer; closing");
             return;
-        }
-        Err(_) => {
-            debug!(%peer, "TLS handshake timed out");
-            return;
-        }
-    };
-    let service = service_fn(move |request| {
-        let shared = Arc::clone(&shared);
-        async move { handle(request, peer, &shared).await }
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(READ_TIMEOUT)
-        .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(tls), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                debug!(%peer, error = %e, "connection ended");
+        };
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(conn.stream))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "TLS handshake failed");
+                return;
             }
-        }
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+            Err(_) => {
+                debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let shared = Arc::clone(&self.shared);
+        let service = service_fn(move |request| {
+            let shared = Arc::clone(&shared);
+            async move { handle(request, peer, &shared).await }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(READ_TIMEOUT)
+            .keep_alive(true);
+        let http = builder.serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(http);
+        tokio::select! {
+            result = http.as_mut() => {
+                if let Err(e) = result {
+                    debug!(%peer, error = %e, "connection ended");
+                }
+            }
+            () = conn.shutdown.wait() => {
+                http.as_mut().graceful_shutdown();
+                let _ = http.await;
+            }
         }
     }
 }
