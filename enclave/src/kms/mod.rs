@@ -14,6 +14,7 @@
 //! sense. Every failure is a [`KmsError`] naming its stage.
 
 pub mod credentials;
+pub mod error_code;
 pub mod transport;
 
 use std::collections::BTreeMap;
@@ -36,6 +37,7 @@ use zeroize::Zeroizing;
 use crate::cms::{self, CmsError};
 use crate::recipient::{RecipientError, RecipientPair};
 use credentials::{CredentialsConfig, CredentialsError, CredentialsProvider};
+pub use error_code::KmsErrorCode;
 use transport::{KmsTransport, TransportConfig, TransportError, TransportStats};
 
 /// Default vsock port of the host proxy's KMS forwarder.
@@ -144,7 +146,7 @@ pub enum KmsError {
     #[error("KMS refused: {code} (HTTP {status}): {message}{}", hint_text(.hint))]
     Service {
         /// The `__type` KMS returned, e.g. `AccessDeniedException`.
-        code: String,
+        code: KmsErrorCode,
         /// KMS's message.
         message: String,
         /// The HTTP status.
@@ -203,7 +205,7 @@ impl KmsError {
     }
 
     /// The `__type` KMS returned, if KMS answered with an error.
-    pub fn kms_code(&self) -> Option<&str> {
+    pub fn kms_code(&self) -> Option<&KmsErrorCode> {
         match self {
             KmsError::Service { code, .. } => Some(code),
             _ => None,
@@ -220,19 +222,7 @@ impl KmsError {
             KmsError::Timeout(_) => true,
             KmsError::Credentials(e) => e.is_retryable(),
             KmsError::Service { code, status, .. } => {
-                *status >= 500
-                    || *status == 429
-                    || matches!(
-                        code.as_str(),
-                        "ThrottlingException"
-                            | "KMSInternalException"
-                            | "DependencyTimeoutException"
-                            | "InternalFailure"
-                            | "ServiceUnavailable"
-                            | "ServiceUnavailableException"
-                            | "RequestTimeout"
-                            | "RequestTimeoutException"
-                    )
+                *status >= 500 || *status == 429 || code.is_transient()
             }
             _ => false,
         }
@@ -241,13 +231,7 @@ impl KmsError {
     /// Whether KMS refused the credentials themselves (unknown key id, bad
     /// signature, expired session token): fetching new ones may help.
     pub fn is_credentials_rejection(&self) -> bool {
-        matches!(
-            self,
-            KmsError::Service { code, .. } if matches!(
-                code.as_str(),
-                "UnrecognizedClientException" | "InvalidSignatureException" | "ExpiredTokenException"
-            )
-        )
+        matches!(self, KmsError::Service { code, .. } if code.is_credentials_rejection())
     }
 
     /// Whether KMS refused the attestation document itself (stale, not
@@ -259,8 +243,8 @@ impl KmsError {
         match self {
             KmsError::Service { code, message, .. } => {
                 matches!(
-                    code.as_str(),
-                    "ValidationException" | "InvalidRequestException" | "InvalidParameterValue"
+                    code,
+                    KmsErrorCode::Validation | KmsErrorCode::InvalidRequest
                 ) && message.to_ascii_lowercase().contains("attestation")
             }
             _ => false,
@@ -409,18 +393,13 @@ fn classify(
 ) -> KmsError {
     if let Some(service) = err.as_service_error() {
         let status = err.raw_response().map_or(0, |r| r.status().as_u16());
-        let code = service.code().unwrap_or("").to_owned();
+        let code = KmsErrorCode::parse(service.code(), status);
         let message: String = service
             .message()
             .unwrap_or("")
             .chars()
             .take(MAX_KMS_MESSAGE)
             .collect();
-        let code = if code.is_empty() {
-            format!("(no error code; HTTP {status})")
-        } else {
-            code
-        };
         let hint = hint_for(&code, &message, status, context, pair);
         return KmsError::Service {
             code,
@@ -452,14 +431,14 @@ fn classify(
 
 /// What a KMS refusal most likely means for this enclave.
 fn hint_for(
-    code: &str,
+    code: &KmsErrorCode,
     message: &str,
     status: u16,
     context: &BTreeMap<String, String>,
     pair: &RecipientPair,
 ) -> Option<String> {
     match code {
-        "AccessDeniedException" => {
+        KmsErrorCode::AccessDenied => {
             let pcr0 = AttestationDocument::parse_unverified(pair.document())
                 .ok()
                 .and_then(|doc| doc.pcrs.get(&0).map(hex::encode))
@@ -468,7 +447,7 @@ fn hint_for(
                 "the key policy does not allow this enclave: PCR0 = {pcr0}"
             ))
         }
-        "InvalidCiphertextException" => {
+        KmsErrorCode::InvalidCiphertext => {
             let bound = context
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
@@ -478,12 +457,14 @@ fn hint_for(
                 "the ciphertext was not encrypted under this encryption context ({bound}): moved under another name, or corrupted"
             ))
         }
-        "ThrottlingException" => Some("KMS is throttling; retried with backoff".to_owned()),
-        "IncorrectKeyException" | "NotFoundException" | "DisabledException"
-        | "KMSInvalidStateException" => {
+        KmsErrorCode::Throttling => Some("KMS is throttling; retried with backoff".to_owned()),
+        KmsErrorCode::IncorrectKey
+        | KmsErrorCode::NotFound
+        | KmsErrorCode::Disabled
+        | KmsErrorCode::InvalidState => {
             Some("the KMS key is missing, disabled or not usable for Decrypt".to_owned())
         }
-        "UnrecognizedClientException" | "InvalidSignatureException" | "ExpiredTokenException" => {
+        code if code.is_credentials_rejection() => {
             Some("KMS rejected the credentials from the credentials service".to_owned())
         }
         _ if message.to_ascii_lowercase().contains("attestation") => Some(
