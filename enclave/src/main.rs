@@ -1,13 +1,10 @@
 //! `keystore-enclave`: the process that runs inside the Nitro Enclave.
 //!
-//! It disables core dumps before anything else (a core file of this process
-//! would hold the seal key and the recipient key), opens the NSM, generates
-//! and attests the recipient key, creates an empty sealed store and serves it
-//! until SIGTERM or SIGINT. With `--region` it also accepts `Load` bundles on
-//! the load port and decrypts them through KMS, re-decrypting on a TTL so a
-//! revoked key policy takes effect. Once ready it prints the endpoint it listens on,
-//! alone on one line of stdout, so scripts and tests can wait for it; logs go
-//! to stderr.
+//! Flags only: it disables core dumps before anything else (a core file of
+//! this process would hold the seal key and the recipient key), turns the
+//! flags into an [`EnclaveConfig`] and runs [`Enclave::start`] until SIGTERM
+//! or SIGINT. Once ready it prints the endpoint it listens on, alone on one
+//! line of stdout, so scripts and tests can wait for it; logs go to stderr.
 #![forbid(unsafe_code)]
 
 use std::io::{IsTerminal, Write};
@@ -18,13 +15,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use keystore_enclave::kms::{Kms, KmsConfig};
-use keystore_enclave::load::{LoadConfig, Loader};
+use keystore_enclave::enclave::{Enclave, EnclaveConfig};
+use keystore_enclave::kms::KmsConfig;
+use keystore_enclave::load::LoadConfig;
 use keystore_enclave::nsm::{DeviceNsm, MockConfig, MockNsm, Nsm};
-use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig};
-use keystore_enclave::server::{self, Server, ServerConfig};
-use keystore_enclave::service::KeystoreService;
-use keystore_enclave::store::{SealKey, Store, StoreConfig};
+use keystore_enclave::recipient::{RecipientBits, RecipientConfig};
+use keystore_enclave::server::{self, ServerConfig};
 use keystore_shared::Endpoint;
 use nix::sys::resource::{Resource, setrlimit};
 use tokio::signal::unix::{SignalKind, signal};
@@ -169,128 +165,51 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
 
-    let recipient_config = RecipientConfig {
+    let mut config = EnclaveConfig::new(
+        args.listen.clone(),
+        args.load_listen.clone(),
+        open_nsm(&args)?,
+    );
+    config.kms = kms_config(&args)?;
+    config.recipient = RecipientConfig {
         bits: args.recipient_bits,
         refresh_after: args.refresh_after,
         ..RecipientConfig::default()
     };
-    recipient_config
+    config
+        .recipient
         .validate()
         .context("invalid --refresh-after")?;
-    let server_config = ServerConfig {
+    config.server = ServerConfig {
         max_connections: args.max_connections,
         idle_timeout: args.idle_timeout,
         request_timeout: args.request_timeout,
         shutdown_grace: args.shutdown_grace,
         ..ServerConfig::default()
     };
-    server_config.validate()?;
-
-    // Bind first: a taken or invalid address fails in milliseconds, not
-    // after seconds of key generation. Connections queue in the backlog
-    // until the server starts accepting.
-    let listener = args.listen.bind().await?;
-    let nsm = open_nsm(&args)?;
-    let kms = kms_client(&args)?;
-    let load_listener = match kms {
-        Some(_) => Some(args.load_listen.bind().await?),
-        None => {
-            tracing::warn!("no --region: this enclave cannot load secrets from KMS");
-            None
-        }
+    config.load = LoadConfig {
+        concurrency: args.load_concurrency,
+        ..LoadConfig::default()
     };
+    config.reload_every = args.reload_every;
 
-    tracing::info!(
-        bits = args.recipient_bits.bits(),
-        "generating the recipient key"
-    );
-    let (recipient, refresher) = Recipient::start(nsm.clone(), recipient_config)
-        .await
-        .context("cannot create the recipient key")?;
-    let seal_key = SealKey::generate(nsm.as_ref()).context("cannot create the seal key")?;
-    let store = Arc::new(Store::new(seal_key, StoreConfig::default()));
-    let mut service = KeystoreService::new(store.clone(), recipient.clone(), nsm);
-    let mut loader = None;
-    if let Some(kms) = kms {
-        let load_config = LoadConfig {
-            concurrency: args.load_concurrency,
-            ..LoadConfig::default()
-        };
-        let built = Arc::new(
-            Loader::new(kms, recipient, store.clone(), load_config)
-                .context("invalid load settings")?,
-        );
-        service = service.with_loader(built.clone());
-        loader = Some(built);
-    }
-    let service = Arc::new(service);
-    let server = Server::from_listener(listener, service.clone(), server_config)?;
-    let load_server = match load_listener {
-        Some(listener) => Some(Server::from_listener(
-            listener,
-            service,
-            ServerConfig::for_loading(LoadConfig::default().max_duration),
-        )?),
-        None => None,
-    };
-
-    let endpoint = server.local_endpoint().clone();
-    if let Some(load_server) = &load_server {
-        tracing::info!(endpoint = %load_server.local_endpoint(), "load port ready");
-    }
-    tracing::info!(endpoint = %endpoint, version = keystore_enclave::service::VERSION, "ready");
+    let enclave = Enclave::start(config).await?;
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{endpoint}").context("cannot write to stdout")?;
+    writeln!(stdout, "{}", enclave.secret_endpoint()).context("cannot write to stdout")?;
     stdout.flush().context("cannot write to stdout")?;
     drop(stdout);
 
-    // One signal stops every listener and the reload task.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let reloads = match (&loader, args.reload_every.is_zero()) {
-        (Some(loader), false) => Some(tokio::spawn(reload_periodically(
-            loader.clone(),
-            store.clone(),
-            args.reload_every,
-            stopped(stop_rx.clone()),
-        ))),
-        _ => None,
-    };
-    let load_served = load_server.map(|s| tokio::spawn(s.run(stopped(stop_rx.clone()))));
-    let signals = async move {
-        tokio::select! {
-            _ = sigterm.recv() => tracing::info!("SIGTERM received"),
-            _ = sigint.recv() => tracing::info!("SIGINT received"),
-        }
-        let _ = stop_tx.send(true);
-    };
-    let (served, ()) = tokio::join!(server.run(stopped(stop_rx.clone())), signals);
-    if let Some(task) = load_served {
-        match task.await {
-            Ok(Err(err)) => tracing::warn!(error = %err, "load port stopped with an error"),
-            Err(err) => tracing::warn!(error = %err, "load port task failed"),
-            Ok(Ok(())) => {}
-        }
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM received"),
+        _ = sigint.recv() => tracing::info!("SIGINT received"),
     }
-    if let Some(task) = reloads {
-        let _ = task.await;
-    }
-
-    // Wipe before anything else can fail.
-    store.clear();
-    tracing::info!("secret store wiped");
-    if let Err(err) = refresher.shutdown().await {
-        tracing::warn!(error = %err, "recipient refresher did not stop cleanly");
-    }
-    served?;
+    enclave.shutdown().await?;
     tracing::info!("keystore-enclave stopped");
     Ok(())
 }
 
-/// The KMS client, when `--region` says where KMS is.
-fn kms_client(args: &Args) -> anyhow::Result<Option<Kms>> {
+/// The KMS settings, when `--region` says where KMS is.
+fn kms_config(args: &Args) -> anyhow::Result<Option<KmsConfig>> {
     let Some(region) = &args.region else {
         if args.kms_ca.is_some() || args.kms_host.is_some() {
             bail!("--kms-host and --kms-ca need --region");
@@ -311,42 +230,7 @@ fn kms_client(args: &Args) -> anyhow::Result<Option<Kms>> {
     config
         .check_extra_ca(args.nsm == NsmKind::Mock)
         .context("--kms-ca")?;
-    Ok(Some(Kms::new(config).context("invalid KMS settings")?))
-}
-
-/// Decrypts the last good bundle again every `every`, so a revoked key
-/// policy stops the enclave serving within one period: when KMS refuses,
-/// the secrets are wiped. Any other failure (KMS unreachable, throttled)
-/// keeps the current secrets; both are reported in `Status`.
-async fn reload_periodically(
-    loader: Arc<Loader>,
-    store: Arc<Store>,
-    every: Duration,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await; // the first tick is immediate
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            () = &mut stop => return,
-            _ = ticks.tick() => {}
-        }
-        if loader.last_load().is_none() {
-            continue; // nothing loaded yet
-        }
-        match loader.reload().await {
-            Ok(report) => tracing::info!(count = report.count, "periodic re-decrypt succeeded"),
-            Err(err) if err.is_revocation() => {
-                store.clear();
-                tracing::error!(error = %err, "KMS no longer allows this enclave: secrets wiped");
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "periodic re-decrypt failed; keeping the current secrets")
-            }
-        }
-    }
+    Ok(Some(config))
 }
 
 fn open_nsm(args: &Args) -> anyhow::Result<Arc<dyn Nsm>> {
