@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::provider::{ProvideCredentials, future};
-use keystore_host::credentials::{CredentialCache, CredentialsService, ServiceLimits};
+use keystore_host::proxy::credentials::{CredentialCache, CredentialsService, ServiceLimits};
 use keystore_shared::endpoint::{Endpoint, Stream};
 use keystore_shared::frame::Connection;
 use keystore_shared::protocol::{ErrorCode, Request, RequestOp, Response, ResponseBody};

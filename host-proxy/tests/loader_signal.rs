@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keystore_host::credentials::{CredentialCache, ServiceLimits};
-use keystore_host::forwarder::ForwarderLimits;
+use keystore_host::proxy::credentials::{CredentialCache, ServiceLimits};
+use keystore_host::proxy::forwarder::ForwarderLimits;
 use keystore_host::proxy::{Proxy, ProxyConfig};
 use keystore_shared::endpoint::Endpoint;
 use keystore_shared::envelope::Envelope;

@@ -1,5 +1,5 @@
-//! `keystore-host encrypt`: turn plain values of a `.env` file into
-//! `ENC[v1:kms:...]` envelopes in place.
+//! KMS encryption of a `.env` file's plain values into `ENC[v1:kms:...]`
+//! envelopes, in place (what `keystore-host encrypt` runs).
 //!
 //! Each chosen value is encrypted by KMS `Encrypt` under the operator's key
 //! with the encryption context `{"keystore:name": NAME}`, which binds the
@@ -18,8 +18,8 @@ use aws_sdk_kms::primitives::Blob;
 use keystore_shared::envelope::{Envelope, EnvelopeError, NAME_CONTEXT_KEY};
 use zeroize::Zeroizing;
 
-use crate::dotenv::{DotEnv, DotEnvError};
-use crate::loader::{LoadError, read_secrets_file};
+use crate::proxy::loader::{LoadError, read_secrets_file};
+use crate::secrets_file::dotenv::{DotEnv, DotEnvError};
 
 /// Largest value KMS `Encrypt` takes directly; larger values need the `dek`
 /// envelope kind.

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use keystore_host::credentials::{self, CredentialCache, ServiceLimits};
-use keystore_host::forwarder::{Forward, ForwarderLimits};
+use keystore_host::proxy::credentials::{self, CredentialCache, ServiceLimits};
+use keystore_host::proxy::forwarder::{Forward, ForwarderLimits};
 use keystore_host::proxy::{Proxy, ProxyConfig};
 use keystore_shared::Endpoint;
 

@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use zeroize::Zeroizing;
 
-use crate::dotenv::{DotEnv, DotEnvError, MAX_FILE_SIZE};
+use crate::secrets_file::dotenv::{DotEnv, DotEnvError, MAX_FILE_SIZE};
 
 /// Default enclave secret-server endpoint (enclave CID 16, port 5000).
 pub const DEFAULT_ENCLAVE: &str = "vsock://16:5000";
