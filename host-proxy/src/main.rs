@@ -2,7 +2,6 @@
 #![forbid(unsafe_code)]
 
 mod cli;
-mod rfc3339;
 
 use std::process::ExitCode;
 
