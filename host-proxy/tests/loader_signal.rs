@@ -46,7 +46,7 @@ async fn sighup_reloads_and_sigterm_stops() {
         forwarder_limits: ForwarderLimits::default(),
         credentials_listen: Endpoint::tcp("127.0.0.1", 0),
         credentials_limits: ServiceLimits::default(),
-        enclave,
+        load_to: enclave,
         secrets: Some(path),
     };
     let creds = aws_credential_types::Credentials::new("AKID", "SECRET", None, None, "test");

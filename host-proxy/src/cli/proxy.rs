@@ -72,7 +72,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         },
         credentials_listen: args.credentials_listen,
         credentials_limits: ServiceLimits::default(),
-        enclave: args.load_to.clone(),
+        load_to: args.load_to,
         secrets: args.secrets,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

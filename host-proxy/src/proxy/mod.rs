@@ -34,8 +34,9 @@ pub struct ProxyConfig {
     pub credentials_listen: Endpoint,
     /// Limits of the credentials service.
     pub credentials_limits: ServiceLimits,
-    /// The enclave's secret server, for `Load`.
-    pub enclave: Endpoint,
+    /// The enclave's load port, where the loader sends the secrets file
+    /// (the secret server refuses `Load`).
+    pub load_to: Endpoint,
     /// The secrets file; without one, no loader runs.
     pub secrets: Option<PathBuf>,
 }
@@ -95,7 +96,7 @@ impl Proxy {
         let credentials_listener = config.credentials_listen.bind().await?;
         let loader = config
             .secrets
-            .map(|path| Loader::new(LoaderConfig::new(path, config.enclave.clone())));
+            .map(|path| Loader::new(LoaderConfig::new(path, config.load_to.clone())));
         Ok(Proxy {
             forwarders,
             credentials: (
