@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use aws_credential_types::provider::ProvideCredentials;
 use keystore_enclave::kms::credentials::{
-    CredentialsConfig, CredentialsError, CredentialsProvider, parse_expiration,
+    CredentialsConfig, CredentialsError, CredentialsProvider,
 };
 use keystore_shared::endpoint::Endpoint;
 use keystore_shared::protocol::{ErrorCode, ResponseBody};
@@ -122,17 +122,14 @@ async fn refuses_unusable_credentials_without_echoing_them() {
         let ResponseBody::Credentials(mut c) = credentials(ACCESS_KEY, None) else {
             unreachable!()
         };
-        c.expiration = Some("tomorrow-ish hunter2".to_owned().into());
+        c.expires_at = Some(u64::MAX);
         Some(ResponseBody::Credentials(c))
     }))
     .await;
     let err = provider(&bad).credentials().await.unwrap_err();
     assert!(matches!(err, CredentialsError::Invalid(_)), "{err:?}");
     let text = format!("{err} {err:?}");
-    assert!(
-        !text.contains("hunter2") && !text.contains(SECRET_KEY),
-        "{text}"
-    );
+    assert!(!text.contains(SECRET_KEY), "{text}");
 
     let wrong =
         CredentialsService::start(Arc::new(|_| Some(ResponseBody::Loaded { count: 1 }))).await;
@@ -173,12 +170,4 @@ async fn debug_output_never_shows_credentials() {
     let text = format!("{p:?} {c:?}");
     assert!(!text.contains(SECRET_KEY), "{text}");
     assert!(!text.contains("session-token"), "{text}");
-}
-
-#[test]
-fn parses_rfc3339_expirations() {
-    assert!(parse_expiration("2026-11-23T18:00:00Z").is_ok());
-    assert!(parse_expiration("2026-11-23T18:00:00+01:00").is_ok());
-    assert!(parse_expiration("2026-11-23 18:00").is_err());
-    assert!(parse_expiration(&"9".repeat(100)).is_err());
 }

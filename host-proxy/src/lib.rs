@@ -1,12 +1,10 @@
-//! The parent-instance side of nitro-keystore: the vsock proxy, the secrets
-//! loader, and the commands host applications and operators run.
+//! The parent-instance side of nitro-keystore, as a library: the proxy
+//! daemon's parts ([`proxy`]), the secrets file ([`secrets_file`]), KMS key
+//! policies ([`policy`]) and the AWS client set-up ([`aws`]). The
+//! `keystore-host` binary's commands live in its own `cli` module.
 #![forbid(unsafe_code)]
 
 pub mod aws;
-pub mod credentials;
-pub mod dotenv;
-pub mod encrypt;
-pub mod forwarder;
-pub mod loader;
 pub mod policy;
 pub mod proxy;
+pub mod secrets_file;

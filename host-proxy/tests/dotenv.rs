@@ -1,7 +1,7 @@
 //! `.env` reading and in-place rewriting: layout survives byte for byte.
 #![allow(clippy::unwrap_used)]
 
-use keystore_host::dotenv::{DotEnv, DotEnvError, MAX_FILE_SIZE, Quote};
+use keystore_host::secrets_file::dotenv::{DotEnv, DotEnvError, MAX_FILE_SIZE, Quote};
 
 const SAMPLE: &str = "# Database settings\n\
 \n\

@@ -8,8 +8,8 @@ use std::process::Command;
 
 use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_kms::primitives::Blob;
-use keystore_host::dotenv::DotEnv;
-use keystore_host::encrypt::{EncryptError, Selection, encrypt_file};
+use keystore_host::secrets_file::dotenv::DotEnv;
+use keystore_host::secrets_file::encrypt::{EncryptError, Selection, encrypt_file};
 use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
 use keystore_tests::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle};
 

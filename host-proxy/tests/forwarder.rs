@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keystore_host::forwarder::{
+use keystore_host::proxy::forwarder::{
     Forwarder, ForwarderLimits, PipeEnd, Resolve, ResolveFuture, Upstream, pipe,
 };
 use keystore_shared::endpoint::{Endpoint, Stream};
@@ -463,7 +463,7 @@ async fn throughput_compared_with_socat() {
     .await;
     eprintln!(
         "forwarder (BUFFER_SIZE = {} KiB): {ours:.0} MB/s",
-        keystore_host::forwarder::BUFFER_SIZE / 1024
+        keystore_host::proxy::forwarder::BUFFER_SIZE / 1024
     );
 
     let port = closed_port().await.port();

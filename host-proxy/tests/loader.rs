@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keystore_host::dotenv::DotEnv;
-use keystore_host::loader::{Loader, LoaderConfig, load_entries, send_load};
+use keystore_host::proxy::loader::{Loader, LoaderConfig, load_entries, send_load};
+use keystore_host::secrets_file::dotenv::DotEnv;
 use keystore_shared::endpoint::{Endpoint, Listener};
 use keystore_shared::envelope::Envelope;
 use keystore_shared::frame::{Connection, FrameLimits};

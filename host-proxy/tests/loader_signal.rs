@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keystore_host::credentials::{CredentialCache, ServiceLimits};
-use keystore_host::forwarder::ForwarderLimits;
+use keystore_host::proxy::credentials::{CredentialCache, ServiceLimits};
+use keystore_host::proxy::forwarder::ForwarderLimits;
 use keystore_host::proxy::{Proxy, ProxyConfig};
 use keystore_shared::endpoint::Endpoint;
 use keystore_shared::envelope::Envelope;
@@ -46,7 +46,7 @@ async fn sighup_reloads_and_sigterm_stops() {
         forwarder_limits: ForwarderLimits::default(),
         credentials_listen: Endpoint::tcp("127.0.0.1", 0),
         credentials_limits: ServiceLimits::default(),
-        enclave,
+        load_to: enclave,
         secrets: Some(path),
     };
     let creds = aws_credential_types::Credentials::new("AKID", "SECRET", None, None, "test");

@@ -362,7 +362,7 @@ pub struct StatusReport {
 /// Temporary AWS credentials from the credentials service (IMDSv2 on the
 /// parent). Every field is secret, including the expiry, which says when a
 /// stolen key would stop working.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credentials {
     /// `AccessKeyId`.
     pub access_key_id: SecretString,
@@ -371,9 +371,21 @@ pub struct Credentials {
     /// `Token`; absent for long-term credentials.
     #[serde(default)]
     pub session_token: Option<SecretString>,
-    /// `Expiration` as RFC 3339 text; absent for long-term credentials.
+    /// `Expiration` in Unix seconds; absent for long-term credentials.
     #[serde(default)]
-    pub expiration: Option<SecretString>,
+    pub expires_at: Option<u64>,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The expiry is a plain number, so it is hidden here by hand.
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key)
+            .field("session_token", &self.session_token)
+            .field("expires_at", &self.expires_at.map(|_| "[REDACTED]"))
+            .finish()
+    }
 }
 
 /// Secret bytes: wiped on drop, redacted in `Debug`, no `Display`.

@@ -72,14 +72,20 @@ fn response() -> impl Strategy<Value = Response> {
             }),
         bytes(300).prop_map(|document| ResponseBody::Attestation { document }),
         any::<u64>().prop_map(|count| ResponseBody::Loaded { count }),
-        (".{0,20}", ".{0,40}", prop::option::of(".{0,40}")).prop_map(|(a, s, t)| {
-            ResponseBody::Credentials(Credentials {
-                access_key_id: SecretString::new(a),
-                secret_access_key: SecretString::new(s),
-                session_token: t.map(SecretString::new),
-                expiration: None,
-            })
-        }),
+        (
+            ".{0,20}",
+            ".{0,40}",
+            prop::option::of(".{0,40}"),
+            prop::option::of(any::<u64>())
+        )
+            .prop_map(|(a, s, t, e)| {
+                ResponseBody::Credentials(Credentials {
+                    access_key_id: SecretString::new(a),
+                    secret_access_key: SecretString::new(s),
+                    session_token: t.map(SecretString::new),
+                    expires_at: e,
+                })
+            }),
         (code, ".{0,40}").prop_map(|(code, message)| ResponseBody::Error { code, message }),
     ];
     (any::<u64>(), body).prop_map(|(id, result)| Response { id, v: 1, result })

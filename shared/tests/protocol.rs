@@ -19,7 +19,8 @@ const SECRET: &str = "hunter2-SUPER-secret-value";
 const AKID: &str = "ASIAEXAMPLEKEYID1234";
 const SAK: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
 const TOKEN: &str = "IQoJb3JpZ2luX2VjEXAMPLESESSIONTOKEN";
-const EXPIRY: &str = "2031-01-01T00:00:00Z";
+/// 2031-01-01T00:00:00Z.
+const EXPIRY: u64 = 1_924_992_000;
 
 fn all_requests() -> Vec<Request> {
     vec![
@@ -70,7 +71,7 @@ fn credentials() -> Credentials {
         access_key_id: SecretString::new(AKID.into()),
         secret_access_key: SecretString::new(SAK.into()),
         session_token: Some(SecretString::new(TOKEN.into())),
-        expiration: Some(SecretString::new(EXPIRY.into())),
+        expires_at: Some(EXPIRY),
     }
 }
 
@@ -122,7 +123,7 @@ fn all_responses() -> Vec<Response> {
             7,
             ResponseBody::Credentials(Credentials {
                 session_token: None,
-                expiration: None,
+                expires_at: None,
                 ..credentials()
             }),
         ),
@@ -218,6 +219,17 @@ fn byte_fields_are_cbor_byte_strings() {
     assert_eq!(lookup(attest, "nonce"), &Value::Bytes(vec![3]));
     assert_eq!(lookup(attest, "user_data"), &Value::Bytes(vec![4]));
     assert_eq!(lookup(&v, "v"), &Value::Integer(1));
+}
+
+#[test]
+fn credentials_expiry_is_a_cbor_integer() {
+    let resp = Response::new(7, ResponseBody::Credentials(credentials()));
+    let v: Value = serde_cbor::from_slice(&serde_cbor::to_vec(&resp).unwrap()).unwrap();
+    let creds = lookup(lookup(&v, "result"), "Credentials");
+    assert_eq!(
+        lookup(creds, "expires_at"),
+        &Value::Integer(i128::from(EXPIRY))
+    );
 }
 
 #[test]
@@ -399,7 +411,8 @@ fn limits_match_the_design() {
 
 #[test]
 fn debug_never_shows_secrets() {
-    let needles = [SECRET, AKID, SAK, TOKEN, EXPIRY];
+    let expiry = EXPIRY.to_string();
+    let needles = [SECRET, AKID, SAK, TOKEN, &expiry];
     for resp in all_responses() {
         let dbg = format!("{resp:?}");
         let pretty = format!("{resp:#?}");

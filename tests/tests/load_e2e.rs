@@ -9,7 +9,7 @@ mod kms_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_kms::primitives::Blob;
 use keystore_enclave::kms::credentials::CredentialsConfig;
@@ -58,14 +58,15 @@ async fn credentials_service() -> (Endpoint, JoinHandle<()>) {
             tokio::spawn(async move {
                 let mut conn = Connection::new(stream);
                 while let Ok(Some(req)) = conn.read_message::<Request>().await {
-                    let expiration = keystore_shared::attestation::rfc3339(
-                        &(SystemTime::now() + Duration::from_secs(3600)),
-                    );
+                    let expires_at = (SystemTime::now() + Duration::from_secs(3600))
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs();
                     let body = ResponseBody::Credentials(Credentials {
                         access_key_id: SecretString::new(ACCESS_KEY_ID.to_owned()),
                         secret_access_key: SecretString::new(SECRET_ACCESS_KEY.to_owned()),
                         session_token: None,
-                        expiration: Some(SecretString::new(expiration)),
+                        expires_at: Some(expires_at),
                     });
                     if conn
                         .write_message(&Response::new(req.id, body))

@@ -4,7 +4,7 @@
 //! The enclave has no IMDS, no `~/.aws` and no environment worth trusting,
 //! so its only source of credentials is the host proxy's credentials service
 //! (vsock://3:8001), asked with `GetCredentials` over the framed protocol.
-//! Credentials are cached until shortly before their `Expiration` so a load
+//! Credentials are cached until shortly before their expiry so a load
 //! of many values asks once, and refreshed single-flight: concurrent KMS
 //! calls wait for one fetch instead of each dialing the service.
 //!
@@ -15,11 +15,10 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_credential_types::Credentials as AwsCredentials;
 use aws_credential_types::provider::{self, ProvideCredentials};
-use aws_smithy_types::date_time::{DateTime, Format};
 use keystore_shared::endpoint::Endpoint;
 use keystore_shared::frame::{Connection, FrameLimits};
 use keystore_shared::protocol::{
@@ -117,8 +116,8 @@ pub enum CredentialsError {
     /// The service answered something other than credentials.
     #[error("credentials: unexpected answer from the credentials service: {0}")]
     Unexpected(String),
-    /// The credentials are unusable (empty fields, unparseable or past
-    /// expiry). The values themselves are not shown.
+    /// The credentials are unusable (empty fields, an expiry out of range or
+    /// past). The values themselves are not shown.
     #[error("credentials: the credentials service sent unusable credentials: {0}")]
     Invalid(&'static str),
 }
@@ -302,9 +301,13 @@ impl CredentialsProvider {
             ));
         }
         let now = SystemTime::now();
-        let expires_at = match &credentials.expiration {
+        let expires_at = match credentials.expires_at {
             None => None,
-            Some(text) => Some(parse_expiration(text.expose())?),
+            Some(secs) => Some(
+                UNIX_EPOCH
+                    .checked_add(Duration::from_secs(secs))
+                    .ok_or(CredentialsError::Invalid("the expiry is out of range"))?,
+            ),
         };
         let refresh_at = match expires_at {
             Some(at) if at <= now => {
@@ -332,18 +335,6 @@ impl CredentialsProvider {
             expires_at,
         })
     }
-}
-
-/// Parses an RFC 3339 `Expiration` (with `Z` or an offset, as IMDS and STS
-/// write it). The text is not echoed in the error: it is secret too.
-pub fn parse_expiration(text: &str) -> Result<SystemTime, CredentialsError> {
-    if text.len() > 64 {
-        return Err(CredentialsError::Invalid("expiration is not RFC 3339"));
-    }
-    DateTime::from_str(text, Format::DateTimeWithOffset)
-        .ok()
-        .and_then(|dt| SystemTime::try_from(dt).ok())
-        .ok_or(CredentialsError::Invalid("expiration is not RFC 3339"))
 }
 
 fn body_kind(body: &ResponseBody) -> &'static str {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -325,19 +325,18 @@ impl CredentialsService {
 
 /// A `Credentials` answer expiring `expires_in` seconds from now.
 pub fn credentials(access_key: &str, expires_in: Option<i64>) -> ResponseBody {
-    let expiration = expires_in.map(|secs| {
-        let at = if secs >= 0 {
-            SystemTime::now() + Duration::from_secs(secs.unsigned_abs())
-        } else {
-            SystemTime::now() - Duration::from_secs(secs.unsigned_abs())
-        };
-        SecretString::new(keystore_shared::attestation::rfc3339(&at))
+    let expires_at = expires_in.map(|secs| {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        now.checked_add_signed(secs).unwrap()
     });
     ResponseBody::Credentials(Credentials {
         access_key_id: SecretString::new(access_key.to_owned()),
         secret_access_key: SecretString::new(SECRET_KEY.to_owned()),
         session_token: Some(SecretString::new("session-token".to_owned())),
-        expiration,
+        expires_at,
     })
 }
 

@@ -19,7 +19,7 @@ use keystore_shared::{Client, Endpoint, StatusReport};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::attestation_cmd::{self, EXIT_INVALID};
+use super::attestation::{self, EXIT_INVALID};
 
 /// Bytes of the random nonce `attest` sends.
 pub const NONCE_LEN: usize = 32;
@@ -57,7 +57,7 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct AttestArgs {
     /// Expected PCR value, `INDEX=HEX`; repeatable.
-    #[arg(long = "pcr", value_name = "N=HEX", value_parser = attestation_cmd::parse_pcr)]
+    #[arg(long = "pcr", value_name = "N=HEX", value_parser = attestation::parse_pcr)]
     pub pcrs: Vec<(u16, Vec<u8>)>,
     /// Trusted root: `aws` (the AWS Nitro Enclaves Root G1) or a path to a
     /// PEM or DER certificate (e.g. a mock NSM's root.pem).
@@ -162,7 +162,7 @@ fn status_text(report: &StatusReport) -> String {
 }
 
 async fn attest(enclave: &Endpoint, args: &AttestArgs) -> anyhow::Result<ExitCode> {
-    let root = attestation_cmd::load_root(&args.root)?;
+    let root = attestation::load_root(&args.root)?;
     let mut nonce = [0u8; NONCE_LEN];
     rand::fill(&mut nonce);
     let document = connect(enclave).await?.attest(&nonce, None).await?;

@@ -1,12 +1,12 @@
 //! `keystore-host encrypt`: flags and AWS set-up around
-//! [`keystore_host::encrypt::encrypt_file`].
+//! [`keystore_host::secrets_file::encrypt::encrypt_file`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use keystore_host::encrypt::{Selection, encrypt_file};
+use keystore_host::secrets_file::encrypt::{Selection, encrypt_file};
 
 /// Arguments of `encrypt`.
 #[derive(Debug, Args)]

@@ -45,7 +45,7 @@ pub struct PolicyArgs {
 /// Runs the command.
 pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
     let read = |path: &PathBuf| -> anyhow::Result<Measurements> {
-        let bytes = crate::attestation_cmd::read_bounded(path, MAX_MEASUREMENTS_FILE)?;
+        let bytes = super::attestation::read_bounded(path, MAX_MEASUREMENTS_FILE)?;
         if bytes.len() > MAX_MEASUREMENTS_FILE {
             anyhow::bail!(
                 "{} is over {MAX_MEASUREMENTS_FILE} bytes; not a measurements file",

@@ -1,5 +1,5 @@
-//! `keystore-host encrypt`: turn plain values of a `.env` file into
-//! `ENC[v1:kms:...]` envelopes in place.
+//! KMS encryption of a `.env` file's plain values into `ENC[v1:kms:...]`
+//! envelopes, in place (what `keystore-host encrypt` runs).
 //!
 //! Each chosen value is encrypted by KMS `Encrypt` under the operator's key
 //! with the encryption context `{"keystore:name": NAME}`, which binds the
@@ -18,8 +18,8 @@ use aws_sdk_kms::primitives::Blob;
 use keystore_shared::envelope::{Envelope, EnvelopeError, NAME_CONTEXT_KEY};
 use zeroize::Zeroizing;
 
-use crate::dotenv::{DotEnv, DotEnvError};
-use crate::loader::{LoadError, read_secrets_file};
+use crate::secrets_file::dotenv::{DotEnv, DotEnvError};
+use crate::secrets_file::{self, ReadError};
 
 /// Largest value KMS `Encrypt` takes directly; larger values need the `dek`
 /// envelope kind.
@@ -30,7 +30,7 @@ pub const MAX_KMS_PLAINTEXT: usize = 4096;
 pub enum EncryptError {
     /// The file could not be read.
     #[error(transparent)]
-    Read(LoadError),
+    Read(#[from] ReadError),
     /// The file is not valid `.env`.
     #[error("{path}: {source}")]
     Parse {
@@ -158,7 +158,7 @@ pub async fn encrypt_file(
     path: &Path,
     selection: &Selection,
 ) -> Result<EncryptReport, EncryptError> {
-    let bytes = read_secrets_file(path).map_err(EncryptError::Read)?;
+    let bytes = secrets_file::read(path)?;
     let mut file = DotEnv::parse(&bytes).map_err(|source| EncryptError::Parse {
         path: path.to_owned(),
         source,

@@ -15,16 +15,17 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
-use aws_smithy_types::date_time::{DateTime, Format};
 use keystore_shared::endpoint::{EndpointError, Listener, Peer, Stream};
 use keystore_shared::frame::{Connection, FrameError, FrameLimits};
 use keystore_shared::protocol::{
     Credentials, ErrorCode, Request, RequestOp, Response, ResponseBody, SecretString,
 };
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 
@@ -169,14 +170,14 @@ fn is_fresh(creds: &aws_credential_types::Credentials, now: SystemTime, margin: 
         .is_none_or(|expiry| expiry.duration_since(now).is_ok_and(|left| left > margin))
 }
 
-/// RFC 3339 text (`2024-05-01T12:00:00Z`) of `time`.
+/// RFC 3339 text (`2024-05-01T12:00:00Z`) of `time`, for the log.
 fn rfc3339(time: SystemTime) -> String {
-    DateTime::from(time)
-        .fmt(Format::DateTime)
+    OffsetDateTime::from(time)
+        .format(&Rfc3339)
         .unwrap_or_else(|_| "invalid time".to_owned())
 }
 
-/// Converts SDK credentials to the wire form (expiry as RFC 3339 text).
+/// Converts SDK credentials to the wire form (expiry in Unix seconds).
 pub fn to_wire(creds: &aws_credential_types::Credentials) -> Credentials {
     Credentials {
         access_key_id: SecretString::new(creds.access_key_id().to_owned()),
@@ -184,7 +185,11 @@ pub fn to_wire(creds: &aws_credential_types::Credentials) -> Credentials {
         session_token: creds
             .session_token()
             .map(|t| SecretString::new(t.to_owned())),
-        expiration: creds.expiry().map(|t| SecretString::new(rfc3339(t))),
+        // An expiry before 1970 is nonsense; 0 makes the enclave refuse it
+        // as expired rather than treat it as long-term.
+        expires_at: creds
+            .expiry()
+            .map(|t| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())),
     }
 }
 

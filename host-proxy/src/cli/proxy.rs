@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use keystore_host::credentials::{self, CredentialCache, ServiceLimits};
-use keystore_host::forwarder::{Forward, ForwarderLimits};
+use keystore_host::proxy::credentials::{self, CredentialCache, ServiceLimits};
+use keystore_host::proxy::forwarder::{Forward, ForwarderLimits};
 use keystore_host::proxy::{Proxy, ProxyConfig};
 use keystore_shared::Endpoint;
 
@@ -72,7 +72,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         },
         credentials_listen: args.credentials_listen,
         credentials_limits: ServiceLimits::default(),
-        enclave: args.load_to.clone(),
+        load_to: args.load_to,
         secrets: args.secrets,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -14,6 +14,8 @@ use keystore_shared::attestation::{
     VerifyAt, rfc3339,
 };
 use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 /// Exit code for a document that failed verification (2 is for usage and
 /// I/O errors, as clap does).
@@ -78,8 +80,20 @@ fn parse_at(s: &str) -> Result<At, String> {
     match s {
         "doc" => Ok(At::Doc),
         "now" => Ok(At::Now),
-        other => crate::rfc3339::parse(other).map(At::Time),
+        other => parse_time(other).map(At::Time),
     }
+}
+
+/// Parses an RFC 3339 time (`2024-09-07T14:37:39Z`, any offset, optional
+/// fraction). Only years from 1970 are accepted: certificates cannot be
+/// older.
+fn parse_time(s: &str) -> Result<SystemTime, String> {
+    let bad = || format!("{s:?} is not an RFC 3339 time like 2024-09-07T14:37:39Z");
+    let time = OffsetDateTime::parse(s, &Rfc3339).map_err(|_| bad())?;
+    if time.year() < 1970 {
+        return Err(bad());
+    }
+    Ok(time.into())
 }
 
 fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
@@ -360,6 +374,59 @@ mod tests {
         assert!(matches!(parse_at("now"), Ok(At::Now)));
         assert!(matches!(parse_at("2024-09-07T14:37:39Z"), Ok(At::Time(_))));
         assert!(parse_at("yesterday").is_err());
+    }
+
+    #[test]
+    fn times_round_trip_with_the_formatter() {
+        use std::time::{Duration, UNIX_EPOCH};
+        // Formatting comes from der::DateTime, an independent implementation.
+        for ms in [
+            0u64,
+            951_782_400_000,   // 2000-02-29
+            1_725_719_859_545, // 2024-09-07T14:37:39.545Z
+            4_107_542_400_000, // 2100-03-01 (2100 is not a leap year)
+            253_402_300_799_000,
+        ] {
+            let t = UNIX_EPOCH + Duration::from_millis(ms);
+            assert_eq!(parse_time(&rfc3339(&t)), Ok(t), "{}", rfc3339(&t));
+        }
+    }
+
+    #[test]
+    fn times_take_offsets_and_fractions() {
+        use std::time::Duration;
+        let z = parse_time("2024-09-07T14:37:39Z").unwrap();
+        assert_eq!(parse_time("2024-09-07T16:37:39+02:00"), Ok(z));
+        assert_eq!(parse_time("2024-09-07 09:37:39-05:00"), Ok(z));
+        assert_eq!(
+            parse_time("2024-09-07T14:37:39.5Z"),
+            Ok(z + Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_time("2024-09-07T14:37:39.123456789123Z"),
+            Ok(z + Duration::from_nanos(123_456_789))
+        );
+    }
+
+    #[test]
+    fn times_refuse_nonsense() {
+        for s in [
+            "",
+            "now",
+            "2024-09-07",
+            "2024-09-07T14:37:39",
+            "2024-13-01T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "2024-09-07T24:00:00Z",
+            "2024-09-07T14:37:39.Z",
+            "2024-09-07T14:37:39+2:00",
+            "1969-12-31T23:59:59Z",
+            "2024-09-07T14:37:39Zjunk",
+            "２０２４-09-07T14:37:39Z",
+        ] {
+            let err = parse_time(s).unwrap_err();
+            assert!(err.contains("not an RFC 3339 time"), "{s}: {err}");
+        }
     }
 
     #[test]

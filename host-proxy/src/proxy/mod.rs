@@ -1,5 +1,6 @@
-//! `keystore-host proxy`: the KMS forwarders, the credentials service and
-//! the secrets loader, run together on the parent instance.
+//! The proxy daemon (`keystore-host proxy`): the KMS forwarders
+//! ([`forwarder`]), the credentials service ([`credentials`]) and the
+//! secrets loader ([`loader`]), run together on the parent instance.
 //!
 //! Every listener is bound before anything is served, so a bad address or a
 //! port in use fails start-up with a clear error instead of leaving a proxy
@@ -14,9 +15,13 @@ use keystore_shared::endpoint::{Endpoint, EndpointError};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::credentials::{CredentialCache, CredentialsService, ServiceLimits};
-use crate::forwarder::{Forward, Forwarder, ForwarderLimits};
-use crate::loader::{Loader, LoaderConfig, ReloadTrigger};
+pub mod credentials;
+pub mod forwarder;
+pub mod loader;
+
+use credentials::{CredentialCache, CredentialsService, ServiceLimits};
+use forwarder::{Forward, Forwarder, ForwarderLimits};
+use loader::{Loader, LoaderConfig, ReloadTrigger};
 
 /// Everything the proxy runs.
 #[derive(Debug, Clone)]
@@ -29,8 +34,9 @@ pub struct ProxyConfig {
     pub credentials_listen: Endpoint,
     /// Limits of the credentials service.
     pub credentials_limits: ServiceLimits,
-    /// The enclave's secret server, for `Load`.
-    pub enclave: Endpoint,
+    /// The enclave's load port, where the loader sends the secrets file
+    /// (the secret server refuses `Load`).
+    pub load_to: Endpoint,
     /// The secrets file; without one, no loader runs.
     pub secrets: Option<PathBuf>,
 }
@@ -90,7 +96,7 @@ impl Proxy {
         let credentials_listener = config.credentials_listen.bind().await?;
         let loader = config
             .secrets
-            .map(|path| Loader::new(LoaderConfig::new(path, config.enclave.clone())));
+            .map(|path| Loader::new(LoaderConfig::new(path, config.load_to.clone())));
         Ok(Proxy {
             forwarders,
             credentials: (

@@ -13,7 +13,6 @@
 //! the file looks unchanged, e.g. after the enclave restarted.
 
 use std::future::Future;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,26 +26,17 @@ use keystore_shared::protocol::{
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
-use zeroize::Zeroizing;
 
-use crate::dotenv::{DotEnv, DotEnvError, MAX_FILE_SIZE};
-
-/// Default enclave secret-server endpoint (enclave CID 16, port 5000).
-pub const DEFAULT_ENCLAVE: &str = "vsock://16:5000";
+use crate::secrets_file::dotenv::{DotEnv, DotEnvError};
+use crate::secrets_file::{self, ReadError};
 
 /// Why one load attempt failed. Messages carry names and line numbers,
 /// never values.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The secrets file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] ReadError),
     /// The secrets file is not valid `.env`.
     #[error("{path}: {source}")]
     Parse {
@@ -119,20 +109,6 @@ pub fn load_entries(path: &Path, file: &DotEnv) -> Result<Vec<LoadEntry>, LoadEr
     Ok(entries)
 }
 
-/// Reads at most [`MAX_FILE_SIZE`] + 1 bytes into a wiped buffer.
-pub fn read_secrets_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, LoadError> {
-    let read_err = |source| LoadError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    let mut bytes = Zeroizing::new(Vec::new());
-    file.take(MAX_FILE_SIZE as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_err)?;
-    Ok(bytes)
-}
-
 /// Sends one `Load` to the enclave and waits for `Loaded`; returns the
 /// number of secrets the enclave now holds.
 pub async fn send_load(
@@ -197,7 +173,7 @@ pub struct LoaderConfig {
     /// The secrets file.
     pub path: PathBuf,
     /// The enclave's load port.
-    pub enclave: Endpoint,
+    pub load_to: Endpoint,
     /// How often the file is checked for changes.
     pub poll_interval: Duration,
     /// Bound on one load attempt (connect, send, decrypt, answer).
@@ -211,10 +187,10 @@ pub struct LoaderConfig {
 impl LoaderConfig {
     /// Defaults: poll every 2 s, 60 s per attempt (the enclave decrypts
     /// every value through KMS before answering), backoff 0.5 s to 30 s.
-    pub fn new(path: PathBuf, enclave: Endpoint) -> Self {
+    pub fn new(path: PathBuf, load_to: Endpoint) -> Self {
         LoaderConfig {
             path,
-            enclave,
+            load_to,
             poll_interval: Duration::from_secs(2),
             attempt_timeout: Duration::from_secs(60),
             backoff_initial: Duration::from_millis(500),
@@ -276,7 +252,7 @@ impl Loader {
     /// Reads, checks and sends the file once.
     pub async fn load_once(&mut self) -> Result<(u64, [u8; 32]), LoadError> {
         let path = &self.config.path;
-        let bytes = read_secrets_file(path)?;
+        let bytes = secrets_file::read(path)?;
         let digest: [u8; 32] = Sha256::digest(&*bytes).into();
         let file = DotEnv::parse(&bytes).map_err(|source| LoadError::Parse {
             path: path.clone(),
@@ -287,7 +263,7 @@ impl Loader {
         drop(file);
         self.next_id = self.next_id.wrapping_add(1);
         let count = send_load(
-            &self.config.enclave,
+            &self.config.load_to,
             entries,
             self.next_id,
             self.config.attempt_timeout,
@@ -323,11 +299,11 @@ impl Loader {
                 last_enclave_check = std::time::Instant::now();
             }
             if check_enclave
-                && enclave_ready(&self.config.enclave, self.config.attempt_timeout).await
+                && enclave_ready(&self.config.load_to, self.config.attempt_timeout).await
                     == Some(false)
             {
                 tracing::info!(
-                    enclave = %self.config.enclave,
+                    enclave = %self.config.load_to,
                     "the enclave holds no secrets (restarted?); loading again"
                 );
                 forced = true;
@@ -342,7 +318,7 @@ impl Loader {
                         Ok((count, digest)) => {
                             tracing::info!(
                                 path = %self.config.path.display(),
-                                enclave = %self.config.enclave,
+                                enclave = %self.config.load_to,
                                 count,
                                 "secrets loaded"
                             );
@@ -353,7 +329,7 @@ impl Loader {
                         Err(err) => {
                             tracing::warn!(
                                 path = %self.config.path.display(),
-                                enclave = %self.config.enclave,
+                                enclave = %self.config.load_to,
                                 error = %err,
                                 retry_in = ?backoff,
                                 "loading secrets failed; the enclave keeps its previous set"
@@ -384,7 +360,7 @@ impl Loader {
 
     /// SHA-256 of the file as it is now, if readable.
     fn digest(&self) -> Option<[u8; 32]> {
-        let bytes = read_secrets_file(&self.config.path).ok()?;
+        let bytes = secrets_file::read(&self.config.path).ok()?;
         Some(Sha256::digest(&*bytes).into())
     }
 }
