@@ -95,6 +95,7 @@ impl Resolve for TestResolver {
 fn limits() -> ForwarderLimits {
     ForwarderLimits {
         max_connections: 16,
+        admission_wait: Duration::from_secs(30),
         connect_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(30),
         drain_timeout: Duration::from_secs(1),

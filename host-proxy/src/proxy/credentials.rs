@@ -19,15 +19,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
-use keystore_shared::endpoint::{EndpointError, Listener, Peer, Stream};
+use keystore_shared::endpoint::{Listener, Stream};
 use keystore_shared::frame::{Connection, FrameError, FrameLimits};
 use keystore_shared::protocol::{
     Credentials, ErrorCode, Request, RequestOp, Response, ResponseBody, SecretString,
 };
+use keystore_shared::serve::{Accepted, AnyPeer, Handler, Refusal, ServeConfig, ServeError, serve};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::sync::{Mutex, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::Mutex;
 
 /// Default listen endpoint of the credentials service.
 pub const DEFAULT_LISTEN: &str = "vsock://ANY:8001";
@@ -41,6 +41,9 @@ const MAX_REQUEST_FRAME: usize = 4 * 1024;
 
 /// Room for the largest credentials answer (session tokens run to a few KiB).
 const MAX_RESPONSE_FRAME: usize = 64 * 1024;
+
+/// No connection lives longer, however busy.
+const MAX_CONNECTION_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// Why no credentials could be handed out. Messages never contain
 /// credential material.
@@ -196,7 +199,7 @@ pub fn to_wire(creds: &aws_credential_types::Credentials) -> Credentials {
 /// Limits of the [`CredentialsService`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServiceLimits {
-    /// Connections served at once; more wait in the listen backlog.
+    /// Connections served at once; more wait up to 30 s for a slot.
     pub max_connections: usize,
     /// A connection with no request for this long is closed.
     pub idle_timeout: Duration,
@@ -227,48 +230,31 @@ impl CredentialsService {
         }
     }
 
-    /// Serves `listener` until `shutdown` completes; open connections are
-    /// then closed. Returns an error only if the listener fails for good.
+    /// Serves `listener` with [`keystore_shared::serve`] until `shutdown`
+    /// completes; connections then stop between requests. Returns an error
+    /// only if the listener fails for good.
     pub async fn serve(
         self,
         listener: Listener,
         shutdown: impl Future<Output = ()>,
-    ) -> Result<(), EndpointError> {
-        let permits = Arc::new(Semaphore::new(self.limits.max_connections.max(1)));
-        let mut tasks = JoinSet::new();
-        let local = listener.local_endpoint().clone();
-        tracing::info!(listen = %local, "credentials service listening");
-        tokio::pin!(shutdown);
-        let result = loop {
-            while tasks.try_join_next().is_some() {}
-            let permit = tokio::select! {
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break Ok(()),
-                },
-                () = &mut shutdown => break Ok(()),
-            };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = &mut shutdown => break Ok(()),
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let this = self.clone();
-                    tasks.spawn(async move {
-                        this.handle(stream, peer).await;
-                        drop(permit);
-                    });
-                }
-                Err(err) if err.is_transient() => {
-                    tracing::warn!(listen = %local, error = %err, "accept failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(err) => break Err(err),
-            }
+    ) -> Result<(), ServeError> {
+        let config = ServeConfig {
+            max_connections: self.limits.max_connections,
+            // The enclave's KMS client would only retry: let it wait.
+            admission_wait: Duration::from_secs(30),
+            idle_timeout: self.limits.idle_timeout,
+            max_lifetime: Some(MAX_CONNECTION_LIFETIME),
+            shutdown_grace: Duration::from_secs(2),
+            ..ServeConfig::named("credentials service")
         };
-        tasks.shutdown().await;
-        result
+        serve(
+            listener,
+            Arc::new(self),
+            Arc::new(AnyPeer),
+            config,
+            shutdown,
+        )
+        .await
     }
 
     /// The answer to one request.
@@ -292,15 +278,23 @@ impl CredentialsService {
         }
     }
 
-    async fn handle(&self, stream: Stream, peer: Peer) {
+    async fn serve_connection(&self, accepted: Accepted) {
+        let Accepted {
+            stream,
+            peer,
+            mut shutdown,
+            ..
+        } = accepted;
         let mut conn = Connection::with_limits(
             stream,
             FrameLimits::new(MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME),
         );
         loop {
-            let read =
-                tokio::time::timeout(self.limits.idle_timeout, conn.read_message::<Request>())
-                    .await;
+            let read = tokio::select! {
+                // Between requests: nothing is lost by stopping here.
+                () = shutdown.wait() => return,
+                read = tokio::time::timeout(self.limits.idle_timeout, conn.read_message::<Request>()) => read,
+            };
             let response = match read {
                 Err(_) => {
                     tracing::debug!(%peer, "idle connection closed");
@@ -341,6 +335,26 @@ impl CredentialsService {
                 return;
             }
         }
+    }
+}
+
+impl Handler for CredentialsService {
+    async fn handle(&self, conn: Accepted) {
+        self.serve_connection(conn).await;
+    }
+
+    async fn refuse(&self, stream: &mut Stream, refusal: &Refusal) {
+        let code = match refusal {
+            Refusal::Busy { .. } => ErrorCode::Unavailable,
+            Refusal::Denied(_) => ErrorCode::Denied,
+        };
+        let mut conn = Connection::with_limits(
+            stream,
+            FrameLimits::new(MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME),
+        );
+        let _ = conn
+            .write_message(&Response::error(0, code, refusal.to_string()))
+            .await;
     }
 }
 

@@ -12,11 +12,13 @@
 //! for every connection (KMS endpoints change addresses) and every resolved
 //! address is tried in order until one accepts.
 //!
-//! Limits: at most `max_connections` at once (further connections wait in
-//! the listen backlog rather than being refused, since the SDK in the
-//! enclave would only retry), a connect timeout per address, and an idle
-//! timeout after which a connection with no bytes in either direction is
-//! closed. A connection that fails, for whatever reason, ends alone.
+//! Accepting, slots and shutdown are [`keystore_shared::serve`]'s. Limits:
+//! at most `max_connections` at once (further connections wait up to
+//! `admission_wait` for a slot rather than being refused at once, since the
+//! SDK in the enclave would only retry), a connect timeout per address, and
+//! an idle timeout after which a connection with no bytes in either
+//! direction is closed. A connection that fails, for whatever reason, ends
+//! alone.
 
 use std::fmt;
 use std::future::Future;
@@ -29,11 +31,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use keystore_shared::endpoint::{Endpoint, EndpointError, Listener, Peer};
+use keystore_shared::endpoint::{Endpoint, EndpointError, Listener};
+use keystore_shared::serve::{Accepted, AnyPeer, Handler, ServeConfig, ServeError, serve};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 /// Copy buffer per direction. 64 KiB matches `socat -b 65536` and the
 /// largest TLS records KMS sends fit whole; smaller buffers cost measurably
@@ -241,8 +242,11 @@ impl Resolve for SystemResolver {
 /// Limits of a [`Forwarder`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForwarderLimits {
-    /// Connections served at once; more wait in the listen backlog.
+    /// Connections served at once.
     pub max_connections: usize,
+    /// How long a connection beyond the limit waits for a slot before it is
+    /// closed (the enclave's SDK then retries).
+    pub admission_wait: Duration,
     /// Bound on resolving the upstream, and on connecting to each address.
     pub connect_timeout: Duration,
     /// A connection with no bytes in either direction for this long is
@@ -257,6 +261,7 @@ impl Default for ForwarderLimits {
     fn default() -> Self {
         ForwarderLimits {
             max_connections: 256,
+            admission_wait: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(10),
@@ -281,6 +286,14 @@ impl fmt::Debug for Forwarder {
     }
 }
 
+impl Handler for Forwarder {
+    /// Bytes only: on shutdown a connection keeps flowing until the drain
+    /// timeout, since a TLS stream has no boundary to stop at.
+    async fn handle(&self, conn: Accepted) {
+        self.forward(conn).await;
+    }
+}
+
 impl Forwarder {
     /// A forwarder to `upstream` using the system resolver.
     pub fn new(upstream: Upstream, limits: ForwarderLimits) -> Self {
@@ -302,75 +315,31 @@ impl Forwarder {
         &self.upstream
     }
 
-    /// Accepts connections on `listener` until `shutdown` completes, then
-    /// lets open connections finish for up to the drain timeout. Returns an
-    /// error only if the listener itself fails for good.
+    /// Serves `listener` with [`keystore_shared::serve`] until `shutdown`
+    /// completes, then lets open connections finish for up to the drain
+    /// timeout. Returns an error only if the listener itself fails for good.
     pub async fn serve(
         self,
         listener: Listener,
         shutdown: impl Future<Output = ()>,
-    ) -> Result<(), EndpointError> {
-        let this = Arc::new(self);
-        let permits = Arc::new(Semaphore::new(this.limits.max_connections.max(1)));
-        let mut tasks = JoinSet::new();
-        let mut next_id: u64 = 0;
-        let local = listener.local_endpoint().clone();
-        tracing::info!(listen = %local, upstream = %this.upstream, "forwarding");
-        tokio::pin!(shutdown);
-        let result = loop {
-            while tasks.try_join_next().is_some() {}
-            let permit = match permits.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => {
-                    tracing::warn!(
-                        listen = %local,
-                        max = this.limits.max_connections,
-                        "connection limit reached; new connections wait"
-                    );
-                    tokio::select! {
-                        permit = permits.clone().acquire_owned() => match permit {
-                            Ok(permit) => permit,
-                            Err(_) => break Ok(()),
-                        },
-                        () = &mut shutdown => break Ok(()),
-                    }
-                }
-            };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = &mut shutdown => break Ok(()),
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    next_id += 1;
-                    let this = this.clone();
-                    let id = next_id;
-                    tasks.spawn(async move {
-                        this.handle(id, stream, peer).await;
-                        drop(permit);
-                    });
-                }
-                Err(err) if err.is_transient() => {
-                    tracing::warn!(listen = %local, error = %err, "accept failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(err) => break Err(err),
-            }
+    ) -> Result<(), ServeError> {
+        tracing::info!(listen = %listener.local_endpoint(), upstream = %self.upstream, "forwarding");
+        let config = ServeConfig {
+            max_connections: self.limits.max_connections,
+            admission_wait: self.limits.admission_wait,
+            idle_timeout: self.limits.idle_timeout,
+            max_lifetime: None,
+            shutdown_grace: self.limits.drain_timeout,
+            ..ServeConfig::named("forwarder")
         };
-        drop(listener);
-        while tasks.try_join_next().is_some() {}
-        if !tasks.is_empty() {
-            tracing::info!(listen = %local, open = tasks.len(), "draining connections");
-            let drained = tokio::time::timeout(this.limits.drain_timeout, async {
-                while tasks.join_next().await.is_some() {}
-            })
-            .await;
-            if drained.is_err() {
-                tracing::warn!(listen = %local, open = tasks.len(), "drain timeout; closing");
-                tasks.shutdown().await;
-            }
-        }
-        result
+        serve(
+            listener,
+            Arc::new(self),
+            Arc::new(AnyPeer),
+            config,
+            shutdown,
+        )
+        .await
     }
 
     /// Opens a TCP connection to the upstream: resolve (bounded), then try
@@ -423,7 +392,13 @@ impl Forwarder {
         }
     }
 
-    async fn handle(&self, id: u64, client: keystore_shared::Stream, peer: Peer) {
+    async fn forward(&self, conn: Accepted) {
+        let Accepted {
+            stream: client,
+            peer,
+            id,
+            ..
+        } = conn;
         let started = Instant::now();
         let (upstream, addr) = match self.connect_upstream().await {
             Ok(connected) => connected,

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 
 use keystore_shared::endpoint::{Endpoint, EndpointError};
+use keystore_shared::serve::ServeError;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -44,9 +45,12 @@ pub struct ProxyConfig {
 /// A listener failed for good.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// Binding or accepting failed.
+    /// Binding failed.
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    /// A listener failed for good (or its limits are unusable).
+    #[error(transparent)]
+    Serve(#[from] ServeError),
 }
 
 /// Stops a running proxy; cloneable so signal handlers and tests can hold
@@ -177,7 +181,7 @@ impl Proxy {
                 let _ = rx.wait_for(|stop| *stop).await;
             })
         };
-        let mut tasks: JoinSet<Result<(), EndpointError>> = JoinSet::new();
+        let mut tasks: JoinSet<Result<(), ServeError>> = JoinSet::new();
         for (forwarder, listener) in self.forwarders {
             tasks.spawn(forwarder.serve(listener, stopped(&self.stop)));
         }
