@@ -20,10 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aws_credential_types::Credentials as AwsCredentials;
 use aws_credential_types::provider::{self, ProvideCredentials};
 use keystore_shared::endpoint::Endpoint;
-use keystore_shared::frame::{Connection, FrameLimits};
-use keystore_shared::protocol::{
-    Credentials, ErrorCode, Request, RequestOp, Response, ResponseBody,
-};
+use keystore_shared::protocol::{Credentials, ErrorCode, RequestOp, ResponseBody};
+use keystore_shared::{Client, ClientConfig, ClientError};
 use tokio::sync::Mutex;
 
 /// Default address of the credentials service (the parent, port 8001).
@@ -150,7 +148,6 @@ struct Inner {
     config: CredentialsConfig,
     cache: Mutex<Option<Cached>>,
     fetches: AtomicU64,
-    next_id: AtomicU64,
 }
 
 /// The credentials-service client and cache; also the SDK's credentials
@@ -178,7 +175,6 @@ impl CredentialsProvider {
                 config,
                 cache: Mutex::new(None),
                 fetches: AtomicU64::new(0),
-                next_id: AtomicU64::new(1),
             }),
         }
     }
@@ -225,68 +221,30 @@ impl CredentialsProvider {
     async fn fetch(&self) -> Result<Cached, CredentialsError> {
         let config = &self.inner.config;
         self.inner.fetches.fetch_add(1, Ordering::Relaxed);
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let endpoint = config.endpoint.to_string();
-        let exchange = async {
-            let stream =
-                config
-                    .endpoint
-                    .connect()
-                    .await
-                    .map_err(|e| CredentialsError::Connect {
-                        endpoint: endpoint.clone(),
-                        reason: e.to_string(),
-                    })?;
-            let mut conn =
-                Connection::with_limits(stream, FrameLimits::symmetric(MAX_CREDENTIALS_FRAME));
-            let exchange_err = |e: keystore_shared::frame::FrameError| CredentialsError::Exchange {
-                endpoint: endpoint.clone(),
-                reason: e.to_string(),
-            };
-            conn.write_message(&Request::new(id, RequestOp::GetCredentials))
-                .await
-                .map_err(exchange_err)?;
-            let response: Response = conn
-                .read_message()
-                .await
-                .map_err(exchange_err)?
-                .ok_or_else(|| CredentialsError::Exchange {
-                    endpoint: endpoint.clone(),
-                    reason: "the service closed the connection without answering".to_owned(),
-                })?;
-            Ok::<Response, CredentialsError>(response)
+        let client_config = ClientConfig {
+            connect_timeout: config.fetch_timeout,
+            request_timeout: config.fetch_timeout,
+            max_request_frame: MAX_CREDENTIALS_FRAME,
+            max_response_frame: MAX_CREDENTIALS_FRAME,
         };
-        let response = tokio::time::timeout(config.fetch_timeout, exchange)
+        let exchange = async {
+            let mut client = Client::connect_with(&config.endpoint, client_config).await?;
+            client.call(RequestOp::GetCredentials).await
+        };
+        let answer = tokio::time::timeout(config.fetch_timeout, exchange)
             .await
             .map_err(|_| CredentialsError::Timeout {
                 endpoint: endpoint.clone(),
                 after: config.fetch_timeout,
-            })??;
-        response
-            .check_version()
-            .map_err(|e| CredentialsError::Unexpected(e.to_string()))?;
-        if response.id != id {
+            })?
+            .map_err(|err| credentials_error(err, &endpoint, config.fetch_timeout))?;
+        let ResponseBody::Credentials(credentials) = answer else {
+            // `call` has checked the kind; name it, never the content.
             return Err(CredentialsError::Unexpected(format!(
-                "answer to request {} while request {id} was asked",
-                response.id
+                "a {} response",
+                answer.kind()
             )));
-        }
-        let credentials = match response.result {
-            ResponseBody::Credentials(credentials) => credentials,
-            ResponseBody::Error { code, message } => {
-                return Err(CredentialsError::Refused {
-                    code,
-                    message: message.chars().take(256).collect(),
-                });
-            }
-            // Anything else is a bug on the other side; name only the kind,
-            // never the content.
-            other => {
-                return Err(CredentialsError::Unexpected(format!(
-                    "a {} response",
-                    body_kind(&other)
-                )));
-            }
         };
         let cached = self.to_cached(credentials)?;
         tracing::debug!(endpoint = %endpoint, "credentials fetched");
@@ -337,15 +295,33 @@ impl CredentialsProvider {
     }
 }
 
-fn body_kind(body: &ResponseBody) -> &'static str {
-    match body {
-        ResponseBody::Secret { .. } => "Secret",
-        ResponseBody::Names { .. } => "Names",
-        ResponseBody::Status(_) => "Status",
-        ResponseBody::Attestation { .. } => "Attestation",
-        ResponseBody::Loaded { .. } => "Loaded",
-        ResponseBody::Credentials(_) => "Credentials",
-        ResponseBody::Error { .. } => "Error",
+/// The stage-named error for a failed exchange with the service.
+fn credentials_error(err: ClientError, endpoint: &str, after: Duration) -> CredentialsError {
+    let endpoint = endpoint.to_owned();
+    match err {
+        ClientError::Connect(e) => CredentialsError::Connect {
+            endpoint,
+            reason: e.to_string(),
+        },
+        ClientError::ConnectTimeout { .. } | ClientError::Timeout { .. } => {
+            CredentialsError::Timeout { endpoint, after }
+        }
+        ClientError::Server { code, message, .. } => CredentialsError::Refused {
+            code,
+            message: message.chars().take(256).collect(),
+        },
+        ClientError::Closed { .. } => CredentialsError::Exchange {
+            endpoint,
+            reason: "the service closed the connection without answering".to_owned(),
+        },
+        ClientError::Frame { source, .. } => CredentialsError::Exchange {
+            endpoint,
+            reason: source.to_string(),
+        },
+        other @ (ClientError::Version { .. }
+        | ClientError::IdMismatch { .. }
+        | ClientError::UnexpectedResponse { .. }
+        | ClientError::Broken) => CredentialsError::Unexpected(other.to_string()),
     }
 }
 

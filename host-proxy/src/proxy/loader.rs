@@ -17,13 +17,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use keystore_shared::endpoint::{Endpoint, EndpointError};
+use keystore_shared::endpoint::Endpoint;
 use keystore_shared::envelope::{Envelope, EnvelopeError};
-use keystore_shared::frame::{Connection, FrameError, FrameLimits};
 use keystore_shared::protocol::{
-    DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_RESPONSE_FRAME, ErrorCode, LoadEntry, ProtocolError,
-    Request, RequestOp, ResponseBody,
+    DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_RESPONSE_FRAME, LoadEntry, RequestOp, ResponseBody,
 };
+use keystore_shared::{Client, ClientConfig, ClientError};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
@@ -59,29 +58,10 @@ pub enum LoadError {
         #[source]
         source: EnvelopeError,
     },
-    /// The enclave could not be reached.
+    /// The enclave could not be reached, refused the load, or answered
+    /// out of protocol.
     #[error(transparent)]
-    Connect(#[from] EndpointError),
-    /// Sending the frame or reading the answer failed.
-    #[error("talking to the enclave: {0}")]
-    Frame(#[from] FrameError),
-    /// The enclave closed the connection without answering.
-    #[error("the enclave closed the connection without answering")]
-    NoAnswer,
-    /// The enclave answered with another protocol version.
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-    /// The enclave refused the load.
-    #[error("the enclave refused the load: {code}: {message}")]
-    Refused {
-        /// Its error code.
-        code: ErrorCode,
-        /// Its message (never secret material).
-        message: String,
-    },
-    /// The enclave answered with something other than `Loaded`.
-    #[error("unexpected answer from the enclave")]
-    UnexpectedAnswer,
+    Enclave(#[from] ClientError),
     /// The attempt did not finish in time.
     #[error("no answer from the enclave within {0:?}")]
     Timeout(Duration),
@@ -109,33 +89,36 @@ pub fn load_entries(path: &Path, file: &DotEnv) -> Result<Vec<LoadEntry>, LoadEr
     Ok(entries)
 }
 
+/// Client settings for the load port: 16 MiB requests, every wait bounded
+/// by `timeout`.
+fn load_port_client(timeout: Duration) -> ClientConfig {
+    ClientConfig {
+        connect_timeout: timeout,
+        request_timeout: timeout,
+        max_request_frame: DEFAULT_MAX_LOAD_FRAME,
+        max_response_frame: DEFAULT_MAX_RESPONSE_FRAME,
+    }
+}
+
 /// Sends one `Load` to the enclave and waits for `Loaded`; returns the
 /// number of secrets the enclave now holds.
 pub async fn send_load(
     enclave: &Endpoint,
     entries: Vec<LoadEntry>,
-    request_id: u64,
     timeout: Duration,
 ) -> Result<u64, LoadError> {
     let attempt = async {
-        let stream = enclave.connect().await?;
-        let mut conn = Connection::with_limits(
-            stream,
-            FrameLimits::new(DEFAULT_MAX_RESPONSE_FRAME, DEFAULT_MAX_LOAD_FRAME),
-        );
-        conn.write_message(&Request::new(request_id, RequestOp::Load { entries }))
-            .await?;
-        let response = conn
-            .read_message::<keystore_shared::protocol::Response>()
-            .await?
-            .ok_or(LoadError::NoAnswer)?;
-        response.check_version()?;
-        match response.result {
+        let mut client = Client::connect_with(enclave, load_port_client(timeout)).await?;
+        match client.call(RequestOp::Load { entries }).await? {
             ResponseBody::Loaded { count } => Ok(count),
-            ResponseBody::Error { code, message } => Err(LoadError::Refused { code, message }),
-            _ => Err(LoadError::UnexpectedAnswer),
+            // `call` has checked the answer's kind already.
+            other => Err(LoadError::Enclave(ClientError::UnexpectedResponse {
+                op: "load",
+                got: other.kind(),
+            })),
         }
     };
+    // Connect and request are bounded separately; this bounds their sum.
     tokio::time::timeout(timeout, attempt)
         .await
         .map_err(|_| LoadError::Timeout(timeout))?
@@ -150,19 +133,10 @@ pub const ENCLAVE_CHECK_INTERVAL: Duration = Duration::from_secs(15);
 /// triggers a reload, so a down enclave is not hammered.
 pub async fn enclave_ready(enclave: &Endpoint, timeout: Duration) -> Option<bool> {
     let ask = async {
-        let stream = enclave.connect().await.ok()?;
-        let mut conn = Connection::with_limits(stream, FrameLimits::default());
-        conn.write_message(&Request::new(0, RequestOp::Status))
+        let mut client = Client::connect_with(enclave, load_port_client(timeout))
             .await
             .ok()?;
-        let response = conn
-            .read_message::<keystore_shared::protocol::Response>()
-            .await
-            .ok()??;
-        match response.result {
-            ResponseBody::Status(report) => Some(report.ready),
-            _ => None,
-        }
+        client.status().await.ok().map(|report| report.ready)
     };
     tokio::time::timeout(timeout, ask).await.ok().flatten()
 }
@@ -231,7 +205,6 @@ fn stamp(path: &Path) -> Option<FileStamp> {
 pub struct Loader {
     config: LoaderConfig,
     trigger: Arc<Notify>,
-    next_id: u64,
 }
 
 impl Loader {
@@ -240,7 +213,6 @@ impl Loader {
         Loader {
             config,
             trigger: Arc::new(Notify::new()),
-            next_id: 0,
         }
     }
 
@@ -261,14 +233,7 @@ impl Loader {
         drop(bytes);
         let entries = load_entries(path, &file)?;
         drop(file);
-        self.next_id = self.next_id.wrapping_add(1);
-        let count = send_load(
-            &self.config.load_to,
-            entries,
-            self.next_id,
-            self.config.attempt_timeout,
-        )
-        .await?;
+        let count = send_load(&self.config.load_to, entries, self.config.attempt_timeout).await?;
         Ok((count, digest))
     }
 
