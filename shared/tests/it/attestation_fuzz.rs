@@ -2,7 +2,7 @@
 //! mutated real document is never accepted with different content.
 #![allow(clippy::unwrap_used)]
 
-mod attestation_support;
+use crate::support::attestation as attestation_support;
 
 use std::sync::OnceLock;
 

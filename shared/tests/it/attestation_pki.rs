@@ -2,7 +2,7 @@
 //! encodings newer NSMs use, and each chain rule failing on its own.
 #![allow(clippy::unwrap_used)]
 
-mod attestation_support;
+use crate::support::attestation as attestation_support;
 
 use attestation_support::*;
 use keystore_shared::attestation::{

@@ -3,7 +3,7 @@
 //! every tampering is refused for the right reason.
 #![allow(clippy::unwrap_used)]
 
-mod attestation_support;
+use crate::support::attestation as attestation_support;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -1,0 +1,16 @@
+//! keystore-shared's integration tests: one binary (one link of the
+//! dependencies) with a module per area: endpoints, frames, protocol, the
+//! accept loop, the client and the attestation verifier.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+mod attestation_fuzz;
+mod attestation_pki;
+mod attestation_real;
+mod client;
+mod endpoint;
+mod frame;
+mod frame_proptest;
+mod protocol;
+mod serve;
