@@ -17,6 +17,7 @@ export RUSTFLAGS="-C target-feature=+crt-static -C link-arg=-Wl,--build-id=none 
 --remap-path-prefix=${cargo_home}=/cargo --remap-path-prefix=${src}=/src"
 
 # An explicit --target keeps crt-static away from build scripts and proc-macros.
+# No --features: the production enclave has no mock NSM (scripts/check-layout.sh).
 cargo build --release --locked -p keystore-enclave --target "$target" >&2
 
 bin="${CARGO_TARGET_DIR:-target}/$target/release/keystore-enclave"

@@ -29,7 +29,9 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
 
 bin=${CARGO_TARGET_DIR:-target}/debug
 say "Building keystore-enclave, keystore-host and the KMS emulator"
-cargo build --locked -p keystore-enclave -p keystore-host -p keystore-tests --bins
+# `mock`: the demo runs the enclave with the mock NSM (production builds lack it).
+cargo build --locked -p keystore-enclave -p keystore-host -p keystore-tests --bins \
+  --features keystore-enclave/mock
 
 # Demo credentials: the emulator accepts exactly these, and the host proxy's
 # credentials service hands them to the enclave (on EC2 they come from IMDS).

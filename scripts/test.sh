@@ -33,6 +33,9 @@ cargo check --locked --manifest-path fuzz/Cargo.toml --bins
 echo "== static enclave build, exactly as Dockerfile.enclave runs it"
 enclave_bin=$(scripts/build-enclave-static.sh)
 "$enclave_bin" --help | grep -q -- '--listen'
+echo "== layout: no mock NSM or CMS sealer in the production enclave"
+cargo build --locked -p keystore-enclave --features mock --bin keystore-enclave
+scripts/check-layout.sh "$enclave_bin"
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast

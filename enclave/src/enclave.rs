@@ -17,11 +17,11 @@ use tokio::task::JoinHandle;
 
 use crate::kms::{Kms, KmsConfig, KmsError};
 use crate::load::{LoadConfig, LoadError, Loader};
-use crate::nsm::{Nsm, NsmError};
 use crate::recipient::{Recipient, RecipientConfig, RecipientError, RecipientHandle};
 use crate::server::{Server, ServerConfig, ServerError};
 use crate::service::KeystoreService;
 use crate::store::{SealKey, Store, StoreConfig, StoreError};
+use keystore_nsm::{Nsm, NsmError};
 
 /// Everything the enclave needs to start.
 #[derive(Clone)]

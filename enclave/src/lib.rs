@@ -1,15 +1,14 @@
 //! The nitro-keystore enclave: it talks to the Nitro Security Module
-//! ([`nsm`]), holds an ephemeral RSA recipient key, opens KMS
-//! `CiphertextForRecipient` blobs ([`cms`]), keeps secrets sealed in memory
-//! ([`store`]) and serves them over vsock ([`server`]). [`enclave::Enclave`]
-//! puts them together; the binary and every test harness start it.
+//! (`keystore_nsm`), holds an ephemeral RSA recipient key, opens KMS
+//! `CiphertextForRecipient` blobs (`keystore_cms`), keeps secrets sealed in
+//! memory ([`store`]) and serves them over vsock ([`server`]).
+//! [`enclave::Enclave`] puts them together; the binary and every test
+//! harness start it.
 #![forbid(unsafe_code)]
 
-pub mod cms;
 pub mod enclave;
 pub mod kms;
 pub mod load;
-pub mod nsm;
 pub mod recipient;
 pub mod server;
 pub mod service;

@@ -18,9 +18,9 @@ use clap::{Parser, ValueEnum};
 use keystore_enclave::enclave::{Enclave, EnclaveConfig};
 use keystore_enclave::kms::KmsConfig;
 use keystore_enclave::load::LoadConfig;
-use keystore_enclave::nsm::{DeviceNsm, MockConfig, MockNsm, Nsm};
 use keystore_enclave::recipient::{RecipientBits, RecipientConfig};
 use keystore_enclave::server::{self, ServerConfig};
+use keystore_nsm::{DeviceNsm, Nsm};
 use keystore_shared::Endpoint;
 use nix::sys::resource::{Resource, setrlimit};
 use tokio::signal::unix::{SignalKind, signal};
@@ -59,7 +59,8 @@ struct Args {
     /// KMS calls in flight during a load.
     #[arg(long, default_value_t = 8)]
     load_concurrency: usize,
-    /// Which NSM to use: the enclave's /dev/nsm, or a local mock for tests.
+    /// Which NSM to use: the enclave's /dev/nsm, or (builds with feature
+    /// `mock` only) a local mock for tests.
     #[arg(long, value_enum, default_value_t = NsmKind::Device)]
     nsm: NsmKind,
     /// Directory of the mock NSM's certificate chain (created on first use);
@@ -100,8 +101,15 @@ enum NsmKind {
     /// The real Nitro Security Module at /dev/nsm.
     Device,
     /// A local mock signing with the chain in `--mock-pki`.
+    #[cfg_attr(not(feature = "mock"), value(hide = true))]
     Mock,
 }
+
+/// Why `--nsm mock` fails in a production build. Kept as a (hidden) choice
+/// so the refusal says what is wrong rather than "invalid value".
+#[cfg(not(feature = "mock"))]
+const NO_MOCK: &str =
+    "this build has no mock NSM (build keystore-enclave with `--features mock` for local runs)";
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -157,6 +165,10 @@ fn init_tracing(args: &Args) -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    #[cfg(not(feature = "mock"))]
+    if args.nsm == NsmKind::Mock {
+        bail!(NO_MOCK);
+    }
     if args.nsm == NsmKind::Device && args.mock_pki.is_some() {
         bail!("--mock-pki only makes sense with --nsm mock");
     }
@@ -236,15 +248,25 @@ fn kms_config(args: &Args) -> anyhow::Result<Option<KmsConfig>> {
 fn open_nsm(args: &Args) -> anyhow::Result<Arc<dyn Nsm>> {
     match args.nsm {
         NsmKind::Device => Ok(Arc::new(DeviceNsm::open()?)),
-        NsmKind::Mock => {
-            let dir = args
-                .mock_pki
-                .as_ref()
-                .context("--nsm mock needs --mock-pki DIR")?;
-            tracing::warn!(pki = %dir.display(), "using the MOCK NSM: attestation documents prove nothing");
-            Ok(Arc::new(MockNsm::open(dir, MockConfig::default())?))
-        }
+        // Without feature `mock`, `run` has refused this already.
+        NsmKind::Mock => open_mock_nsm(args),
     }
+}
+
+#[cfg(feature = "mock")]
+fn open_mock_nsm(args: &Args) -> anyhow::Result<Arc<dyn Nsm>> {
+    use keystore_nsm::{MockConfig, MockNsm};
+    let dir = args
+        .mock_pki
+        .as_ref()
+        .context("--nsm mock needs --mock-pki DIR")?;
+    tracing::warn!(pki = %dir.display(), "using the MOCK NSM: attestation documents prove nothing");
+    Ok(Arc::new(MockNsm::open(dir, MockConfig::default())?))
+}
+
+#[cfg(not(feature = "mock"))]
+fn open_mock_nsm(_args: &Args) -> anyhow::Result<Arc<dyn Nsm>> {
+    bail!(NO_MOCK)
 }
 
 #[cfg(test)]
@@ -278,5 +300,11 @@ mod tests {
         assert_eq!(defaults.refresh_after, Duration::from_secs(240));
         assert_eq!(defaults.recipient_bits, RecipientBits::B4096);
         assert_eq!(defaults.listen.to_string(), "vsock://ANY:5000");
+    }
+
+    #[test]
+    fn mock_is_offered_only_by_mock_builds() {
+        let help = Args::command().render_long_help().to_string();
+        assert_eq!(help.contains("mock:"), cfg!(feature = "mock"), "{help}");
     }
 }

@@ -28,16 +28,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use rand::rngs::{SysError, SysRng};
-use rand::{TryCryptoRng, TryRng};
 use rsa::PrivateKey;
 use rsa::pkcs8::EncodePublicKey;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
-use zeroize::{Zeroize, Zeroizing};
 
-use crate::nsm::{AttestationRequest, Nsm, NsmError};
+use keystore_nsm::entropy::{EntropyError, MixedRng};
+use keystore_nsm::{AttestationRequest, Nsm, NsmError};
 
 /// The oldest attestation document KMS accepts. A refresh interval at or
 /// beyond this would publish documents KMS already refuses.
@@ -194,79 +192,18 @@ impl RecipientConfig {
     }
 }
 
-/// The RNG used for RSA key generation: OS randomness XORed with a SHA-256
-/// counter-mode stream seeded from NSM *and* OS randomness.
-///
-/// The output is unpredictable as long as either source is, so neither a
-/// weak enclave kernel RNG nor a faulty NSM alone compromises the key. The
-/// seed lives only for one key generation and is wiped on drop.
-struct KeygenRng {
-    seed: Zeroizing<[u8; 32]>,
-    counter: u64,
-}
-
-impl KeygenRng {
-    fn new(nsm: &dyn Nsm) -> Result<KeygenRng, RecipientError> {
-        let mut from_nsm = Zeroizing::new([0u8; 32]);
-        nsm.fill_random(from_nsm.as_mut_slice())
-            .map_err(RecipientError::Entropy)?;
-        let mut from_os = Zeroizing::new([0u8; 32]);
-        SysRng
-            .try_fill_bytes(from_os.as_mut_slice())
-            .map_err(|e| RecipientError::OsEntropy(e.to_string()))?;
-        let mut hasher = Sha256::new();
-        hasher.update(KEYGEN_RNG_DOMAIN);
-        hasher.update(from_nsm.as_slice());
-        hasher.update(from_os.as_slice());
-        let mut digest = hasher.finalize();
-        let mut seed = Zeroizing::new([0u8; 32]);
-        seed.copy_from_slice(&digest);
-        digest.zeroize();
-        Ok(KeygenRng { seed, counter: 0 })
-    }
-}
-
-impl TryRng for KeygenRng {
-    type Error = SysError;
-
-    fn try_next_u32(&mut self) -> Result<u32, SysError> {
-        let mut b = [0u8; 4];
-        self.try_fill_bytes(&mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-
-    fn try_next_u64(&mut self) -> Result<u64, SysError> {
-        let mut b = [0u8; 8];
-        self.try_fill_bytes(&mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-
-    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), SysError> {
-        SysRng.try_fill_bytes(dst)?;
-        for chunk in dst.chunks_mut(32) {
-            let mut block = Sha256::new()
-                .chain_update(self.seed.as_slice())
-                .chain_update(self.counter.to_le_bytes())
-                .finalize();
-            self.counter = self.counter.wrapping_add(1);
-            for (d, s) in chunk.iter_mut().zip(block.iter()) {
-                *d ^= s;
-            }
-            block.zeroize();
-        }
-        Ok(())
-    }
-}
-
-impl TryCryptoRng for KeygenRng {}
-
 /// Generates a recipient key and its DER SubjectPublicKeyInfo. Blocking and
 /// slow (CPU-bound): async code runs it through `spawn_blocking`.
 pub fn generate_recipient_key(
     nsm: &dyn Nsm,
     bits: RecipientBits,
 ) -> Result<KeyAndSpki, RecipientError> {
-    let mut rng = KeygenRng::new(nsm)?;
+    // OS bytes XORed with a stream seeded from NSM and OS randomness: a weak
+    // source alone does not make the key predictable.
+    let mut rng = MixedRng::new(nsm, KEYGEN_RNG_DOMAIN).map_err(|e| match e {
+        EntropyError::Nsm(e) => RecipientError::Entropy(e),
+        EntropyError::Os(e) => RecipientError::OsEntropy(e),
+    })?;
     let key = PrivateKey::new(&mut rng, bits.bits())
         .map_err(|e| RecipientError::KeyGeneration(e.to_string()))?;
     let spki_der = key

@@ -16,9 +16,9 @@ use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
 use crate::load::Loader;
-use crate::nsm::{AttestationRequest, MAX_ATTESTATION_FIELD, Nsm};
 use crate::recipient::Recipient;
 use crate::store::{Store, StoreError, validate_name};
+use keystore_nsm::{AttestationRequest, MAX_ATTESTATION_FIELD, Nsm};
 
 /// How many NSM attestation calls may run at once. Each occupies a thread of
 /// the blocking pool; a burst of `Attest` requests must not starve the

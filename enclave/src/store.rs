@@ -24,10 +24,10 @@ use aes_gcm::{AeadInOut, Aes256Gcm, Key, KeyInit, Nonce};
 use arc_swap::ArcSwap;
 use keystore_shared::name::{NameError, SecretName};
 use rand::TryRng;
-use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::nsm::{Nsm, NsmError};
+use keystore_nsm::entropy::{self, EntropyError};
+use keystore_nsm::{Nsm, NsmError};
 
 /// Largest secret value accepted by default (1 MiB), matching the protocol's
 /// default response limit so every stored value can also be served.
@@ -36,7 +36,7 @@ pub const DEFAULT_MAX_VALUE_LEN: usize = 1024 * 1024;
 pub use keystore_shared::name::MAX_NAME_LEN;
 
 /// Bytes of entropy taken from each source when deriving a [`SealKey`].
-pub const SEAL_ENTROPY_LEN: usize = 32;
+pub const SEAL_ENTROPY_LEN: usize = entropy::SEED_LEN;
 
 /// AES-GCM nonce length (96 bits, the size GCM is designed for).
 const NONCE_LEN: usize = 12;
@@ -111,17 +111,14 @@ pub struct SealKey {
 impl ZeroizeOnDrop for SealKey {}
 
 impl SealKey {
-    /// Derives a fresh key from 32 bytes of NSM randomness and 32 bytes of OS
-    /// randomness (SHA-256 over both, domain separated).
+    /// Derives a fresh key from NSM and OS randomness mixed by
+    /// [`keystore_nsm::entropy::seed`].
     pub fn generate(nsm: &dyn Nsm) -> Result<SealKey, StoreError> {
-        let mut from_nsm = Zeroizing::new([0u8; SEAL_ENTROPY_LEN]);
-        nsm.fill_random(from_nsm.as_mut_slice())
-            .map_err(StoreError::NsmEntropy)?;
-        let mut from_os = Zeroizing::new([0u8; SEAL_ENTROPY_LEN]);
-        rand::rngs::SysRng
-            .try_fill_bytes(from_os.as_mut_slice())
-            .map_err(|e| StoreError::OsEntropy(e.to_string()))?;
-        Ok(SealKey::from_entropy(&from_nsm, &from_os))
+        let seed = entropy::seed(nsm, SEAL_KEY_DOMAIN).map_err(|e| match e {
+            EntropyError::Nsm(e) => StoreError::NsmEntropy(e),
+            EntropyError::Os(e) => StoreError::OsEntropy(e),
+        })?;
+        Ok(SealKey::from_seed(&seed))
     }
 
     /// Derives a key from explicit entropy. Deterministic: the same inputs
@@ -131,15 +128,11 @@ impl SealKey {
         from_nsm: &[u8; SEAL_ENTROPY_LEN],
         from_os: &[u8; SEAL_ENTROPY_LEN],
     ) -> SealKey {
-        let mut hasher = Sha256::new();
-        hasher.update(SEAL_KEY_DOMAIN);
-        hasher.update(from_nsm);
-        hasher.update(from_os);
-        let mut digest = hasher.finalize();
-        let mut key_bytes = Zeroizing::new([0u8; 32]);
-        key_bytes.copy_from_slice(&digest);
-        digest.zeroize();
-        let mut key = Key::<Aes256Gcm>::from(*key_bytes);
+        SealKey::from_seed(&entropy::mix(SEAL_KEY_DOMAIN, from_nsm, from_os))
+    }
+
+    fn from_seed(seed: &[u8; entropy::SEED_LEN]) -> SealKey {
+        let mut key = Key::<Aes256Gcm>::from(*seed);
         let cipher = Aes256Gcm::new(&key);
         key.zeroize();
         SealKey { cipher }
@@ -495,7 +488,7 @@ impl fmt::Debug for Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nsm::{AttestationRequest, PcrDescription};
+    use keystore_nsm::{AttestationRequest, PcrDescription};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     /// Fills with a recognisable pattern, counts calls, can be told to fail.

@@ -285,8 +285,7 @@ async fn a_blob_for_another_key_fails_at_the_cms_stage() {
     // instead answer with a blob sealed for a fresh unrelated key.
     let other = rsa::PrivateKey::new(&mut rand::rng(), 2048).unwrap();
     let sealed =
-        keystore_enclave::cms::seal_for_recipient(b"v", &other.to_public_key(), &mut rand::rng())
-            .unwrap();
+        keystore_cms::seal_for_recipient(b"v", &other.to_public_key(), &mut rand::rng()).unwrap();
     let body = serde_json::json!({"CiphertextForRecipient": STANDARD.encode(sealed)}).to_string();
     let f = fixture(Arc::new(move |_| (200, body.clone().into_bytes()))).await;
     let err = f

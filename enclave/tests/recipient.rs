@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keystore_enclave::nsm::{AttestationRequest, Nsm, NsmError, PcrDescription};
 use keystore_enclave::recipient::{
     MAX_DOCUMENT_AGE, Recipient, RecipientBits, RecipientConfig, RecipientError, RecipientPair,
     generate_recipient_key,
 };
+use keystore_nsm::{AttestationRequest, Nsm, NsmError, PcrDescription};
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey};
 use rsa::traits::{PrivateKeyParts, PublicKeyParts};
 use rsa::{Oaep, PublicKey};
@@ -177,7 +177,7 @@ async fn default_config_generates_4096_bit_keys() {
     assert_eq!(recipient.config().refresh_after, Duration::from_secs(240));
     let public = PublicKey::from_public_key_der(pair.spki_der()).unwrap();
     assert_eq!(public.n().bit_width(), 4096);
-    assert!(pair.spki_der().len() <= keystore_enclave::nsm::MAX_ATTESTATION_FIELD);
+    assert!(pair.spki_der().len() <= keystore_nsm::MAX_ATTESTATION_FIELD);
     assert_consistent(&pair);
     assert_opens(&pair);
     // Keygen samples: the first key, then each successor generated in the

@@ -19,6 +19,6 @@ fn key() -> &'static PrivateKey {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let _ = keystore_enclave::cms::parse(data);
-    let _ = keystore_enclave::cms::open(data, key());
+    let _ = keystore_cms::parse(data);
+    let _ = keystore_cms::open(data, key());
 });

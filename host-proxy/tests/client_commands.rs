@@ -11,12 +11,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keystore_enclave::nsm::mock::executable_pcr0;
-use keystore_enclave::nsm::{MockConfig, MockNsm, Nsm};
 use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig};
 use keystore_enclave::server::{Server, ServerConfig};
 use keystore_enclave::service::KeystoreService;
 use keystore_enclave::store::{SealKey, Store, StoreConfig};
+use keystore_nsm::mock::executable_pcr0;
+use keystore_nsm::{MockConfig, MockNsm, Nsm};
 use keystore_shared::Endpoint;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

@@ -11,7 +11,7 @@ use aws_sdk_kms::config::Credentials;
 use aws_sdk_kms::config::retry::RetryConfig;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{KeyEncryptionMechanism, RecipientInfo};
-use keystore_enclave::nsm::{AttestationRequest, MockConfig, MockNsm, Nsm};
+use keystore_nsm::{AttestationRequest, MockConfig, MockNsm, Nsm};
 use kms_support::{PCR0, client_for, encrypt_blob, error_code, rsa_2048};
 use rsa::pkcs8::EncodePublicKey;
 
@@ -137,7 +137,7 @@ async fn binary_serves_until_sigterm() {
         .await
         .expect("Decrypt with Recipient");
     assert!(answer.plaintext().is_none());
-    let opened = keystore_enclave::cms::open(
+    let opened = keystore_cms::open(
         answer
             .ciphertext_for_recipient()
             .expect("for recipient")

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{DataKeySpec, KeyEncryptionMechanism, RecipientInfo};
-use keystore_enclave::nsm::{MockConfig, MockNsm};
+use keystore_nsm::{MockConfig, MockNsm};
 use keystore_tests::kms::Operation;
 use kms_support::{Fixture, PCR0, encrypt_blob, error_code, error_message, rsa_2048};
 
@@ -465,10 +465,10 @@ async fn decrypt_with_recipient_returns_ciphertext_for_recipient() {
         .expect("CiphertextForRecipient");
     // Indefinite-length BER like real KMS.
     assert_eq!(&cms.as_ref()[..2], &[0x30, 0x80]);
-    let opened = keystore_enclave::cms::open(cms.as_ref(), &key).expect("open CMS");
+    let opened = keystore_cms::open(cms.as_ref(), &key).expect("open CMS");
     assert_eq!(opened.as_slice(), b"enclave-only secret");
     // Another key cannot open it.
-    assert!(keystore_enclave::cms::open(cms.as_ref(), &rsa_2048()).is_err());
+    assert!(keystore_cms::open(cms.as_ref(), &rsa_2048()).is_err());
 
     // Without a Recipient the PCR0 condition cannot hold.
     let err = kms
@@ -495,7 +495,7 @@ async fn decrypt_with_recipient_returns_ciphertext_for_recipient() {
         .await
         .expect("GenerateDataKey with Recipient");
     assert!(dk.plaintext().is_none());
-    let data_key = keystore_enclave::cms::open(
+    let data_key = keystore_cms::open(
         dk.ciphertext_for_recipient()
             .expect("CiphertextForRecipient")
             .as_ref(),
@@ -629,7 +629,7 @@ async fn stale_and_foreign_documents_are_refused() {
             .to_vec()
     };
     let foreign_doc = {
-        use keystore_enclave::nsm::{AttestationRequest, Nsm};
+        use keystore_nsm::{AttestationRequest, Nsm};
         foreign
             .attest(&AttestationRequest {
                 public_key: Some(spki),

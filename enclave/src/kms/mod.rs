@@ -34,10 +34,10 @@ use keystore_shared::attestation::AttestationDocument;
 use keystore_shared::endpoint::{Endpoint, VSOCK_CID_PARENT};
 use zeroize::Zeroizing;
 
-use crate::cms::{self, CmsError};
 use crate::recipient::{RecipientError, RecipientPair};
 use credentials::{CredentialsConfig, CredentialsError, CredentialsProvider};
 pub use error_code::KmsErrorCode;
+use keystore_cms::{self as cms, CmsError};
 use transport::{KmsTransport, TransportConfig, TransportError, TransportStats};
 
 /// Default vsock port of the host proxy's KMS forwarder.

@@ -17,8 +17,8 @@ use hyper_util::rt::TokioIo;
 use keystore_enclave::kms::credentials::CredentialsConfig;
 use keystore_enclave::kms::transport::TransportConfig;
 use keystore_enclave::kms::{Kms, KmsConfig};
-use keystore_enclave::nsm::{MockConfig, MockNsm};
 use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig, RecipientHandle};
+use keystore_nsm::{MockConfig, MockNsm};
 use keystore_shared::attestation::AttestationDocument;
 use keystore_shared::endpoint::Endpoint;
 use keystore_shared::frame::Connection;
@@ -241,7 +241,7 @@ pub fn fake_decrypt(seen: &Seen, plaintext: bool) -> (u16, Vec<u8>) {
     };
     let key =
         rsa::PublicKey::from_public_key_der(doc.public_key.as_deref().unwrap_or_default()).unwrap();
-    let sealed = keystore_enclave::cms::seal_for_recipient(value, &key, &mut rand::rng()).unwrap();
+    let sealed = keystore_cms::seal_for_recipient(value, &key, &mut rand::rng()).unwrap();
     (
         200,
         serde_json::json!({"CiphertextForRecipient": STANDARD.encode(sealed), "KeyId": "k"})

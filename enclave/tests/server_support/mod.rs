@@ -6,13 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keystore_enclave::nsm::{
-    AttestationRequest, MockConfig, MockNsm, Nsm, NsmError, PcrDescription,
-};
 use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig, RecipientHandle};
 use keystore_enclave::server::{Server, ServerConfig, ServerError};
 use keystore_enclave::service::KeystoreService;
 use keystore_enclave::store::{SealKey, Store, StoreConfig};
+use keystore_nsm::{AttestationRequest, MockConfig, MockNsm, Nsm, NsmError, PcrDescription};
 use keystore_shared::attestation::{Root, Verifier};
 use keystore_shared::{Client, ClientConfig, Endpoint};
 use tempfile::TempDir;

@@ -28,6 +28,9 @@ pub fn enclave_binary() -> PathBuf {
             "keystore-enclave",
             "--bin",
             "keystore-enclave",
+            // The tests run it with `--nsm mock`.
+            "--features",
+            "mock",
         ])
         .args(["--profile", &profile])
         .arg("--target-dir")

@@ -121,16 +121,17 @@ impl AttestedRecipient {
     /// `ValidationException` if the key cannot wrap (too small for OAEP),
     /// `KMSInternalException` for anything else.
     pub fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, KmsError> {
-        keystore_enclave::cms::seal_for_recipient(plaintext, &self.public_key, &mut rand::rng())
-            .map_err(|e| match e {
-                keystore_enclave::cms::CmsError::KeyWrap => {
+        keystore_cms::seal_for_recipient(plaintext, &self.public_key, &mut rand::rng()).map_err(
+            |e| match e {
+                keystore_cms::CmsError::KeyWrap => {
                     invalid("the recipient's RSA key is too small for RSAES_OAEP_SHA_256")
                 }
                 other => KmsError::new(
                     ErrorKind::Internal,
                     format!("CiphertextForRecipient: {other}"),
                 ),
-            })
+            },
+        )
     }
 }
 
@@ -199,7 +200,7 @@ impl AttestationRoot {
 #[cfg(test)]
 mod root_tests {
     use super::*;
-    use keystore_enclave::nsm::{MockConfig, MockNsm};
+    use keystore_nsm::{MockConfig, MockNsm};
 
     #[test]
     fn a_deferred_root_is_read_once_it_exists() {

@@ -10,7 +10,7 @@ use aws_sdk_kms::config::timeout::TimeoutConfig;
 use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
 use aws_smithy_http_client::tls::rustls_provider::CryptoMode;
 use aws_smithy_http_client::tls::{Provider, TlsContext, TrustStore};
-use keystore_enclave::nsm::{AttestationRequest, MockConfig, MockNsm};
+use keystore_nsm::{AttestationRequest, MockConfig, MockNsm};
 use keystore_tests::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle};
 use rsa::pkcs8::EncodePublicKey;
 use tempfile::TempDir;
@@ -65,7 +65,7 @@ impl Fixture {
             .expect("SPKI")
             .as_bytes()
             .to_vec();
-        use keystore_enclave::nsm::Nsm;
+        use keystore_nsm::Nsm;
         self.nsm
             .attest(&AttestationRequest {
                 public_key: Some(spki),

@@ -6,10 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use keystore_enclave::nsm::mock::{DOCUMENT_PCRS, PCR_LEN, PROTECTED_HEADER};
-use keystore_enclave::nsm::{
-    AttestationRequest, MAX_ATTESTATION_FIELD, MockConfig, MockNsm, Nsm, NsmError,
-};
+use keystore_nsm::mock::{DOCUMENT_PCRS, PCR_LEN, PROTECTED_HEADER};
+use keystore_nsm::{AttestationRequest, MAX_ATTESTATION_FIELD, MockConfig, MockNsm, Nsm, NsmError};
 use nsm_nitro_enclave_utils::api::nsm::AttestationDoc;
 use nsm_nitro_enclave_utils::time::Time;
 use nsm_nitro_enclave_utils::verify::AttestationDocVerifierExt;
@@ -198,7 +196,7 @@ fn looks_like_module_id(id: &str) -> bool {
 
 // ---------------------------------------------------------------------------
 
-/// Named `nsm::…` so `cargo test -p keystore-enclave nsm` selects them.
+/// Named `nsm::…` so `cargo test -p keystore-nsm nsm` selects them.
 mod nsm {
     use super::*;
 

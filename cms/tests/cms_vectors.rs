@@ -1,4 +1,4 @@
-//! `keystore_enclave::cms` against real KMS `CiphertextForRecipient` blobs
+//! `keystore_cms` against real KMS `CiphertextForRecipient` blobs
 //! (tests/vectors/nitro-kms/cms) and against its own KMS-shaped builder.
 
 mod cms_support;
@@ -18,8 +18,8 @@ mod cms_vectors {
     };
     use der::asn1::OctetString;
     use der::{Any, Decode, Encode};
-    use keystore_enclave::cms::{
-        self, CmsError, MAX_BLOB_LEN, MAX_PLAINTEXT_LEN, open, parse, rsa_subject_key_identifier,
+    use keystore_cms::{
+        CmsError, MAX_BLOB_LEN, MAX_PLAINTEXT_LEN, open, parse, rsa_subject_key_identifier,
         seal_for_recipient, subject_key_identifier,
     };
     use rsa::PrivateKey;
@@ -364,7 +364,7 @@ mod cms_vectors {
         let err = parse(&vec![0x30; MAX_BLOB_LEN + 1]).unwrap_err();
         assert!(matches!(err, CmsError::TooLarge { .. }), "{err:?}");
 
-        let depth = cms::MAX_NESTING_DEPTH + 1;
+        let depth = keystore_cms::MAX_NESTING_DEPTH + 1;
         let mut deep = Vec::new();
         for _ in 0..depth {
             deep.extend_from_slice(&[0x30, 0x80]);

@@ -19,6 +19,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aws_nitro_enclaves_cose::CoseSign1;
+use aws_nitro_enclaves_cose::crypto::{
+    Hash, MessageDigest, SignatureAlgorithm, SigningPrivateKey, SigningPublicKey,
+};
+use aws_nitro_enclaves_cose::error::CoseError;
+use aws_nitro_enclaves_cose::header_map::HeaderMap;
+use p384::ecdsa::Signature;
+use p384::ecdsa::signature::hazmat::PrehashVerifier;
 use rand::TryRng;
 use rand::rngs::SysRng;
 use sha2::{Digest, Sha384};
@@ -44,6 +52,11 @@ pub const MAX_MODULE_ID: usize = 64;
 /// `{1: -35}`: the COSE protected header of every NSM document (alg ES384).
 pub const PROTECTED_HEADER: [u8; 4] = [0xa1, 0x01, 0x38, 0x22];
 
+/// Logged whenever a mock NSM opens. Because the mock uses it, every binary
+/// that links the mock contains this text, which lets
+/// `scripts/check-layout.sh` prove the production enclave does not.
+pub const MOCK_NSM_MARKER: &str = "keystore-nsm mock: not for production";
+
 /// How the mock NSM presents itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MockConfig {
@@ -66,6 +79,7 @@ pub struct MockNsm {
 impl fmt::Debug for MockNsm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MockNsm")
+            .field("marker", &MOCK_NSM_MARKER)
             .field("module_id", &self.module_id)
             .field("pki", &self.pki)
             .field("pcr0", &hex::encode(self.pcrs[0]))
@@ -138,11 +152,12 @@ impl MockNsm {
             }
         };
         let leaf = pki.issue_leaf(&module_id, SystemTime::now())?;
-        tracing::info!(
+        tracing::warn!(
+            marker = MOCK_NSM_MARKER,
             module_id = %module_id,
             pcr0 = %hex::encode(pcr0),
             root = %pki.root_pem_path().display(),
-            "mock NSM ready"
+            "mock NSM ready: its attestation documents prove nothing"
         );
         Ok(Self {
             pki,
@@ -243,25 +258,53 @@ impl MockNsm {
     }
 }
 
-/// Signs `payload` into an untagged `COSE_Sign1` with ES384.
+/// Signs `payload` into an untagged `COSE_Sign1` with ES384, through the
+/// same COSE crate the verifier in `keystore_shared::attestation` parses
+/// with, so the two cannot disagree on the Sig_structure.
 fn sign_cose(key: &SecretKey, payload: &[u8]) -> Result<Vec<u8>, NsmError> {
-    // Sig_structure = ["Signature1", protected, external_aad = h'', payload]
-    let mut to_sign = Cbor::with_capacity(payload.len() + 32);
-    to_sign.array(4);
-    to_sign.text("Signature1");
-    to_sign.bytes(&PROTECTED_HEADER);
-    to_sign.bytes(&[]);
-    to_sign.bytes(payload);
-    let signature = key.sign(&to_sign.0).map_err(NsmError::Internal)?;
-    let signature = signature.to_bytes();
+    let cose_err = |e: CoseError| NsmError::Internal(format!("COSE_Sign1: {e}"));
+    let doc =
+        CoseSign1::new::<Sha>(payload, &HeaderMap::new(), &Es384Signer(key)).map_err(cose_err)?;
+    doc.as_bytes(false).map_err(cose_err)
+}
 
-    let mut doc = Cbor::with_capacity(payload.len() + 128);
-    doc.array(4);
-    doc.bytes(&PROTECTED_HEADER);
-    doc.map(0);
-    doc.bytes(payload);
-    doc.bytes(&signature);
-    Ok(doc.0)
+/// SHA-2 for the COSE crate's `Hash` trait (its own needs openssl).
+struct Sha;
+
+impl Hash for Sha {
+    fn hash(digest: MessageDigest, data: &[u8]) -> Result<Vec<u8>, CoseError> {
+        Ok(match digest {
+            MessageDigest::Sha256 => sha2::Sha256::digest(data).to_vec(),
+            MessageDigest::Sha384 => Sha384::digest(data).to_vec(),
+            MessageDigest::Sha512 => sha2::Sha512::digest(data).to_vec(),
+        })
+    }
+}
+
+/// A leaf key for the COSE crate's signing traits: ES384, raw r‖s output.
+struct Es384Signer<'a>(&'a SecretKey);
+
+impl SigningPublicKey for Es384Signer<'_> {
+    fn get_parameters(&self) -> Result<(SignatureAlgorithm, MessageDigest), CoseError> {
+        Ok((SignatureAlgorithm::ES384, MessageDigest::Sha384))
+    }
+
+    fn verify(&self, digest: &[u8], signature: &[u8]) -> Result<bool, CoseError> {
+        let Ok(sig) = Signature::from_slice(signature) else {
+            return Ok(false);
+        };
+        Ok(self.0.verifying_key().verify_prehash(digest, &sig).is_ok())
+    }
+}
+
+impl SigningPrivateKey for Es384Signer<'_> {
+    fn sign(&self, digest: &[u8]) -> Result<Vec<u8>, CoseError> {
+        let sig = self
+            .0
+            .sign_prehash(digest)
+            .map_err(|e| CoseError::SignatureError(e.into()))?;
+        Ok(sig.to_bytes().to_vec())
+    }
 }
 
 fn validate_module_id(id: &str) -> Result<(), NsmError> {
@@ -382,6 +425,19 @@ mod tests {
         c.text("ab");
         c.bytes(&[7]);
         assert_eq!(c.0, [0xf6, 0x62, b'a', b'b', 0x41, 7]);
+    }
+
+    #[test]
+    fn documents_are_untagged_sign1_with_the_nsm_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let nsm = MockNsm::open_with_pcr0(dir.path(), MockConfig::default(), [7; PCR_LEN]).unwrap();
+        let doc = nsm.attest(&AttestationRequest::default()).unwrap();
+        // array(4), bstr(4) {1: -35}, unprotected {} as real NSMs write it.
+        assert_eq!(doc[..6], [0x84, 0x44, 0xa1, 0x01, 0x38, 0x22]);
+        assert_eq!(doc[6], 0xa0);
+        // The signature is raw r‖s (96 bytes), the last field.
+        assert_eq!(doc[doc.len() - 98..doc.len() - 96], [0x58, 96]);
+        assert!(format!("{nsm:?}").contains(MOCK_NSM_MARKER));
     }
 
     #[test]

@@ -17,7 +17,7 @@ mod cms_openssl {
     use std::sync::OnceLock;
 
     use crate::cms_support::find;
-    use keystore_enclave::cms::{CmsError, open, rsa_subject_key_identifier, seal_for_recipient};
+    use keystore_cms::{CmsError, open, rsa_subject_key_identifier, seal_for_recipient};
     use rsa::PrivateKey;
     use rsa::pkcs8::DecodePrivateKey;
     use sha2::{Digest, Sha256};

@@ -1,16 +1,21 @@
 //! The Nitro Security Module: attestation documents, randomness and PCRs.
 //!
-//! The rest of the enclave sees only the [`Nsm`] trait, so the real device
-//! and the local mock are interchangeable and every caller is tested against
-//! the same contract.
+//! The enclave sees only the [`Nsm`] trait, so the real device and the
+//! local mock are interchangeable and every caller is tested against the
+//! same contract. The mock (feature `mock`, off by default) lives here and
+//! not in the enclave so the production enclave image cannot contain it.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 
 pub mod device;
+pub mod entropy;
+#[cfg(feature = "mock")]
 pub mod mock;
 
 pub use device::{DeviceNsm, NSM_DEVICE_PATH};
-pub use mock::{MockConfig, MockNsm, MockPki};
+#[cfg(feature = "mock")]
+pub use mock::{MOCK_NSM_MARKER, MockConfig, MockNsm, MockPki};
 
 /// The most bytes NSM accepts in each of `public_key`, `user_data` and
 /// `nonce` (real documents carry exactly 1024 of each).

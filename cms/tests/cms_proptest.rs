@@ -10,7 +10,7 @@ mod cms_proptest {
     use std::sync::OnceLock;
 
     use crate::cms_support::{REAL_BLOBS, sdkgo_key, vector};
-    use keystore_enclave::cms::{open, parse, seal_for_recipient};
+    use keystore_cms::{open, parse, seal_for_recipient};
     use proptest::prelude::*;
     use rsa::PrivateKey;
 

@@ -5,8 +5,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use keystore_enclave::nsm::mock::PCR_LEN;
-use keystore_enclave::nsm::{AttestationRequest, MockConfig, MockNsm, Nsm};
+use keystore_nsm::mock::PCR_LEN;
+use keystore_nsm::{AttestationRequest, MockConfig, MockNsm, Nsm};
 use keystore_shared::attestation::{AttestationError, Root, Verifier, VerifyAt};
 
 fn mock(dir: &std::path::Path) -> MockNsm {
@@ -50,10 +50,7 @@ fn mock_documents_verify_under_the_mock_root_with_every_expectation() {
     assert_eq!(verified.module_id, nsm.module_id());
     assert_eq!(verified.user_data, req.user_data);
     // PCR0 is the hash of this very test binary, as an EIF build would measure it.
-    assert_eq!(
-        pcr0,
-        keystore_enclave::nsm::mock::executable_pcr0().expect("pcr0")
-    );
+    assert_eq!(pcr0, keystore_nsm::mock::executable_pcr0().expect("pcr0"));
 }
 
 #[test]

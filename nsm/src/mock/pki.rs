@@ -24,7 +24,8 @@ use std::time::{Duration, SystemTime};
 use der::asn1::BitString;
 use der::pem::LineEnding;
 use der::{DecodePem, Encode, EncodePem};
-use p384::ecdsa::signature::{Signer, Verifier};
+use p384::ecdsa::signature::Verifier;
+use p384::ecdsa::signature::hazmat::PrehashSigner;
 use p384::ecdsa::{DerSignature, Signature, SigningKey, VerifyingKey};
 use p384::elliptic_curve::Generate;
 use p384::pkcs8::{DecodePrivateKey, EncodePrivateKey};
@@ -44,7 +45,7 @@ use x509_cert::serial_number::SerialNumber;
 use x509_cert::time::{Time, Validity};
 use zeroize::Zeroizing;
 
-use crate::nsm::NsmError;
+use crate::NsmError;
 
 /// File name of the root certificate inside the PKI directory.
 pub const ROOT_CERT_FILE: &str = "root.pem";
@@ -86,14 +87,15 @@ impl SecretKey {
             .map_err(|e| format!("OS random generator failed: {e}"))
     }
 
-    /// Signs `msg` with ECDSA P-384 / SHA-384 (deterministic, RFC 6979).
-    pub(crate) fn sign(&self, msg: &[u8]) -> Result<Signature, String> {
+    /// Signs a SHA-384 `digest` with ECDSA P-384 (deterministic, RFC 6979).
+    pub(crate) fn sign_prehash(&self, digest: &[u8]) -> Result<Signature, String> {
         self.0
-            .try_sign(msg)
+            .sign_prehash(digest)
             .map_err(|e| format!("ECDSA signing failed: {e}"))
     }
 
-    fn verifying_key(&self) -> &VerifyingKey {
+    /// The public half.
+    pub(crate) fn verifying_key(&self) -> &VerifyingKey {
         self.0.verifying_key()
     }
 

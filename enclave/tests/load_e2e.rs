@@ -5,6 +5,8 @@
 //! sealed store.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+// The emulator fixture of keystore-tests' own tests: one fixture, not a copy.
+#[path = "../../tests/tests/kms_support/mod.rs"]
 mod kms_support;
 
 use std::sync::Arc;
@@ -16,11 +18,9 @@ use keystore_enclave::kms::credentials::CredentialsConfig;
 use keystore_enclave::kms::transport::TransportConfig;
 use keystore_enclave::kms::{Kms, KmsConfig};
 use keystore_enclave::load::{LoadConfig, LoadError, Loader};
-use keystore_enclave::nsm::{
-    AttestationRequest, MockConfig, MockNsm, Nsm, NsmError, PcrDescription,
-};
 use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig, RecipientHandle};
 use keystore_enclave::store::{SealKey, Store, StoreConfig};
+use keystore_nsm::{AttestationRequest, MockConfig, MockNsm, Nsm, NsmError, PcrDescription};
 use keystore_shared::endpoint::Endpoint;
 use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
 use keystore_shared::frame::Connection;

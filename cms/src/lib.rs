@@ -1,4 +1,4 @@
-//! Opening (and, for the KMS emulator, producing) KMS `CiphertextForRecipient`.
+//! Opening (and, with feature `seal`, producing) KMS `CiphertextForRecipient`.
 //!
 //! When the enclave calls KMS `Decrypt` with a `Recipient` (an attestation
 //! document carrying our RSA public key), KMS does not return the plaintext.
@@ -25,12 +25,17 @@
 //! CBC padding) collapses into the single [`CmsError::Decryption`] so that a
 //! caller who can submit blobs learns nothing about *why* decryption failed.
 //!
-//! [`seal_for_recipient`] produces the same shape byte-for-byte (up to the
-//! random parts) so a KMS emulator can answer exactly like real KMS.
+//! `seal_for_recipient` (feature `seal`, off by default) produces the same
+//! shape byte-for-byte (up to the random parts) so a KMS emulator can answer
+//! exactly like real KMS. The enclave never needs it, so its image does not
+//! carry it.
+#![forbid(unsafe_code)]
 
 mod ber;
+#[cfg(feature = "seal")]
 mod builder;
 
+#[cfg(feature = "seal")]
 pub use builder::seal_for_recipient;
 
 use aes::Aes256;
@@ -156,7 +161,7 @@ pub enum CmsError {
     /// oracle to whoever can submit blobs.
     #[error("decryption failed")]
     Decryption,
-    /// [`seal_for_recipient`] was given more than [`MAX_PLAINTEXT_LEN`] bytes.
+    /// `seal_for_recipient` was given more than [`MAX_PLAINTEXT_LEN`] bytes.
     #[error("plaintext is {len} bytes, over the {max}-byte limit")]
     PlaintextTooLarge {
         /// Size of the rejected plaintext.
