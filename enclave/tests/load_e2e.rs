@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 // The emulator fixture of keystore-tests' own tests: one fixture, not a copy.
-#[path = "../../tests/tests/kms_support/mod.rs"]
+#[path = "../../tests/tests/it/support/kms.rs"]
 mod kms_support;
 
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! against the real `keystore-enclave` binary with a mock NSM.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support::common as support;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -6,7 +6,7 @@
 // Helpers outside `#[test]` functions panic on purpose: this is a test file.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support::common as support;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -1,0 +1,20 @@
+//! keystore-host's integration tests: the daemon's parts (forwarder,
+//! credentials, loader), the CLI, packaging and end-to-end runs with the
+//! real enclave binary.
+//!
+//! One test binary per crate (one link of the dependencies), a module per
+//! area.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+mod attestation_cli;
+mod client_commands;
+mod credentials;
+mod dotenv;
+mod e2e;
+mod encrypt;
+mod forwarder;
+mod loader;
+mod loader_signal;
+mod packaging;

@@ -1,0 +1,3 @@
+//! Test support shared by the areas of this crate's test binary.
+
+pub mod common;
