@@ -8,6 +8,7 @@
 //! ports and the periodic re-decrypt in the background. [`Enclave::shutdown`]
 //! stops all of them the same way and wipes the store.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,7 +112,7 @@ pub struct Enclave {
     service: Arc<KeystoreService>,
     loader: Option<Arc<Loader>>,
     stop: watch::Sender<bool>,
-    served: JoinHandle<Result<(), ServerError>>,
+    served: Option<JoinHandle<Result<(), ServerError>>>,
     load_served: Option<JoinHandle<Result<(), ServerError>>>,
     reloads: Option<JoinHandle<()>>,
     refresher: RecipientHandle,
@@ -211,7 +212,7 @@ impl Enclave {
             service,
             loader,
             stop,
-            served,
+            served: Some(served),
             load_served,
             reloads,
             refresher,
@@ -239,11 +240,40 @@ impl Enclave {
         self.loader.as_ref()
     }
 
+    /// Serves until `stop` completes (a signal), or until the secret port
+    /// fails for good; then shuts down as [`Enclave::shutdown`] does.
+    pub async fn run_until(mut self, stop: impl Future) -> Result<(), EnclaveError> {
+        let Some(served) = self.served.as_mut() else {
+            return self.shutdown().await;
+        };
+        let early = tokio::select! {
+            _ = stop => None,
+            joined = served => Some(joined),
+        };
+        match early {
+            None => self.shutdown().await,
+            Some(joined) => {
+                self.served = None;
+                let failed = flatten(joined).and(Err(EnclaveError::Task(
+                    "the secret port stopped".to_owned(),
+                )));
+                if let Err(err) = &failed {
+                    tracing::error!(error = %err, "the secret server stopped by itself; shutting down");
+                }
+                self.shutdown().await?;
+                failed
+            }
+        }
+    }
+
     /// Stops both ports (in-flight requests get their grace), the
     /// re-decrypt and the key refresh, and wipes the secrets.
     pub async fn shutdown(self) -> Result<(), EnclaveError> {
         let _ = self.stop.send(true);
-        let served = join(self.served).await;
+        let served = match self.served {
+            Some(task) => join(task).await,
+            None => Ok(()),
+        };
         if let Some(task) = self.load_served
             && let Err(err) = join(task).await
         {
@@ -263,7 +293,13 @@ impl Enclave {
 }
 
 async fn join(task: JoinHandle<Result<(), ServerError>>) -> Result<(), EnclaveError> {
-    match task.await {
+    flatten(task.await)
+}
+
+fn flatten(
+    joined: Result<Result<(), ServerError>, tokio::task::JoinError>,
+) -> Result<(), EnclaveError> {
+    match joined {
         Ok(result) => Ok(result?),
         Err(err) => Err(EnclaveError::Task(err.to_string())),
     }

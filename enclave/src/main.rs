@@ -211,11 +211,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     stdout.flush().context("cannot write to stdout")?;
     drop(stdout);
 
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM received"),
-        _ = sigint.recv() => tracing::info!("SIGINT received"),
-    }
-    enclave.shutdown().await?;
+    let signalled = async {
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM received"),
+            _ = sigint.recv() => tracing::info!("SIGINT received"),
+        }
+    };
+    enclave.run_until(signalled).await?;
     tracing::info!("keystore-enclave stopped");
     Ok(())
 }

@@ -1,15 +1,15 @@
-//! A secret server running in-process on a tcp or unix endpoint, with a
-//! mock NSM whose PKI lives in a temporary directory, a 2048-bit recipient
-//! key and a store the test fills.
+//! The enclave running in-process ([`Enclave::start`], as `main.rs` runs
+//! it) on a tcp or unix endpoint, with a mock NSM whose PKI lives in a
+//! temporary directory, a 2048-bit recipient key and a store the test fills.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig, RecipientHandle};
-use keystore_enclave::server::{Server, ServerConfig, ServerError};
+use keystore_enclave::enclave::{Enclave, EnclaveConfig, EnclaveError};
+use keystore_enclave::recipient::{RecipientBits, RecipientConfig};
+use keystore_enclave::server::ServerConfig;
 use keystore_enclave::service::KeystoreService;
-use keystore_enclave::store::{SealKey, Store, StoreConfig};
 use keystore_nsm::{AttestationRequest, MockConfig, MockNsm, Nsm, NsmError, PcrDescription};
 use keystore_shared::attestation::{Root, Verifier};
 use keystore_shared::{Client, ClientConfig, Endpoint};
@@ -85,13 +85,15 @@ pub struct Harness {
     pub endpoint: Endpoint,
     pub service: Arc<KeystoreService>,
     pub pki: TempDir,
-    pub task: JoinHandle<Result<(), ServerError>>,
+    /// The enclave, running until [`Harness::begin_shutdown`].
+    pub task: JoinHandle<Result<(), EnclaveError>>,
     shutdown: Option<oneshot::Sender<()>>,
-    refresher: Option<RecipientHandle>,
     _sockets: TempDir,
 }
 
 impl Harness {
+    /// Starts the enclave the way `main.rs` does ([`Enclave::start`]),
+    /// without KMS, then fills its store.
     pub async fn start(options: Options) -> Harness {
         let pki = tempfile::tempdir().unwrap();
         let sockets = tempfile::tempdir().unwrap();
@@ -103,38 +105,34 @@ impl Harness {
             }),
             None => Arc::new(mock),
         };
-        let (recipient, refresher) = Recipient::start(
-            nsm.clone(),
-            RecipientConfig {
-                bits: RecipientBits::B2048,
-                refresh_after: options.refresh_after,
-                ..RecipientConfig::default()
-            },
-        )
-        .await
-        .unwrap();
-        let store = Arc::new(Store::new(
-            SealKey::generate(nsm.as_ref()).unwrap(),
-            StoreConfig::default(),
-        ));
+        let endpoint = match options.transport {
+            Transport::Tcp => Endpoint::tcp("127.0.0.1", 0),
+            Transport::Unix => Endpoint::unix(sockets.path().join("enclave.sock")),
+        };
+        let mut config = EnclaveConfig::new(
+            endpoint,
+            Endpoint::unix(sockets.path().join("load.sock")),
+            nsm,
+        );
+        config.recipient = RecipientConfig {
+            bits: RecipientBits::B2048,
+            refresh_after: options.refresh_after,
+            ..RecipientConfig::default()
+        };
+        config.server = options.config;
+        let enclave = Enclave::start(config).await.unwrap();
+        let service = enclave.service().clone();
         if options.fill {
+            let store = service.store();
             let mut builder = store.builder();
             for (name, value) in fixtures() {
                 builder.insert(name, Zeroizing::new(value)).unwrap();
             }
             store.replace(builder.build());
         }
-        let service = Arc::new(KeystoreService::new(store, recipient, nsm));
-        let endpoint = match options.transport {
-            Transport::Tcp => Endpoint::tcp("127.0.0.1", 0),
-            Transport::Unix => Endpoint::unix(sockets.path().join("enclave.sock")),
-        };
-        let server = Server::bind(&endpoint, service.clone(), options.config)
-            .await
-            .unwrap();
-        let endpoint = server.local_endpoint().clone();
+        let endpoint = enclave.secret_endpoint().clone();
         let (shutdown, stop) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
+        let task = tokio::spawn(enclave.run_until(async move {
             let _ = stop.await;
         }));
         Harness {
@@ -143,7 +141,6 @@ impl Harness {
             pki,
             task,
             shutdown: Some(shutdown),
-            refresher: Some(refresher),
             _sockets: sockets,
         }
     }
@@ -168,22 +165,18 @@ impl Harness {
         }
     }
 
-    /// Asserts the server is still serving, then shuts it down and returns
-    /// its result.
-    pub async fn stop(mut self) -> Result<(), ServerError> {
+    /// Asserts the enclave is still serving, then shuts it down and
+    /// returns its result.
+    pub async fn stop(mut self) -> Result<(), EnclaveError> {
         assert!(
             !self.task.is_finished(),
-            "the server task ended before it was asked to"
+            "the enclave stopped before it was asked to"
         );
         self.begin_shutdown();
-        let result = tokio::time::timeout(Duration::from_secs(60), &mut self.task)
+        tokio::time::timeout(Duration::from_secs(60), &mut self.task)
             .await
-            .expect("server did not shut down within 60 s")
-            .expect("server task panicked");
-        if let Some(refresher) = self.refresher.take() {
-            refresher.shutdown().await.unwrap();
-        }
-        result
+            .expect("the enclave did not shut down within 60 s")
+            .expect("enclave task panicked")
     }
 }
 
