@@ -86,7 +86,7 @@ fn pcr0_policy(pcr0: &[u8]) -> String {
     format!(
         r#"{{"Version":"2012-10-17","Statement":[
         {{"Sid":"Admin","Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::111122223333:root"}},
-          "Action":["kms:Encrypt","kms:DescribeKey"],"Resource":"*"}},
+          "Action":["kms:Encrypt","kms:DescribeKey","kms:PutKeyPolicy"],"Resource":"*"}},
         {{"Sid":"EnclaveOnly","Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::111122223333:root"}},
           "Action":["kms:Decrypt"],"Resource":"*",
           "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"{}"}}}}}}]}}"#,
@@ -100,7 +100,7 @@ struct E2e {
     recipient: Recipient,
     _handle: RecipientHandle,
     store: Arc<Store>,
-    loader: Loader,
+    loader: Arc<Loader>,
     _creds: JoinHandle<()>,
 }
 
@@ -140,7 +140,7 @@ async fn start(config: LoadConfig) -> E2e {
         SealKey::from_entropy(&[3; 32], &[4; 32]),
         StoreConfig::default(),
     ));
-    let loader = Loader::new(kms, recipient.clone(), store.clone(), config).unwrap();
+    let loader = Arc::new(Loader::new(kms, recipient.clone(), store.clone(), config).unwrap());
     E2e {
         fx,
         nsm,
@@ -375,4 +375,81 @@ async fn a_ciphertext_moved_under_another_name_is_refused() {
         "{err}"
     );
     assert!(e.store.is_empty());
+}
+
+/// Runs `loader.reload_periodically` every 100 ms until the returned sender
+/// is dropped or fires.
+fn reload_every_100ms(e: &E2e) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let loader = e.loader.clone();
+    tokio::spawn(async move {
+        loader
+            .reload_periodically(Duration::from_millis(100), async move {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    stop
+}
+
+/// Waits (bounded) until `done` holds.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not happen within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_periodic_re_decrypt_wipes_the_secrets_once_the_key_policy_is_revoked() {
+    let e = start(fast()).await;
+    let key = e.key(&PCR0);
+    e.loader.load(e.entries(&key, "R", 3).await).await.unwrap();
+    let _stop = reload_every_100ms(&e);
+    // Re-decrypts succeed while the policy allows this enclave.
+    e.fx.kms.reset_calls();
+    eventually("a successful re-decrypt", || {
+        e.fx.kms.calls(Operation::Decrypt).calls >= 3
+    })
+    .await;
+    assert_eq!(e.store.names(), ["R0", "R1", "R2"]);
+
+    // The operator revokes: the policy now pins another image.
+    e.fx.client()
+        .put_key_policy()
+        .key_id(&key)
+        .policy_name("default")
+        .policy(pcr0_policy(&[0x11; 48]))
+        .send()
+        .await
+        .unwrap();
+    eventually("the revocation wipe", || e.store.names().is_empty()).await;
+    assert!(e.store.get("R0").is_err());
+    let last = e.loader.last_error().unwrap();
+    assert!(last.contains("AccessDeniedException"), "{last}");
+}
+
+#[tokio::test]
+async fn the_periodic_re_decrypt_keeps_the_secrets_when_kms_is_only_unavailable() {
+    let e = start(LoadConfig {
+        max_attempts: 2,
+        ..fast()
+    })
+    .await;
+    let key = e.key(&PCR0);
+    e.loader.load(e.entries(&key, "U", 2).await).await.unwrap();
+    // Every Decrypt now fails with a KMS-side error (HTTP 500).
+    e.fx.kms
+        .inject(Fault::internal_error().fraction(1.0).on(Operation::Decrypt));
+    let _stop = reload_every_100ms(&e);
+    eventually("a failed re-decrypt", || e.loader.last_error().is_some()).await;
+    let last = e.loader.last_error().unwrap();
+    assert!(last.contains("KMSInternalException"), "{last}");
+    // Not a revocation: the set keeps being served.
+    assert_eq!(e.store.names(), ["U0", "U1"]);
+    assert_eq!(e.store.get("U1").unwrap().as_slice(), b"value-U1");
 }
