@@ -1,20 +1,21 @@
-//! The credentials-service client: fetch over `frame::Connection`, cache
+//! The credentials-service client against a scripted credentials service
+//! (the protocol peer): fetch over `frame::Connection`, cache
 //! until shortly before expiry, refresh, and stage-named errors.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod kms_support;
+mod emulator_support;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use aws_credential_types::provider::ProvideCredentials;
+use emulator_support::*;
 use keystore_enclave::kms::credentials::{
     CredentialsConfig, CredentialsError, CredentialsProvider,
 };
 use keystore_shared::endpoint::Endpoint;
 use keystore_shared::protocol::{ErrorCode, ResponseBody};
-use kms_support::*;
 
 fn provider(service: &CredentialsService) -> CredentialsProvider {
     CredentialsProvider::new(CredentialsConfig::new(service.endpoint.clone()))

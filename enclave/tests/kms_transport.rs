@@ -1,57 +1,70 @@
-//! The enclave's KMS transport against a local TLS server: the connector
-//! dials `tcp://127.0.0.1:PORT` (standing in for the proxy) while SNI and
-//! certificate verification use the KMS host name.
+//! The enclave's KMS transport against the KMS emulator's TLS server,
+//! reached through a local TCP relay standing in for the proxy: the
+//! connector dials `tcp://127.0.0.1:PORT` while SNI and certificate
+//! verification use the KMS host name (`localhost`, which the emulator's
+//! certificate covers).
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod kms_support;
-
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+mod emulator_support;
 
 use bytes::Bytes;
+use emulator_support::*;
 use keystore_enclave::kms::KmsError;
 use keystore_enclave::kms::transport::{KmsTransport, TransportConfig, TransportError};
 use keystore_shared::endpoint::Endpoint;
-use kms_support::*;
 
-fn ok_handler() -> Handler {
-    Arc::new(|_| (200, b"{}".to_vec()))
+/// The emulator behind a relay that records SNI and counts connections.
+struct Server {
+    fx: Fixture,
+    relay: Relay,
 }
 
-fn transport(server: &HttpsServer, host: &str, ca: Option<&str>) -> KmsTransport {
-    let mut config = TransportConfig::new(server.endpoint(), host);
-    config.extra_ca_pem = ca.map(|p| p.as_bytes().to_vec());
-    KmsTransport::new(&config).unwrap()
+impl Server {
+    async fn start() -> Server {
+        let fx = Fixture::start().await;
+        let relay = Relay::start(fx.kms.local_addr()).await;
+        Server { fx, relay }
+    }
+
+    fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.fx.kms.ca_pem_path()).unwrap()
+    }
+
+    fn transport(&self, host: &str, trust_ca: bool) -> KmsTransport {
+        let mut config = TransportConfig::new(self.relay.endpoint(), host);
+        config.extra_ca_pem = trust_ca.then(|| self.ca_pem());
+        KmsTransport::new(&config).unwrap()
+    }
 }
 
-fn post(host: &str) -> http::Request<Bytes> {
-    http::Request::post(format!("https://{host}/"))
+/// The emulator's admin `DELETE faults` answers 200 `{"pending":0}`, a
+/// cheap request with a known answer.
+fn request(host: &str) -> http::Request<Bytes> {
+    http::Request::delete(format!("https://{host}/__admin/faults"))
         .header("host", host)
-        .body(Bytes::from_static(b"{}"))
+        .body(Bytes::new())
         .unwrap()
 }
 
+const ANSWER: &[u8] = br#"{"pending":0}"#;
+
 #[tokio::test]
 async fn works_with_the_extra_ca_and_names_the_kms_host_in_sni() {
-    let tls = TestTls::new(&[KMS_HOST]);
-    let server = HttpsServer::start(tls.server.clone(), ok_handler()).await;
-    let t = transport(&server, KMS_HOST, Some(&tls.ca_pem));
-    let response = t.send(post(KMS_HOST)).await.unwrap();
+    let s = Server::start().await;
+    let t = s.transport(KMS_HOST, true);
+    let response = t.send(request(KMS_HOST)).await.unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(response.body().as_ref(), b"{}");
-    let seen = server.requests();
-    assert_eq!(seen.len(), 1);
+    assert_eq!(response.body().as_ref(), ANSWER);
     // SNI is the KMS host, never the proxy's address.
-    assert_eq!(seen[0].sni.as_deref(), Some(KMS_HOST));
-    assert_eq!(seen[0].host.as_deref(), Some(KMS_HOST));
+    assert_eq!(s.relay.snis(), [Some(KMS_HOST.to_owned())]);
+    assert_eq!(t.stats().requests, 1);
 }
 
 #[tokio::test]
 async fn refuses_an_untrusted_certificate_at_the_tls_stage() {
-    let tls = TestTls::new(&[KMS_HOST]);
-    let server = HttpsServer::start(tls.server.clone(), ok_handler()).await;
-    let t = transport(&server, KMS_HOST, None);
-    let err = t.send(post(KMS_HOST)).await.unwrap_err();
+    let s = Server::start().await;
+    let t = s.transport(KMS_HOST, false);
+    let err = t.send(request(KMS_HOST)).await.unwrap_err();
     match &err {
         TransportError::Tls {
             host,
@@ -66,36 +79,38 @@ async fn refuses_an_untrusted_certificate_at_the_tls_stage() {
     }
     assert!(err.is_tls() && !err.is_retryable());
     assert!(err.to_string().starts_with("TLS: "), "{err}");
-    assert!(server.requests().is_empty());
+    // The connection reached the server but no request was sent on it.
+    assert_eq!(s.relay.accepted(), 1);
     assert_eq!(t.stats().tls_handshakes, 0);
 }
 
 #[tokio::test]
 async fn refuses_a_certificate_for_another_name() {
-    let tls = TestTls::new(&["other.test.local"]);
-    let server = HttpsServer::start(tls.server.clone(), ok_handler()).await;
-    let t = transport(&server, KMS_HOST, Some(&tls.ca_pem));
-    let err = t.send(post(KMS_HOST)).await.unwrap_err();
+    // The emulator's certificate covers localhost and 127.0.0.1 only.
+    let s = Server::start().await;
+    let t = s.transport("kms.test.local", true);
+    let err = t.send(request("kms.test.local")).await.unwrap_err();
     match &err {
         TransportError::Tls { reason, .. } => {
             assert!(reason.contains("not valid for name"), "{reason}")
         }
         other => panic!("expected a TLS error, got {other:?}"),
     }
-    assert!(server.requests().is_empty());
+    assert_eq!(s.relay.snis(), [Some("kms.test.local".to_owned())]);
+    assert_eq!(t.stats().tls_handshakes, 0);
 }
 
 #[tokio::test]
 async fn keep_alive_reuses_one_connection() {
-    let tls = TestTls::new(&[KMS_HOST]);
-    let server = HttpsServer::start(tls.server.clone(), ok_handler()).await;
-    let t = transport(&server, KMS_HOST, Some(&tls.ca_pem));
+    let s = Server::start().await;
+    let t = s.transport(KMS_HOST, true);
     const CALLS: usize = 10;
     for _ in 0..CALLS {
-        assert_eq!(t.send(post(KMS_HOST)).await.unwrap().status(), 200);
+        let response = t.send(request(KMS_HOST)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.body().as_ref(), ANSWER);
     }
-    assert_eq!(server.requests().len(), CALLS);
-    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(s.relay.accepted(), 1);
     let stats = t.stats();
     assert_eq!(stats.connections_opened, 1);
     assert_eq!(stats.tls_handshakes, 1);
@@ -104,36 +119,31 @@ async fn keep_alive_reuses_one_connection() {
 
 #[tokio::test]
 async fn concurrent_calls_open_a_bounded_number_of_connections() {
-    let tls = TestTls::new(&[KMS_HOST]);
-    let server = HttpsServer::start(tls.server.clone(), ok_handler()).await;
-    let t = transport(&server, KMS_HOST, Some(&tls.ca_pem));
+    let s = Server::start().await;
+    let t = s.transport(KMS_HOST, true);
     // Four rounds of four concurrent calls: later rounds reuse the pooled
     // connections of the first, so connections stay at most 4 for 16 calls.
     for _ in 0..4 {
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..4 {
             let t = t.clone();
-            calls.spawn(async move { t.send(post(KMS_HOST)).await });
+            calls.spawn(async move { t.send(request(KMS_HOST)).await });
         }
         while let Some(r) = calls.join_next().await {
             assert_eq!(r.unwrap().unwrap().status(), 200);
         }
     }
-    let accepted = server.accepted.load(Ordering::SeqCst);
+    let accepted = s.relay.accepted();
     assert!((1..=4).contains(&accepted), "{accepted} connections");
-    assert_eq!(server.requests().len(), 16);
+    assert_eq!(t.stats().requests, 16);
 }
 
 #[tokio::test]
 async fn an_unreachable_proxy_is_a_proxy_connect_error() {
-    // Bind and drop to get a port nothing listens on.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = dead_port();
     let config = TransportConfig::new(Endpoint::tcp("127.0.0.1", port), KMS_HOST);
     let t = KmsTransport::new(&config).unwrap();
-    let err = t.send(post(KMS_HOST)).await.unwrap_err();
+    let err = t.send(request(KMS_HOST)).await.unwrap_err();
     assert!(err.is_proxy_connect(), "{err:?}");
     assert!(err.is_retryable());
     assert!(
@@ -144,36 +154,32 @@ async fn an_unreachable_proxy_is_a_proxy_connect_error() {
 
 #[tokio::test]
 async fn refuses_requests_for_another_host_without_dialing() {
-    let tls = TestTls::new(&[KMS_HOST]);
-    let server = HttpsServer::start(tls.server.clone(), ok_handler()).await;
-    let t = transport(&server, KMS_HOST, Some(&tls.ca_pem));
+    let s = Server::start().await;
+    let t = s.transport(KMS_HOST, true);
     for uri in [
         "https://evil.example/",
-        "http://kms.test.local/",
-        "https://kms.test.local:8443/",
+        "http://localhost/",
+        "https://localhost:8443/",
     ] {
         let req = http::Request::post(uri).body(Bytes::new()).unwrap();
         let err = t.send(req).await.unwrap_err();
         assert!(matches!(err, TransportError::Refused(_)), "{uri}: {err:?}");
     }
-    assert_eq!(server.accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(s.relay.accepted(), 0);
 }
 
 #[tokio::test]
 async fn bounds_the_response_size() {
-    let tls = TestTls::new(&[KMS_HOST]);
-    let server = HttpsServer::start(
-        tls.server.clone(),
-        Arc::new(|_| (200, vec![b'x'; 64 * 1024])),
-    )
-    .await;
-    let mut config = TransportConfig::new(server.endpoint(), KMS_HOST);
-    config.extra_ca_pem = Some(tls.ca_pem.as_bytes().to_vec());
-    config.max_response_len = 4096;
+    let s = Server::start().await;
+    let mut config = TransportConfig::new(s.relay.endpoint(), KMS_HOST);
+    config.extra_ca_pem = Some(s.ca_pem());
+    // Smaller than the emulator's answer.
+    config.max_response_len = ANSWER.len() - 1;
     let t = KmsTransport::new(&config).unwrap();
-    let err = t.send(post(KMS_HOST)).await.unwrap_err();
+    let err = t.send(request(KMS_HOST)).await.unwrap_err();
+    let max = ANSWER.len() - 1;
     assert!(
-        matches!(err, TransportError::ResponseTooLarge { max: 4096, .. }),
+        matches!(err, TransportError::ResponseTooLarge { max: m, .. } if m == max),
         "{err:?}"
     );
 }
@@ -203,7 +209,9 @@ fn an_extra_ca_is_refused_unless_the_nsm_is_the_mock() {
     assert_eq!(config.transport.proxy, Endpoint::vsock(3, 8000));
     assert_eq!(config.credentials.endpoint, Endpoint::vsock(3, 8001));
     config.check_extra_ca(false).unwrap();
-    config.transport.extra_ca_pem = Some(TestTls::new(&[KMS_HOST]).ca_pem.into_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let pki = keystore_tests::tls::TestPki::create(dir.path()).unwrap();
+    config.transport.extra_ca_pem = Some(std::fs::read(pki.ca_pem_path()).unwrap());
     assert!(matches!(
         config.check_extra_ca(false),
         Err(KmsError::Config(_))

@@ -5,151 +5,40 @@
 //! sealed store.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-// The emulator fixture of keystore-tests' own tests: one fixture, not a copy.
-#[path = "../../tests/tests/it/support/kms.rs"]
-mod kms_support;
+mod emulator_support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use aws_sdk_kms::primitives::Blob;
-use keystore_enclave::kms::credentials::CredentialsConfig;
-use keystore_enclave::kms::transport::TransportConfig;
-use keystore_enclave::kms::{Kms, KmsConfig};
+use emulator_support::{Emulator, PCR0, pcr0_policy};
 use keystore_enclave::load::{LoadConfig, LoadError, Loader};
-use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig, RecipientHandle};
 use keystore_enclave::store::{SealKey, Store, StoreConfig};
-use keystore_nsm::{AttestationRequest, MockConfig, MockNsm, Nsm, NsmError, PcrDescription};
-use keystore_shared::endpoint::Endpoint;
 use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
-use keystore_shared::frame::Connection;
-use keystore_shared::protocol::{Credentials, Request, Response, ResponseBody, SecretString};
 use keystore_tests::kms::{Fault, Operation};
-use kms_support::{ACCESS_KEY_ID, Fixture, PCR0, SECRET_ACCESS_KEY};
-use tokio::task::JoinHandle;
-
-/// The mock NSM with a movable clock, so a test can make fresh documents
-/// look as young as the emulator's advanced clock expects.
-struct ShiftedNsm {
-    inner: MockNsm,
-    ahead_secs: AtomicU64,
-}
-
-impl Nsm for ShiftedNsm {
-    fn attest(&self, req: &AttestationRequest) -> Result<Vec<u8>, NsmError> {
-        let ahead = Duration::from_secs(self.ahead_secs.load(Ordering::SeqCst));
-        self.inner.attest_at(req, SystemTime::now() + ahead)
-    }
-    fn fill_random(&self, buf: &mut [u8]) -> Result<(), NsmError> {
-        self.inner.fill_random(buf)
-    }
-    fn describe_pcr(&self, index: u16) -> Result<PcrDescription, NsmError> {
-        self.inner.describe_pcr(index)
-    }
-}
-
-/// A credentials service handing out the emulator's accepted key.
-async fn credentials_service() -> (Endpoint, JoinHandle<()>) {
-    let listener = Endpoint::tcp("127.0.0.1", 0).bind().await.unwrap();
-    let endpoint = listener.local_endpoint().clone();
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut conn = Connection::new(stream);
-                while let Ok(Some(req)) = conn.read_message::<Request>().await {
-                    let expires_at = (SystemTime::now() + Duration::from_secs(3600))
-                        .duration_since(UNIX_EPOCH)
-                        .unwrap()
-                        .as_secs();
-                    let body = ResponseBody::Credentials(Credentials {
-                        access_key_id: SecretString::new(ACCESS_KEY_ID.to_owned()),
-                        secret_access_key: SecretString::new(SECRET_ACCESS_KEY.to_owned()),
-                        session_token: None,
-                        expires_at: Some(expires_at),
-                    });
-                    if conn
-                        .write_message(&Response::new(req.id, body))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (endpoint, task)
-}
-
-fn pcr0_policy(pcr0: &[u8]) -> String {
-    format!(
-        r#"{{"Version":"2012-10-17","Statement":[
-        {{"Sid":"Admin","Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::111122223333:root"}},
-          "Action":["kms:Encrypt","kms:DescribeKey","kms:PutKeyPolicy"],"Resource":"*"}},
-        {{"Sid":"EnclaveOnly","Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::111122223333:root"}},
-          "Action":["kms:Decrypt"],"Resource":"*",
-          "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"{}"}}}}}}]}}"#,
-        hex::encode(pcr0)
-    )
-}
 
 struct E2e {
-    fx: Fixture,
-    nsm: Arc<ShiftedNsm>,
-    recipient: Recipient,
-    _handle: RecipientHandle,
+    em: Emulator,
     store: Arc<Store>,
     loader: Arc<Loader>,
-    _creds: JoinHandle<()>,
+}
+
+// The emulator, its NSM and the recipient read as fields of the test.
+impl std::ops::Deref for E2e {
+    type Target = Emulator;
+    fn deref(&self) -> &Emulator {
+        &self.em
+    }
 }
 
 async fn start(config: LoadConfig) -> E2e {
-    let fx = Fixture::start().await;
-    // Same PKI directory as the fixture's NSM, so the emulator trusts it.
-    let nsm = Arc::new(ShiftedNsm {
-        inner: MockNsm::open_with_pcr0(fx.dir.path().join("nsm"), MockConfig::default(), PCR0)
-            .unwrap(),
-        ahead_secs: AtomicU64::new(0),
-    });
-    let (recipient, handle) = Recipient::start(
-        nsm.clone(),
-        RecipientConfig {
-            bits: RecipientBits::B2048,
-            ..RecipientConfig::default()
-        },
-    )
-    .await
-    .unwrap();
-    let (creds, creds_task) = credentials_service().await;
-    // The "proxy" is the emulator's TCP port; TLS names `localhost`, which
-    // its certificate covers.
-    let mut transport = TransportConfig::new(
-        Endpoint::tcp("127.0.0.1", fx.kms.local_addr().port()),
-        "localhost",
-    );
-    transport.extra_ca_pem = Some(std::fs::read(fx.kms.ca_pem_path()).unwrap());
-    let kms = Kms::new(KmsConfig {
-        region: fx.kms.region().to_owned(),
-        transport,
-        credentials: CredentialsConfig::new(creds),
-        operation_timeout: Duration::from_secs(30),
-    })
-    .unwrap();
+    let em = Emulator::start().await;
     let store = Arc::new(Store::new(
         SealKey::from_entropy(&[3; 32], &[4; 32]),
         StoreConfig::default(),
     ));
-    let loader = Arc::new(Loader::new(kms, recipient.clone(), store.clone(), config).unwrap());
-    E2e {
-        fx,
-        nsm,
-        recipient,
-        _handle: handle,
-        store,
-        loader,
-        _creds: creds_task,
-    }
+    let loader = Arc::new(Loader::new(em.kms(), em.recipient.clone(), store.clone(), config).unwrap());
+    E2e { em, store, loader }
 }
 
 fn fast() -> LoadConfig {
@@ -161,14 +50,6 @@ fn fast() -> LoadConfig {
 }
 
 impl E2e {
-    fn key(&self, pcr0: &[u8]) -> String {
-        self.fx
-            .kms
-            .create_key(Some(&pcr0_policy(pcr0)))
-            .unwrap()
-            .key_id
-    }
-
     /// The operator side: `Encrypt` with the name-binding context.
     async fn entry(
         &self,
@@ -292,8 +173,7 @@ async fn a_stale_document_is_replaced_once_and_the_load_succeeds() {
     let generation = e.recipient.current().generation();
     // The emulator now sees the published document as six minutes old;
     // documents made from now on carry the emulator's time.
-    e.fx.kms.advance_clock(Duration::from_secs(6 * 60));
-    e.nsm.ahead_secs.store(6 * 60, Ordering::SeqCst);
+    e.age_documents(6 * 60);
     e.fx.kms.reset_calls();
     let report = e.loader.load(entries).await.unwrap();
     assert_eq!(report.count, 6);

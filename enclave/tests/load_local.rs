@@ -1,53 +1,41 @@
-//! `Loader` against the local KMS fake: all-or-nothing replacement, limits,
+//! `Loader` against the KMS emulator: all-or-nothing replacement, limits,
 //! retries with backoff, one invalidation on an attestation refusal.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod kms_support;
+mod emulator_support;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use emulator_support::*;
 use keystore_enclave::load::{LoadConfig, LoadError, LoadOutcome, Loader};
 use keystore_enclave::store::{SealKey, Store, StoreConfig};
 use keystore_shared::envelope::Envelope;
 use keystore_shared::protocol::LoadEntry;
-use kms_support::*;
+use keystore_tests::kms::{Fault, Operation};
 
 struct Fixture {
-    _dir: tempfile::TempDir,
-    _handle: keystore_enclave::recipient::RecipientHandle,
-    recipient: keystore_enclave::recipient::Recipient,
-    _server: HttpsServer,
-    _creds: CredentialsService,
+    e: Emulator,
+    key: String,
     store: Arc<Store>,
     loader: Loader,
 }
 
-async fn fixture(handler: Handler, config: LoadConfig) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let (_nsm, recipient, handle) = recipient(dir.path()).await;
-    let tls = TestTls::new(&[KMS_HOST]);
-    let server = HttpsServer::start(tls.server.clone(), handler).await;
-    let creds = CredentialsService::fixed().await;
-    let kms = kms(kms_config(
-        server.endpoint(),
-        KMS_HOST,
-        Some(&tls.ca_pem),
-        creds.endpoint.clone(),
-    ));
+async fn fixture(config: LoadConfig) -> Fixture {
+    fixture_on(Emulator::start().await, config)
+}
+
+fn fixture_on(e: Emulator, config: LoadConfig) -> Fixture {
+    let key = e.key(&PCR0);
     let store = Arc::new(Store::new(
         SealKey::from_entropy(&[1; 32], &[2; 32]),
         StoreConfig::default(),
     ));
-    let loader = Loader::new(kms, recipient.clone(), store.clone(), config).unwrap();
+    let loader = Loader::new(e.kms(), e.recipient.clone(), store.clone(), config).unwrap();
     Fixture {
-        _dir: dir,
-        _handle: handle,
-        recipient,
-        _server: server,
-        _creds: creds,
+        e,
+        key,
         store,
         loader,
     }
@@ -61,25 +49,41 @@ fn fast() -> LoadConfig {
     }
 }
 
-fn entry(name: &str, value: &[u8]) -> LoadEntry {
-    LoadEntry {
-        name: name.to_owned(),
-        envelope: Envelope::kms(fake_ciphertext(name, value))
-            .unwrap()
-            .to_string(),
+impl Fixture {
+    /// `value` encrypted under `key` for `name`.
+    async fn entry_under(&self, key: &str, name: &str, value: &[u8]) -> LoadEntry {
+        LoadEntry {
+            name: name.to_owned(),
+            envelope: Envelope::kms(self.e.encrypt(key, name, value).await)
+                .unwrap()
+                .to_string(),
+        }
     }
-}
 
-fn entries(n: usize) -> Vec<LoadEntry> {
-    (0..n)
-        .map(|i| entry(&format!("SECRET_{i}"), format!("value-{i}").as_bytes()))
-        .collect()
+    async fn entry(&self, name: &str, value: &[u8]) -> LoadEntry {
+        self.entry_under(&self.key, name, value).await
+    }
+
+    async fn entries(&self, n: usize) -> Vec<LoadEntry> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            out.push(
+                self.entry(&format!("SECRET_{i}"), format!("value-{i}").as_bytes())
+                    .await,
+            );
+        }
+        out
+    }
+
+    fn decrypt_calls(&self) -> u64 {
+        self.e.fx.kms.calls(Operation::Decrypt).calls
+    }
 }
 
 #[tokio::test]
 async fn loads_every_value_and_reuses_connections() {
-    let f = fixture(Arc::new(|s| fake_decrypt(s, false)), fast()).await;
-    let report = f.loader.load(entries(40)).await.unwrap();
+    let f = fixture(fast()).await;
+    let report = f.loader.load(f.entries(40).await).await.unwrap();
     assert_eq!(report.count, 40);
     assert_eq!(report.kms_calls, 40);
     assert_eq!(report.retries, 0);
@@ -90,9 +94,11 @@ async fn loads_every_value_and_reuses_connections() {
             format!("value-{i}").as_bytes()
         );
     }
+    assert_eq!(f.decrypt_calls(), 40);
     // At most one connection per worker, not one per value.
     let stats = f.loader.kms().stats();
     assert!(stats.transport.tls_handshakes <= 8, "{stats:?}");
+    assert!(f.e.relay.accepted() <= 8, "{}", f.e.relay.accepted());
     assert_eq!(stats.transport.requests, 40);
     assert!(matches!(
         f.loader.last_load().unwrap().outcome,
@@ -103,21 +109,15 @@ async fn loads_every_value_and_reuses_connections() {
 
 #[tokio::test]
 async fn a_failure_keeps_the_previous_set_and_names_the_entry() {
-    // The fake refuses one particular name with AccessDenied.
-    let f = fixture(
-        Arc::new(|s| {
-            if String::from_utf8_lossy(&s.body).contains("\"BAD\"") {
-                kms_error(400, "AccessDeniedException", "not authorized")
-            } else {
-                fake_decrypt(s, false)
-            }
-        }),
-        fast(),
-    )
-    .await;
-    f.loader.load(vec![entry("OLD", b"old")]).await.unwrap();
-    let mut batch = entries(10);
-    batch.push(entry("BAD", b"x"));
+    let f = fixture(fast()).await;
+    f.loader
+        .load(vec![f.entry("OLD", b"old").await])
+        .await
+        .unwrap();
+    let mut batch = f.entries(10).await;
+    // Under a key whose policy pins another image: AccessDenied.
+    let elsewhere = f.e.key(&[0x11; 48]);
+    batch.push(f.entry_under(&elsewhere, "BAD", b"x").await);
     let err = f.loader.load(batch).await.unwrap_err();
     assert_eq!(err.name(), Some("BAD"));
     assert_eq!(err.stage(), "kms");
@@ -143,30 +143,21 @@ async fn a_failure_keeps_the_previous_set_and_names_the_entry() {
 
 #[tokio::test]
 async fn refuses_duplicates_bad_envelopes_and_too_many_entries_before_calling_kms() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    let config = LoadConfig {
+    let f = fixture(LoadConfig {
         max_entries: 5,
         ..fast()
-    };
-    let f = fixture(
-        Arc::new(move |s| {
-            c.fetch_add(1, Ordering::SeqCst);
-            fake_decrypt(s, false)
-        }),
-        config,
-    )
+    })
     .await;
     let err = f
         .loader
-        .load(vec![entry("A", b"1"), entry("A", b"2")])
+        .load(vec![f.entry("A", b"1").await, f.entry("A", b"2").await])
         .await
         .unwrap_err();
     assert!(
         matches!(err, LoadError::DuplicateName { ref name } if name == "A"),
         "{err:?}"
     );
-    let err = f.loader.load(entries(6)).await.unwrap_err();
+    let err = f.loader.load(f.entries(6).await).await.unwrap_err();
     assert!(
         matches!(err, LoadError::TooManyEntries { count: 6, max: 5 }),
         "{err:?}"
@@ -177,25 +168,25 @@ async fn refuses_duplicates_bad_envelopes_and_too_many_entries_before_calling_km
     };
     let err = f
         .loader
-        .load(vec![entry("A", b"1"), bad])
+        .load(vec![f.entry("A", b"1").await, bad])
         .await
         .unwrap_err();
     assert_eq!((err.name(), err.stage()), (Some("B"), "envelope"));
     let err = f
         .loader
-        .load(vec![entry("bad\nname", b"1")])
+        .load(vec![f.entry("bad\nname", b"1").await])
         .await
         .unwrap_err();
     assert_eq!(err.stage(), "request");
-    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(f.decrypt_calls(), 0);
 }
 
 #[tokio::test]
 async fn a_ciphertext_moved_under_another_name_fails_the_name_binding() {
-    let f = fixture(Arc::new(|s| fake_decrypt(s, false)), fast()).await;
+    let f = fixture(fast()).await;
     let moved = LoadEntry {
         name: "ADMIN_TOKEN".into(),
-        envelope: entry("GUEST_TOKEN", b"guest").envelope,
+        envelope: f.entry("GUEST_TOKEN", b"guest").await.envelope,
     };
     let err = f.loader.load(vec![moved]).await.unwrap_err();
     assert_eq!(err.name(), Some("ADMIN_TOKEN"));
@@ -205,120 +196,102 @@ async fn a_ciphertext_moved_under_another_name_fails_the_name_binding() {
 
 #[tokio::test]
 async fn retries_throttling_and_server_errors_with_bounded_attempts() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    // The first three calls fail (throttling, 500, throttling).
-    let f = fixture(
-        Arc::new(move |s| match c.fetch_add(1, Ordering::SeqCst) {
-            0 | 2 => kms_error(400, "ThrottlingException", "Rate exceeded"),
-            1 => kms_error(500, "KMSInternalException", "internal"),
-            _ => fake_decrypt(s, false),
-        }),
-        LoadConfig {
-            concurrency: 1,
-            ..fast()
-        },
-    )
+    let f = fixture(LoadConfig {
+        concurrency: 1,
+        ..fast()
+    })
     .await;
-    let report = f.loader.load(entries(3)).await.unwrap();
+    let entries = f.entries(3).await;
+    // The first three calls fail (throttling, 500, throttling).
+    for fault in [
+        Fault::throttle(),
+        Fault::internal_error(),
+        Fault::throttle(),
+    ] {
+        assert!(f.e.fx.kms.inject(fault.next(1).on(Operation::Decrypt)));
+    }
+    let report = f.loader.load(entries).await.unwrap();
     assert_eq!(report.count, 3);
     assert_eq!(report.retries, 3);
     assert_eq!(report.kms_calls, 6);
-    assert_eq!(calls.load(Ordering::SeqCst), 6);
+    let decrypts = f.e.fx.kms.calls(Operation::Decrypt);
+    assert_eq!((decrypts.calls, decrypts.faulted), (6, 3));
 
     // Throttled forever: gives up after max_attempts calls for the entry.
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    let f = fixture(
-        Arc::new(move |_| {
-            c.fetch_add(1, Ordering::SeqCst);
-            kms_error(400, "ThrottlingException", "Rate exceeded")
-        }),
-        LoadConfig {
-            concurrency: 1,
-            max_attempts: 4,
-            ..fast()
-        },
-    )
+    let f = fixture(LoadConfig {
+        concurrency: 1,
+        max_attempts: 4,
+        ..fast()
+    })
     .await;
-    let err = f.loader.load(vec![entry("ONLY", b"v")]).await.unwrap_err();
+    let only = f.entry("ONLY", b"v").await;
+    assert!(
+        f.e.fx
+            .kms
+            .inject(Fault::throttle().next(100).on(Operation::Decrypt))
+    );
+    let err = f.loader.load(vec![only]).await.unwrap_err();
     assert!(
         matches!(err, LoadError::Kms { attempts: 4, ref name, .. } if name == "ONLY"),
         "{err:?}"
     );
-    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    assert_eq!(f.decrypt_calls(), 4);
 }
 
 #[tokio::test]
 async fn an_attestation_refusal_invalidates_the_pair_once_and_retries() {
-    // The fake refuses the first document it sees as stale, accepts others.
-    let refused: Arc<Mutex<Option<Vec<u8>>>> = Arc::new(Mutex::new(None));
-    let r = refused.clone();
-    let f = fixture(
-        Arc::new(move |s| {
-            let body: serde_json::Value = serde_json::from_slice(&s.body).unwrap();
-            let doc = body["Recipient"]["AttestationDocument"]
-                .as_str()
-                .unwrap()
-                .as_bytes()
-                .to_vec();
-            let mut first = r.lock().unwrap();
-            if first.is_none() {
-                *first = Some(doc.clone());
-            }
-            if first.as_deref() == Some(doc.as_slice()) {
-                kms_error(
-                    400,
-                    "ValidationException",
-                    "the attestation document is 361 s old",
-                )
-            } else {
-                fake_decrypt(s, false)
-            }
-        }),
-        fast(),
-    )
-    .await;
-    let before = f.recipient.current().generation();
-    let report = f.loader.load(entries(12)).await.unwrap();
+    // The emulator sees the published document as six minutes old and
+    // refuses it; documents made afterwards carry its time and pass.
+    let f = fixture(fast()).await;
+    let entries = f.entries(12).await;
+    f.e.age_documents(6 * 60);
+    let before = f.recipient().current().generation();
+    let report = f.loader.load(entries).await.unwrap();
     assert_eq!(report.count, 12);
     // Several workers may have seen the refusal, but the pair rotated once.
-    assert_eq!(f.recipient.current().generation(), before + 1);
+    assert_eq!(f.recipient().current().generation(), before + 1);
     assert!(report.invalidations >= 1);
     assert_eq!(report.kms_calls, 12 + report.invalidations);
+    assert_eq!(f.decrypt_calls(), 12 + report.invalidations);
 
-    // A refusal that persists with the new pair fails after one invalidation.
-    let f = fixture(
-        Arc::new(|_| {
-            kms_error(
-                400,
-                "ValidationException",
-                "attestation document signature invalid",
-            )
-        }),
+    // A refusal that persists with the new pair (documents from an NSM whose
+    // root the emulator does not trust) fails after one invalidation.
+    let f = fixture_on(
+        Emulator::start_untrusted_nsm().await,
         LoadConfig {
             concurrency: 1,
             ..fast()
         },
-    )
-    .await;
-    let before = f.recipient.current().generation();
-    let err = f.loader.load(vec![entry("A", b"v")]).await.unwrap_err();
+    );
+    let before = f.recipient().current().generation();
+    let err = f
+        .loader
+        .load(vec![f.entry("A", b"v").await])
+        .await
+        .unwrap_err();
     assert!(matches!(err, LoadError::Kms { attempts: 2, .. }), "{err:?}");
-    assert_eq!(f.recipient.current().generation(), before + 1);
+    assert!(err.to_string().contains("attestation"), "{err}");
+    assert_eq!(f.recipient().current().generation(), before + 1);
+}
+
+impl Fixture {
+    fn recipient(&self) -> &keystore_enclave::recipient::Recipient {
+        &self.e.recipient
+    }
 }
 
 #[tokio::test]
 async fn reload_re_decrypts_the_last_good_entries() {
-    let f = fixture(Arc::new(|s| fake_decrypt(s, false)), fast()).await;
+    let f = fixture(fast()).await;
     assert!(matches!(
         f.loader.reload().await,
         Err(LoadError::NothingToReload)
     ));
-    f.loader.load(entries(3)).await.unwrap();
+    f.loader.load(f.entries(3).await).await.unwrap();
     let report = f.loader.reload().await.unwrap();
     assert_eq!(report.count, 3);
     assert_eq!(report.generation, 2);
+    assert_eq!(f.decrypt_calls(), 6);
     let names: HashSet<String> = f.store.names().into_iter().collect();
     assert_eq!(names.len(), 3);
 }

@@ -1,7 +1,7 @@
 //! The `mock-kms` binary: started as a process with `--ready-file`, used
 //! through the real `aws-sdk-kms` client, stopped with SIGTERM.
 
-use crate::support::kms as kms_support;
+use keystore_tests::fixture as kms_support;
 
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};

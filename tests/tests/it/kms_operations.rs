@@ -2,7 +2,7 @@
 //! key management, encryption round trips, encryption context, data keys,
 //! re-encryption, key policies, and `Recipient` with mock NSM documents.
 
-use crate::support::kms as kms_support;
+use keystore_tests::fixture as kms_support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The KMS emulator's SigV4 checks, credential rotation, fault injection,
 //! call counters, admin endpoint and robustness against malformed input.
 
-use crate::support::kms as kms_support;
+use keystore_tests::fixture as kms_support;
 
 use std::time::{Duration, Instant, SystemTime};
 

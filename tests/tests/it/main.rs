@@ -5,8 +5,6 @@
 //! area.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod support;
-
 mod kms_bin;
 mod kms_operations;
 mod kms_resilience;

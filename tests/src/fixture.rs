@@ -1,7 +1,6 @@
-//! Shared fixture for the KMS emulator tests: an emulator trusting a mock
-//! NSM's root, and real `aws-sdk-kms` clients pointed at it.
-
-#![allow(dead_code)]
+//! The fixture every test of the emulator starts from, in this crate's tests
+//! and the enclave's: an emulator trusting a mock NSM's root, and real
+//! `aws-sdk-kms` clients pointed at it.
 
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
 use aws_smithy_http_client::tls::rustls_provider::CryptoMode;
 use aws_smithy_http_client::tls::{Provider, TlsContext, TrustStore};
 use keystore_nsm::{AttestationRequest, MockConfig, MockNsm};
-use keystore_tests::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle};
+use crate::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle};
 use rsa::pkcs8::EncodePublicKey;
 use tempfile::TempDir;
 
@@ -24,8 +23,11 @@ pub const PCR0: [u8; 48] = [0x5a; 48];
 
 /// A running emulator, the mock NSM whose root it trusts, and their files.
 pub struct Fixture {
+    /// The emulator.
     pub kms: MockKmsHandle,
+    /// The mock NSM whose root the emulator trusts.
     pub nsm: MockNsm,
+    /// Holds the NSM's PKI and the emulator's TLS files.
     pub dir: TempDir,
 }
 
@@ -168,8 +170,11 @@ where
 /// A raw HTTP response.
 #[derive(Debug)]
 pub struct RawResponse {
+    /// The HTTP status.
     pub status: u16,
+    /// The status line and headers, as text.
     pub head: String,
+    /// The body.
     pub body: Vec<u8>,
 }
 

@@ -1,3 +1,0 @@
-//! Test support shared by the areas of this crate's test binary.
-
-pub mod kms;
