@@ -4,13 +4,13 @@
 
 use std::time::Duration;
 
+use crate::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle};
 use aws_sdk_kms::config::retry::RetryConfig;
 use aws_sdk_kms::config::timeout::TimeoutConfig;
 use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
 use aws_smithy_http_client::tls::rustls_provider::CryptoMode;
 use aws_smithy_http_client::tls::{Provider, TlsContext, TrustStore};
 use keystore_nsm::{AttestationRequest, MockConfig, MockNsm};
-use crate::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle};
 use rsa::pkcs8::EncodePublicKey;
 use tempfile::TempDir;
 

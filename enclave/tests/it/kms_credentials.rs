@@ -3,7 +3,7 @@
 //! until shortly before expiry, refresh, and stage-named errors.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod emulator_support;
+use crate::support::emulator as emulator_support;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

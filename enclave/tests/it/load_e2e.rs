@@ -5,7 +5,7 @@
 //! sealed store.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod emulator_support;
+use crate::support::emulator as emulator_support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +37,8 @@ async fn start(config: LoadConfig) -> E2e {
         SealKey::from_entropy(&[3; 32], &[4; 32]),
         StoreConfig::default(),
     ));
-    let loader = Arc::new(Loader::new(em.kms(), em.recipient.clone(), store.clone(), config).unwrap());
+    let loader =
+        Arc::new(Loader::new(em.kms(), em.recipient.clone(), store.clone(), config).unwrap());
     E2e { em, store, loader }
 }
 

@@ -5,7 +5,7 @@
 //! certificate covers).
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod emulator_support;
+use crate::support::emulator as emulator_support;
 
 use bytes::Bytes;
 use emulator_support::*;

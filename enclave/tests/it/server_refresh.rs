@@ -6,7 +6,7 @@
 // allow-unwrap-in-tests; a panic is the right failure in test code.
 #![allow(clippy::unwrap_used)]
 
-mod server_support;
+use crate::support::server as server_support;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! attestation checks, `CiphertextForRecipient`) behind a local relay.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod emulator_support;
+use crate::support::emulator as emulator_support;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! retries with backoff, one invalidation on an attestation refusal.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-mod emulator_support;
+use crate::support::emulator as emulator_support;
 
 use std::collections::HashSet;
 use std::sync::Arc;
