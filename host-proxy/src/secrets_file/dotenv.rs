@@ -35,8 +35,8 @@ use zeroize::Zeroizing;
 /// whole file's envelopes travel in one.
 pub const MAX_FILE_SIZE: usize = keystore_shared::protocol::DEFAULT_MAX_LOAD_FRAME;
 
-/// Longest variable name accepted.
-pub const MAX_NAME_LEN: usize = 256;
+/// Longest name accepted: the secret-name limit both sides share.
+pub use keystore_shared::name::MAX_NAME_LEN;
 
 /// How a value is quoted in the file; a rewritten value keeps its style
 /// when the new text allows it.

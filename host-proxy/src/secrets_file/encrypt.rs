@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use aws_sdk_kms::primitives::Blob;
 use keystore_shared::envelope::{Envelope, EnvelopeError, NAME_CONTEXT_KEY};
+use keystore_shared::name::{NameError, SecretName};
 use zeroize::Zeroizing;
 
 use crate::secrets_file::dotenv::{DotEnv, DotEnvError};
@@ -52,6 +53,16 @@ pub enum EncryptError {
         line: usize,
         /// Its size.
         len: usize,
+    },
+    /// A selected name is not a valid secret name (the enclave would refuse
+    /// it at load); nothing was changed.
+    #[error("line {line}: {source}; nothing was changed")]
+    InvalidName {
+        /// Its line.
+        line: usize,
+        /// What is wrong with the name.
+        #[source]
+        source: NameError,
     },
     /// KMS refused or could not be reached; nothing was changed.
     #[error("KMS Encrypt of {name} failed: {message}; nothing was changed")]
@@ -171,6 +182,10 @@ pub async fn encrypt_file(
         if !selection.matches(entry.name) {
             continue;
         }
+        SecretName::check(entry.name).map_err(|source| EncryptError::InvalidName {
+            line: entry.line,
+            source,
+        })?;
         if Envelope::is_envelope(entry.value) {
             report.already_encrypted.push(entry.name.to_owned());
         } else if entry.value.is_empty() {
