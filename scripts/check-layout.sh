@@ -5,7 +5,10 @@
 #       not enable the mock NSM or the CMS sealer;
 #   (c) the given static enclave binary does not contain the mock NSM marker;
 #   (d) a mock-enabled debug enclave binary does contain it, so (c) can fail;
-#   (e) the static binary refuses `--nsm mock` with a clear message.
+#   (e) the static binary refuses `--nsm mock` with a clear message;
+#   (f) production code accepts connections in one place only: the accept
+#       loop in shared/src/serve.rs (endpoint.rs holds the per-transport
+#       accept that loop calls).
 # Usage: scripts/check-layout.sh STATIC_ENCLAVE_BINARY
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +83,16 @@ if out=$(timeout 60 "$static_bin" --nsm mock --mock-pki "$pki/pki" --listen "uni
   fail "$static_bin accepted --nsm mock"
 elif ! grep -q 'this build has no mock NSM' <<<"$out"; then
   fail "$static_bin refused --nsm mock without saying why: $out"
+fi
+
+# (f)
+accepting=$(grep -rlF --include='*.rs' '.accept()' shared/src enclave/src host-proxy/src \
+  nsm/src cms/src tests/src | sort | tr '\n' ' ')
+if [ "$accepting" != "shared/src/endpoint.rs shared/src/serve.rs " ]; then
+  fail "production code accepts connections outside shared::serve: $accepting"
+fi
+if [ "$(grep -cF '.accept()' shared/src/serve.rs)" -ne 1 ]; then
+  fail "shared/src/serve.rs should call accept() in exactly one place"
 fi
 
 if [ "$failed" -ne 0 ]; then

@@ -301,7 +301,7 @@ impl Handler for RequestHandler {
 /// unknown or malformed gets an answer carrying its id, and so that the
 /// version is checked before the operation is interpreted.
 #[derive(Deserialize)]
-struct Envelope {
+struct RawRequest {
     #[serde(default)]
     id: Option<u64>,
     #[serde(default)]
@@ -337,14 +337,14 @@ impl Session<'_> {
                 // read_message is cancellation safe: a partial frame stays
                 // buffered, but we are closing anyway.
                 () = self.shutdown.wait() => return (answered, "server shutdown"),
-                read = tokio::time::timeout(self.idle_timeout, self.connection.read_message::<Envelope>()) => read,
+                read = tokio::time::timeout(self.idle_timeout, self.connection.read_message::<RawRequest>()) => read,
             };
             let next = match read {
                 Err(_elapsed) => Next::Close("idle timeout"),
                 Ok(Ok(None)) => Next::Close("peer closed"),
-                Ok(Ok(Some(envelope))) => {
+                Ok(Ok(Some(raw))) => {
                     answered += 1;
-                    self.answer(envelope).await
+                    self.answer(raw).await
                 }
                 Ok(Err(err)) => self.frame_failed(err).await,
             };
@@ -355,10 +355,10 @@ impl Session<'_> {
     }
 
     /// Answers one decoded frame, logging the outcome.
-    async fn answer(&mut self, envelope: Envelope) -> Next {
+    async fn answer(&mut self, raw: RawRequest) -> Next {
         let started = Instant::now();
-        let id = envelope.id.unwrap_or(0);
-        let (kind, result) = match interpret(envelope) {
+        let id = raw.id.unwrap_or(0);
+        let (kind, result) = match interpret(raw) {
             Ok(request) => {
                 let kind = request.op.kind();
                 let answered = tokio::time::timeout(
@@ -479,13 +479,13 @@ impl Session<'_> {
 }
 
 /// Checks the version, then decodes the operation.
-fn interpret(envelope: Envelope) -> Result<Request, ServiceError> {
-    let Some(v) = envelope.v else {
+fn interpret(raw: RawRequest) -> Result<Request, ServiceError> {
+    let Some(v) = raw.v else {
         return Err(ServiceError::BadRequest(format!(
             "request has no protocol version `v`; this server speaks version {PROTOCOL_VERSION}"
         )));
     };
-    let Some(id) = envelope.id else {
+    let Some(id) = raw.id else {
         return Err(ServiceError::BadRequest("request has no `id`".to_owned()));
     };
     if v != PROTOCOL_VERSION {
@@ -495,7 +495,7 @@ fn interpret(envelope: Envelope) -> Result<Request, ServiceError> {
         };
         return Err(ServiceError::BadRequest(err.to_string()));
     }
-    let Some(op) = envelope.op else {
+    let Some(op) = raw.op else {
         return Err(ServiceError::BadRequest(
             "request has no operation `op`".to_owned(),
         ));

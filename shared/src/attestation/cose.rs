@@ -1,6 +1,6 @@
-//! COSE_Sign1 envelope (RFC 9052 §4.2) with ES384, checked in pure Rust.
+//! The COSE_Sign1 structure (RFC 9052 §4.2) with ES384, checked in pure Rust.
 //!
-//! `aws-nitro-enclaves-cose` parses the envelope and builds the
+//! `aws-nitro-enclaves-cose` parses the structure and builds the
 //! Sig_structure from the protected header and payload bytes exactly as
 //! received; without its openssl feature we plug in SHA-384 and a p384
 //! verifying key through its `Hash` / `SigningPublicKey` traits.
@@ -26,7 +26,7 @@ pub(crate) struct CoseDocument {
 }
 
 impl CoseDocument {
-    /// Bounds the size, parses the envelope (untagged or tag 18) and checks
+    /// Bounds the size, parses the structure (untagged or tag 18) and checks
     /// that the protected header names ES384.
     pub(crate) fn parse(bytes: &[u8]) -> Result<Self, AttestationError> {
         if bytes.len() > MAX_DOCUMENT_SIZE {
@@ -61,7 +61,7 @@ impl CoseDocument {
         Ok(Self { sign1, payload })
     }
 
-    /// The payload bytes exactly as they appear in the envelope.
+    /// The payload bytes exactly as they appear in the COSE_Sign1 structure.
     pub(crate) fn payload(&self) -> &[u8] {
         &self.payload
     }

@@ -1,4 +1,4 @@
-//! The verification pipeline: envelope → payload → COSE signature → chain
+//! The verification pipeline: COSE_Sign1 → payload → COSE signature → chain
 //! → caller's expectations. Each step fails with its own error variant.
 
 use std::collections::BTreeMap;
@@ -126,14 +126,14 @@ impl Verifier {
     /// Parses `cose_bytes` and runs every check; the document is returned
     /// only if all pass.
     pub fn verify(&self, cose_bytes: &[u8]) -> Result<AttestationDocument, AttestationError> {
-        let envelope = CoseDocument::parse(cose_bytes)?;
-        let doc = AttestationDocument::from_payload(envelope.payload())?;
+        let cose = CoseDocument::parse(cose_bytes)?;
+        let doc = AttestationDocument::from_payload(cose.payload())?;
         let path = chain::parse_path(&doc.certificate, &doc.cabundle)?;
         let leaf_key = path
             .first()
             .ok_or_else(|| AttestationError::malformed("no leaf certificate"))?
             .p384_key()?;
-        envelope.verify(&leaf_key)?;
+        cose.verify(&leaf_key)?;
         let at = match self.at {
             VerifyAt::Document => doc.time().ok_or(AttestationError::BadTime)?,
             VerifyAt::Now => SystemTime::now(),
