@@ -386,13 +386,17 @@ impl<H: Handler> AcceptLoop<H> {
                     () = activity.idle(idle_timeout) => "idle timeout",
                     () = lifetime => "lifetime limit",
                 };
-                tracing::debug!(
-                    reason,
-                    read = activity.read.load(Ordering::Relaxed),
-                    written = activity.written.load(Ordering::Relaxed),
-                    duration_ms = millis(opened.elapsed()),
-                    "connection closed"
+                let (read, written) = (
+                    activity.read.load(Ordering::Relaxed),
+                    activity.written.load(Ordering::Relaxed),
                 );
+                let duration_ms = millis(opened.elapsed());
+                if reason == "done" {
+                    // The handler has logged its own ending.
+                    tracing::debug!(reason, read, written, duration_ms, "connection closed");
+                } else {
+                    tracing::info!(reason, read, written, duration_ms, "connection cut");
+                }
                 drop(slot);
             }
             .instrument(span),

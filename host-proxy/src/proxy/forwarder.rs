@@ -27,13 +27,11 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use keystore_shared::endpoint::{Endpoint, EndpointError, Listener};
 use keystore_shared::serve::{Accepted, AnyPeer, Handler, ServeConfig, ServeError, serve};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 /// Copy buffer per direction. 64 KiB matches `socat -b 65536` and the
@@ -394,7 +392,7 @@ impl Forwarder {
 
     async fn forward(&self, conn: Accepted) {
         let Accepted {
-            stream: client,
+            stream: mut client,
             peer,
             id,
             ..
@@ -408,192 +406,53 @@ impl Forwarder {
             }
         };
         tracing::debug!(conn = id, %peer, upstream = %addr, "connected");
-        let stats = pipe(client, upstream, self.limits.idle_timeout).await;
+        // An idle or over-long connection is cut by the accept loop, which
+        // logs it; the counts below come from the stream it watches.
+        let ended = pipe(&mut client, upstream).await;
+        let (to_upstream, to_client) = (client.bytes_read(), client.bytes_written());
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        match &stats.end {
-            PipeEnd::Closed => tracing::info!(
-                conn = id, %peer, upstream = %addr,
-                to_upstream = stats.to_upstream, to_client = stats.to_client,
+        match ended {
+            Ok(_) => tracing::info!(
+                conn = id, %peer, upstream = %addr, to_upstream, to_client,
                 elapsed_ms, "connection closed"
             ),
-            PipeEnd::Idle => tracing::info!(
-                conn = id, %peer, upstream = %addr,
-                to_upstream = stats.to_upstream, to_client = stats.to_client,
-                elapsed_ms, "idle timeout; connection closed"
-            ),
-            PipeEnd::Failed(err) => tracing::warn!(
-                conn = id, %peer, upstream = %addr,
-                to_upstream = stats.to_upstream, to_client = stats.to_client,
+            Err(err) => tracing::warn!(
+                conn = id, %peer, upstream = %addr, to_upstream, to_client,
                 elapsed_ms, error = %err, "connection failed"
             ),
         }
     }
 }
 
-/// How a [`pipe`] ended.
-#[derive(Debug)]
-pub enum PipeEnd {
-    /// Both sides closed their write halves.
-    Closed,
-    /// Nothing moved for the idle timeout.
-    Idle,
-    /// A read or write failed.
-    Failed(io::Error),
-}
-
-/// Bytes moved by a [`pipe`], and how it ended.
-#[derive(Debug)]
+/// Bytes moved by a [`pipe`] that ended with both sides closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PipeStats {
     /// Bytes written to the upstream.
     pub to_upstream: u64,
     /// Bytes written to the client.
     pub to_client: u64,
-    /// Why it ended.
-    pub end: PipeEnd,
 }
 
 /// Copies both directions until both are done, with half-close: when one
 /// side stops writing, the other side's write half is shut down and the
-/// opposite direction keeps flowing. Ends early if no byte moves for
-/// `idle_timeout`.
-pub async fn pipe<A, B>(client: A, upstream: B, idle_timeout: Duration) -> PipeStats
+/// opposite direction keeps flowing. Time bounds are the caller's (the
+/// accept loop's idle timeout, for the forwarder).
+pub async fn pipe<A, B>(mut client: A, mut upstream: B) -> io::Result<PipeStats>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let activity = Arc::new(Activity::new());
-    let mut client = Metered {
-        inner: client,
-        activity: activity.clone(),
-        written: Direction::ToClient,
-    };
-    let mut upstream = Metered {
-        inner: upstream,
-        activity: activity.clone(),
-        written: Direction::ToUpstream,
-    };
-    let copy = tokio::io::copy_bidirectional_with_sizes(
+    let (to_upstream, to_client) = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut upstream,
         BUFFER_SIZE,
         BUFFER_SIZE,
-    );
-    let watchdog = async {
-        loop {
-            let idle = activity.idle_for();
-            if idle >= idle_timeout {
-                return;
-            }
-            tokio::time::sleep(idle_timeout - idle).await;
-        }
-    };
-    let end = tokio::select! {
-        result = copy => match result {
-            Ok(_) => PipeEnd::Closed,
-            Err(err) => PipeEnd::Failed(err),
-        },
-        () = watchdog => PipeEnd::Idle,
-    };
-    PipeStats {
-        to_upstream: activity.to_upstream.load(Ordering::Relaxed),
-        to_client: activity.to_client.load(Ordering::Relaxed),
-        end,
-    }
-}
-
-/// Byte counts and the time of the last transfer, shared by both sides of
-/// a pipe and its idle watchdog.
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-    to_upstream: AtomicU64,
-    to_client: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            to_upstream: AtomicU64::new(0),
-            to_client: AtomicU64::new(0),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn touch(&self) {
-        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    fn idle_for(&self) -> Duration {
-        Duration::from_millis(
-            self.now_ms()
-                .saturating_sub(self.last_ms.load(Ordering::Relaxed)),
-        )
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Direction {
-    ToUpstream,
-    ToClient,
-}
-
-/// A stream that reports its transfers to an [`Activity`].
-struct Metered<S> {
-    inner: S,
-    activity: Arc<Activity>,
-    /// Which count bytes written to this stream go to.
-    written: Direction,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.touch();
-        }
-        result
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = result
-            && n > 0
-        {
-            let counter = match this.written {
-                Direction::ToUpstream => &this.activity.to_upstream,
-                Direction::ToClient => &this.activity.to_client,
-            };
-            counter.fetch_add(n as u64, Ordering::Relaxed);
-            this.activity.touch();
-        }
-        result
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
+    )
+    .await?;
+    Ok(PipeStats {
+        to_upstream,
+        to_client,
+    })
 }
 
 #[cfg(test)]
