@@ -40,7 +40,7 @@ use crate::store::{Store, StoreError, validate_name};
 /// Default number of KMS calls in flight during a load.
 pub const DEFAULT_CONCURRENCY: usize = 8;
 /// Default largest number of entries in one load.
-pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
+pub const DEFAULT_MAX_ENTRIES: usize = keystore_shared::protocol::MAX_LOAD_ENTRIES;
 /// Default attempts per value (first call included) on retryable failures.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// Default first backoff ceiling (the delay is uniform in `0..=ceiling`).

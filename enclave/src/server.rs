@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keystore_shared::endpoint::{Endpoint, EndpointError, Listener as EndpointListener, Stream};
-use keystore_shared::frame::{Connection, FrameError, FrameLimits};
+use keystore_shared::frame::{Connection, FrameError, FrameLimits, decode_body};
 use keystore_shared::protocol::{
     DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME, ErrorCode,
     PROTOCOL_VERSION, ProtocolError, Request, RequestOp, Response, ResponseBody, SecretBytes,
@@ -296,18 +296,78 @@ impl Handler for RequestHandler {
     }
 }
 
-/// A request as far as it can be read without knowing the operation: the
-/// `id` and `v` are taken first so that even a request whose operation is
-/// unknown or malformed gets an answer carrying its id, and so that the
-/// version is checked before the operation is interpreted.
+/// A request's header, read before its operation: so that even a request
+/// whose operation is unknown or malformed gets an answer carrying its id,
+/// and so that the version is checked before the operation is interpreted.
+/// `op` is skipped without building anything: a 16 MiB frame must not
+/// become a generic value tree.
 #[derive(Deserialize)]
-struct RawRequest {
+struct Header {
     #[serde(default)]
     id: Option<u64>,
     #[serde(default)]
     v: Option<u16>,
     #[serde(default)]
-    op: Option<serde_cbor::Value>,
+    op: Option<serde::de::IgnoredAny>,
+}
+
+/// A request frame, decoded as far as it goes.
+struct Decoded {
+    /// The id to answer with (0 when the request has none).
+    id: u64,
+    /// The typed request, or why it is not one.
+    request: Result<Request, ServiceError>,
+}
+
+/// Decodes a request frame in two passes over the same bytes: the header,
+/// then (if the header is fine) the whole request straight into its typed,
+/// bounded form. A frame that is not even a map is a frame error.
+fn decode_request(body: &[u8]) -> Result<Decoded, FrameError> {
+    let header: Header = decode_body(body)?;
+    let request = check_header(&header).and_then(|id| {
+        let request: Request = decode_body(body).map_err(|err| {
+            ServiceError::BadRequest(format!(
+                "`op` is not a valid operation of protocol version {PROTOCOL_VERSION} \
+                 (Get, List, Status, Attest, Load, GetCredentials): {}",
+                match err {
+                    // Redacted by the frame layer: schema names only.
+                    FrameError::Decode(reason) => reason,
+                    other => other.to_string(),
+                }
+            ))
+        })?;
+        debug_assert_eq!(request.id, id);
+        Ok(request)
+    });
+    Ok(Decoded {
+        id: header.id.unwrap_or(0),
+        request,
+    })
+}
+
+/// Checks id, version and the presence of an operation; returns the id.
+fn check_header(header: &Header) -> Result<u64, ServiceError> {
+    let Some(v) = header.v else {
+        return Err(ServiceError::BadRequest(format!(
+            "request has no protocol version `v`; this server speaks version {PROTOCOL_VERSION}"
+        )));
+    };
+    let Some(id) = header.id else {
+        return Err(ServiceError::BadRequest("request has no `id`".to_owned()));
+    };
+    if v != PROTOCOL_VERSION {
+        let err = ProtocolError::UnsupportedVersion {
+            got: v,
+            expected: PROTOCOL_VERSION,
+        };
+        return Err(ServiceError::BadRequest(err.to_string()));
+    }
+    if header.op.is_none() {
+        return Err(ServiceError::BadRequest(
+            "request has no operation `op`".to_owned(),
+        ));
+    }
+    Ok(id)
 }
 
 /// One connection being served.
@@ -337,14 +397,14 @@ impl Session<'_> {
                 // read_message is cancellation safe: a partial frame stays
                 // buffered, but we are closing anyway.
                 () = self.shutdown.wait() => return (answered, "server shutdown"),
-                read = tokio::time::timeout(self.idle_timeout, self.connection.read_message::<RawRequest>()) => read,
+                read = tokio::time::timeout(self.idle_timeout, self.connection.read_frame_with(decode_request)) => read,
             };
-            let next = match read {
+            let next = match read.map(|frame| frame.and_then(Option::transpose)) {
                 Err(_elapsed) => Next::Close("idle timeout"),
                 Ok(Ok(None)) => Next::Close("peer closed"),
-                Ok(Ok(Some(raw))) => {
+                Ok(Ok(Some(decoded))) => {
                     answered += 1;
-                    self.answer(raw).await
+                    self.answer(decoded).await
                 }
                 Ok(Err(err)) => self.frame_failed(err).await,
             };
@@ -355,10 +415,10 @@ impl Session<'_> {
     }
 
     /// Answers one decoded frame, logging the outcome.
-    async fn answer(&mut self, raw: RawRequest) -> Next {
+    async fn answer(&mut self, decoded: Decoded) -> Next {
         let started = Instant::now();
-        let id = raw.id.unwrap_or(0);
-        let (kind, result) = match interpret(raw) {
+        let id = decoded.id;
+        let (kind, result) = match decoded.request {
             Ok(request) => {
                 let kind = request.op.kind();
                 let answered = tokio::time::timeout(
@@ -476,39 +536,6 @@ impl Session<'_> {
         })
         .await;
     }
-}
-
-/// Checks the version, then decodes the operation.
-fn interpret(raw: RawRequest) -> Result<Request, ServiceError> {
-    let Some(v) = raw.v else {
-        return Err(ServiceError::BadRequest(format!(
-            "request has no protocol version `v`; this server speaks version {PROTOCOL_VERSION}"
-        )));
-    };
-    let Some(id) = raw.id else {
-        return Err(ServiceError::BadRequest("request has no `id`".to_owned()));
-    };
-    if v != PROTOCOL_VERSION {
-        let err = ProtocolError::UnsupportedVersion {
-            got: v,
-            expected: PROTOCOL_VERSION,
-        };
-        return Err(ServiceError::BadRequest(err.to_string()));
-    }
-    let Some(op) = raw.op else {
-        return Err(ServiceError::BadRequest(
-            "request has no operation `op`".to_owned(),
-        ));
-    };
-    // The decoder's own message could echo request bytes; say only what is
-    // wrong in our terms.
-    let op: RequestOp = serde_cbor::value::from_value(op).map_err(|_| {
-        ServiceError::BadRequest(format!(
-            "`op` is not a valid operation of protocol version {PROTOCOL_VERSION} \
-             (Get, List, Status, Attest, Load, GetCredentials)"
-        ))
-    })?;
-    Ok(Request { id, v, op })
 }
 
 /// Runs one operation against the service, if this listener's role serves it.

@@ -164,7 +164,9 @@ fn frame_status(buf: &[u8], max: usize) -> Result<FrameStatus, FrameError> {
 }
 
 /// Decodes a CBOR body, scrubbing the error text of any echoed input.
-fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+/// Decodes one frame body (without its length prefix) as `T`. Decoder
+/// messages are redacted: they name schema items, never input bytes.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     serde_cbor::from_slice(body).map_err(|err| FrameError::Decode(redact(&err.to_string())))
 }
 
@@ -411,6 +413,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// of sync and should be closed; after [`FrameError::Decode`] the bad
     /// frame has been consumed and the next one can be read.
     pub async fn read_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        self.read_frame_with(decode_body).await?.transpose()
+    }
+
+    /// Reads the next frame and hands its body to `decode`, in place (no
+    /// copy), for callers that decode one frame more than once, e.g. a
+    /// header first. `Ok(None)` means the peer closed between frames. The
+    /// frame is consumed whatever `decode` returns, so the stream stays in
+    /// sync. Cancellation safe, like [`Connection::read_message`].
+    pub async fn read_frame_with<T>(
+        &mut self,
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Option<T>, FrameError> {
         loop {
             let max = self.limits.max_read;
             let frame_total = match frame_status(self.rbuf.pending(), max)? {
@@ -420,9 +434,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         .pending()
                         .get(HEADER_LEN..total)
                         .unwrap_or_default();
-                    let decoded = decode_body(body);
+                    let decoded = decode(body);
                     self.rbuf.consume(total);
-                    return decoded.map(Some);
+                    return Ok(Some(decoded));
                 }
                 FrameStatus::Incomplete { total } => total,
             };

@@ -86,12 +86,47 @@ pub enum RequestOp {
     /// A new set of encrypted secrets from the host proxy; replaces the old
     /// set atomically once all of it decrypts.
     Load {
-        /// The encrypted entries.
+        /// The encrypted entries (at most [`MAX_LOAD_ENTRIES`]; more are
+        /// refused while decoding, before they are stored).
+        #[serde(deserialize_with = "bounded_entries")]
         entries: Vec<LoadEntry>,
     },
     /// AWS credentials for KMS, asked by the enclave of the credentials
     /// service.
     GetCredentials,
+}
+
+/// Most entries one `Load` may carry: the decoder refuses the next one
+/// instead of building an unbounded vector from a 16 MiB frame.
+pub const MAX_LOAD_ENTRIES: usize = 10_000;
+
+/// Deserializes a `Load`'s entries, refusing more than [`MAX_LOAD_ENTRIES`].
+fn bounded_entries<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<LoadEntry>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<LoadEntry>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "at most {MAX_LOAD_ENTRIES} entries")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let hint = seq.size_hint().unwrap_or(0).min(MAX_LOAD_ENTRIES);
+            let mut entries = Vec::with_capacity(hint.min(1024));
+            while let Some(entry) = seq.next_element::<LoadEntry>()? {
+                if entries.len() == MAX_LOAD_ENTRIES {
+                    return Err(serde::de::Error::invalid_length(
+                        MAX_LOAD_ENTRIES + 1,
+                        &self,
+                    ));
+                }
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    deserializer.deserialize_seq(Bounded)
 }
 
 impl RequestOp {
