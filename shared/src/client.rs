@@ -35,6 +35,9 @@ pub struct ClientConfig {
     pub max_response_frame: usize,
     /// Largest request body sent; the server refuses larger ones anyway.
     pub max_request_frame: usize,
+    /// Connect from a source port below 1024, for servers that serve only
+    /// privileged peers ([`Endpoint::connect_privileged`]).
+    pub privileged: bool,
 }
 
 impl Default for ClientConfig {
@@ -44,6 +47,7 @@ impl Default for ClientConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_response_frame: DEFAULT_MAX_RESPONSE_FRAME,
             max_request_frame: DEFAULT_MAX_REQUEST_FRAME,
+            privileged: false,
         }
     }
 }
@@ -160,7 +164,14 @@ impl Client {
         endpoint: &Endpoint,
         config: ClientConfig,
     ) -> Result<Client, ClientError> {
-        let stream = tokio::time::timeout(config.connect_timeout, endpoint.connect())
+        let connecting = async {
+            if config.privileged {
+                endpoint.connect_privileged().await
+            } else {
+                endpoint.connect().await
+            }
+        };
+        let stream = tokio::time::timeout(config.connect_timeout, connecting)
             .await
             .map_err(|_| ClientError::ConnectTimeout {
                 endpoint: endpoint.clone(),

@@ -256,6 +256,40 @@ impl Endpoint {
         }
     }
 
+    /// Opens a connection from a source port below 1024, which only a
+    /// privileged process (root, or `CAP_NET_BIND_SERVICE`) can bind: how a
+    /// privileged client proves itself to a server whose peer policy is
+    /// [`crate::serve::PrivilegedPeers`]. Unix sockets need nothing extra
+    /// (the server reads `SO_PEERCRED`).
+    ///
+    /// Ports are tried from a per-process starting point so that parallel
+    /// clients rarely race for the same one; a port in use (or in
+    /// `TIME_WAIT` towards the same peer) is skipped.
+    ///
+    /// vsock clients cannot bind a source port yet: tokio-vsock connects
+    /// without a bind, so a vsock endpoint is refused here with
+    /// [`EndpointError::Connect`] rather than connecting unprivileged.
+    pub async fn connect_privileged(&self) -> Result<Stream, EndpointError> {
+        let connect_err = |source| EndpointError::Connect {
+            endpoint: self.clone(),
+            source,
+        };
+        match self {
+            Endpoint::Unix { .. } => self.connect().await,
+            Endpoint::Vsock { .. } => Err(connect_err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a privileged (port < 1024) vsock connection is not supported by this build",
+            ))),
+            Endpoint::Tcp { host, port } => {
+                let stream = connect_tcp_privileged(host, *port)
+                    .await
+                    .map_err(connect_err)?;
+                stream.set_nodelay(true).map_err(connect_err)?;
+                Ok(Stream::Tcp(stream))
+            }
+        }
+    }
+
     /// Opens a connection. TCP connections have Nagle's algorithm disabled:
     /// the protocol is small request/response frames where batching only adds
     /// latency.
@@ -287,6 +321,64 @@ impl Endpoint {
             }
         }
     }
+}
+
+/// Source ports tried by [`Endpoint::connect_privileged`]: the top half of
+/// the privileged range, away from well-known services.
+const PRIVILEGED_SOURCE_PORTS: std::ops::RangeInclusive<u16> = 512..=1023;
+
+async fn connect_tcp_privileged(host: &str, port: u16) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the host resolved to no address");
+    let count = PRIVILEGED_SOURCE_PORTS.len();
+    let first = PRIVILEGED_SOURCE_PORTS.start();
+    let offset = std::process::id() as usize;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        for i in 0..count {
+            let Ok(step) = u16::try_from((offset + i) % count) else {
+                continue;
+            };
+            let local = SocketAddr::new(
+                match addr {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                    SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+                },
+                first + step,
+            );
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            // A port in TIME_WAIT towards another peer may be reused.
+            socket.set_reuseaddr(true)?;
+            match socket.bind(local) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::AddrInUse => continue,
+                Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "binding a source port below 1024 needs root or CAP_NET_BIND_SERVICE",
+                    ));
+                }
+                Err(err) => return Err(err),
+            }
+            match socket.connect(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable
+                    ) =>
+                {
+                    last = err;
+                }
+                Err(err) => {
+                    last = err;
+                    break;
+                }
+            }
+        }
+    }
+    Err(last)
 }
 
 /// Binds a Unix socket, replacing a stale socket file (one nobody accepts
@@ -526,8 +618,11 @@ impl Listener {
             }
             ListenerInner::Unix(listener) => {
                 let (stream, addr) = listener.accept().await.map_err(accept_err)?;
-                let path = addr.as_pathname().map(Path::to_path_buf);
-                Ok((Stream::Unix(stream), Peer::Unix(path)))
+                let peer = Peer::Unix {
+                    path: addr.as_pathname().map(Path::to_path_buf),
+                    cred: unix_credentials(&stream),
+                };
+                Ok((Stream::Unix(stream), peer))
             }
             ListenerInner::Vsock(listener) => {
                 let (stream, addr) = listener.accept().await.map_err(accept_err)?;
@@ -541,13 +636,41 @@ impl Listener {
     }
 }
 
-/// Who is on the other end of a [`Stream`], for logs.
+/// What the kernel says about the process at the other end of a Unix
+/// socket (`SO_PEERCRED`, taken when it connected): not something the peer
+/// can claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixCredentials {
+    /// Its user id.
+    pub uid: u32,
+    /// Its primary group id.
+    pub gid: u32,
+    /// Its process id, when the kernel reports one.
+    pub pid: Option<i32>,
+}
+
+/// `SO_PEERCRED` of a connected Unix stream, if the OS reports it.
+fn unix_credentials(stream: &UnixStream) -> Option<UnixCredentials> {
+    stream.peer_cred().ok().map(|cred| UnixCredentials {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    })
+}
+
+/// Who is on the other end of a [`Stream`], as the kernel reports it: for
+/// logs and for peer policies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Peer {
     /// A TCP peer address.
     Tcp(SocketAddr),
-    /// A Unix peer; clients usually have no bound path.
-    Unix(Option<PathBuf>),
+    /// A Unix peer.
+    Unix {
+        /// Its bound path; clients usually have none.
+        path: Option<PathBuf>,
+        /// Its credentials (`SO_PEERCRED`).
+        cred: Option<UnixCredentials>,
+    },
     /// A vsock peer (the enclave sees the parent as CID 3).
     Vsock {
         /// The peer's context id.
@@ -563,8 +686,16 @@ impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Peer::Tcp(addr) => write!(f, "tcp:{addr}"),
-            Peer::Unix(Some(path)) => write!(f, "unix:{}", path.display()),
-            Peer::Unix(None) => f.write_str("unix:unnamed"),
+            Peer::Unix { path, cred } => {
+                match path {
+                    Some(path) => write!(f, "unix:{}", path.display())?,
+                    None => f.write_str("unix:unnamed")?,
+                }
+                match cred {
+                    Some(cred) => write!(f, " (uid {})", cred.uid),
+                    None => Ok(()),
+                }
+            }
             Peer::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
             Peer::Unknown => f.write_str("unknown"),
         }
@@ -588,8 +719,9 @@ impl Stream {
     pub fn peer(&self) -> Peer {
         match self {
             Stream::Tcp(stream) => stream.peer_addr().map_or(Peer::Unknown, Peer::Tcp),
-            Stream::Unix(stream) => stream.peer_addr().map_or(Peer::Unknown, |addr| {
-                Peer::Unix(addr.as_pathname().map(Path::to_path_buf))
+            Stream::Unix(stream) => stream.peer_addr().map_or(Peer::Unknown, |addr| Peer::Unix {
+                path: addr.as_pathname().map(Path::to_path_buf),
+                cred: unix_credentials(stream),
             }),
             Stream::Vsock(stream) => stream
                 .peer_addr()

@@ -48,7 +48,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::endpoint::{EndpointError, Listener, Peer, Stream};
+use crate::endpoint::{EndpointError, Listener, Peer, Stream, VSOCK_CID_PARENT};
 
 /// How long a refused peer is given to receive its refusal.
 pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -167,6 +167,50 @@ pub struct AnyPeer;
 impl PeerPolicy for AnyPeer {
     fn check(&self, _peer: &Peer) -> Result<(), PeerDenied> {
         Ok(())
+    }
+}
+
+/// Serves only privileged peers, by what the kernel reports (DESIGN §3):
+/// on Linux only a process with `CAP_NET_BIND_SERVICE` can bind a port below
+/// 1024, for `AF_VSOCK` as for TCP, so the source port proves privilege.
+///
+/// - vsock: the parent instance (CID 3) from a port below 1024;
+/// - tcp: a loopback address and a port below 1024;
+/// - unix: `SO_PEERCRED` uid 0.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrivilegedPeers;
+
+/// The highest port only a privileged process can bind.
+pub const MAX_PRIVILEGED_PORT: u32 = 1023;
+
+impl PeerPolicy for PrivilegedPeers {
+    fn check(&self, peer: &Peer) -> Result<(), PeerDenied> {
+        let reason = match peer {
+            Peer::Vsock { cid, .. } if *cid != VSOCK_CID_PARENT => {
+                format!("vsock peer CID {cid} is not the parent instance (CID {VSOCK_CID_PARENT})")
+            }
+            Peer::Vsock { port, .. } if *port > MAX_PRIVILEGED_PORT => {
+                format!("{peer} is not privileged: its source port is above {MAX_PRIVILEGED_PORT}")
+            }
+            Peer::Vsock { .. } => return Ok(()),
+            Peer::Tcp(addr) if !addr.ip().is_loopback() => {
+                format!("{peer} is not a loopback address")
+            }
+            Peer::Tcp(addr) if u32::from(addr.port()) > MAX_PRIVILEGED_PORT => {
+                format!("{peer} is not privileged: its source port is above {MAX_PRIVILEGED_PORT}")
+            }
+            Peer::Tcp(_) => return Ok(()),
+            Peer::Unix {
+                cred: Some(cred), ..
+            } if cred.uid == 0 => return Ok(()),
+            Peer::Unix {
+                cred: Some(cred), ..
+            } => format!("unix peer uid {} is not root", cred.uid),
+            Peer::Unix { cred: None, .. } | Peer::Unknown => {
+                format!("the kernel did not say who {peer} is")
+            }
+        };
+        Err(PeerDenied { reason })
     }
 }
 

@@ -227,6 +227,7 @@ impl CredentialsProvider {
             request_timeout: config.fetch_timeout,
             max_request_frame: MAX_CREDENTIALS_FRAME,
             max_response_frame: MAX_CREDENTIALS_FRAME,
+            ..ClientConfig::default()
         };
         let exchange = async {
             let mut client = Client::connect_with(&config.endpoint, client_config).await?;

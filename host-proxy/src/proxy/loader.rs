@@ -97,6 +97,7 @@ fn load_port_client(timeout: Duration) -> ClientConfig {
         request_timeout: timeout,
         max_request_frame: DEFAULT_MAX_LOAD_FRAME,
         max_response_frame: DEFAULT_MAX_RESPONSE_FRAME,
+        ..ClientConfig::default()
     }
 }
 

@@ -223,8 +223,15 @@ async fn unix_echo_and_socket_removed_on_drop() {
     let path = dir.path().join("ks.sock");
     let endpoint = Endpoint::unix(&path);
     let peer = echo_through(&endpoint).await;
-    assert!(matches!(peer, Peer::Unix(None)), "{peer:?}");
-    assert_eq!(peer.to_string(), "unix:unnamed");
+    // The kernel's word on who connected: this test process.
+    let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
+    let pid = i32::try_from(std::process::id()).unwrap();
+    assert!(
+        matches!(peer, Peer::Unix { path: None, cred: Some(cred) }
+            if cred.uid == uid && cred.pid == Some(pid)),
+        "{peer:?}"
+    );
+    assert_eq!(peer.to_string(), format!("unix:unnamed (uid {uid})"));
     // serve_one consumed the listener and returned: the file must be gone.
     assert!(!path.exists(), "socket file left behind");
 }

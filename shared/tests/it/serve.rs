@@ -380,3 +380,145 @@ async fn serves_unix_sockets_and_removes_the_file_on_shutdown() {
     within("serve to return", task).await.unwrap().unwrap();
     assert!(!path.exists(), "the socket file outlived the server");
 }
+
+#[test]
+fn privileged_peers_are_decided_by_what_the_kernel_reports() {
+    use keystore_shared::endpoint::UnixCredentials;
+    use keystore_shared::serve::PrivilegedPeers;
+    let root = |uid| Peer::Unix {
+        path: None,
+        cred: Some(UnixCredentials {
+            uid,
+            gid: 0,
+            pid: Some(1),
+        }),
+    };
+    let allowed = [
+        Peer::Vsock { cid: 3, port: 1023 },
+        Peer::Vsock { cid: 3, port: 1 },
+        Peer::Tcp("127.0.0.1:999".parse().unwrap()),
+        Peer::Tcp("[::1]:1023".parse().unwrap()),
+        root(0),
+    ];
+    for peer in &allowed {
+        assert!(PrivilegedPeers.check(peer).is_ok(), "{peer} was refused");
+    }
+    let refused = [
+        (
+            Peer::Vsock { cid: 3, port: 1024 },
+            "source port is above 1023",
+        ),
+        (Peer::Vsock { cid: 16, port: 5 }, "not the parent instance"),
+        (Peer::Tcp("127.0.0.1:40000".parse().unwrap()), "source port"),
+        (Peer::Tcp("10.0.0.7:80".parse().unwrap()), "not a loopback"),
+        (root(65534), "uid 65534 is not root"),
+        (
+            Peer::Unix {
+                path: None,
+                cred: None,
+            },
+            "did not say",
+        ),
+        (Peer::Unknown, "did not say"),
+    ];
+    for (peer, why) in &refused {
+        let err = PrivilegedPeers.check(peer).unwrap_err();
+        assert!(err.reason.contains(why), "{peer}: {}", err.reason);
+    }
+}
+
+/// Answers "YES\n" to every admitted peer, then closes.
+struct Yes;
+
+impl Handler for Yes {
+    async fn handle(&self, mut conn: Accepted) {
+        let _ = conn.stream.write_all(b"YES\n").await;
+    }
+
+    async fn refuse(&self, stream: &mut Stream, refusal: &Refusal) {
+        let _ = stream.write_all(format!("NO {refusal}\n").as_bytes()).await;
+    }
+}
+
+fn is_root() -> bool {
+    std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0
+}
+
+#[tokio::test]
+async fn privileged_peers_over_tcp_need_a_source_port_below_1024() {
+    if !is_root() {
+        eprintln!("skipped: binding a port below 1024 needs root (CI runs as root)");
+        return;
+    }
+    let listener = Endpoint::tcp("127.0.0.1", 0).bind().await.unwrap();
+    let endpoint = listener.local_endpoint().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(
+        listener,
+        Arc::new(Yes),
+        Arc::new(keystore_shared::serve::PrivilegedPeers),
+        config(),
+        stopped,
+    ));
+    let mut plain = endpoint.connect().await.unwrap();
+    let said = String::from_utf8(read_to_close(&mut plain).await).unwrap();
+    assert!(said.starts_with("NO connection refused: "), "{said}");
+    assert!(said.contains("source port is above 1023"), "{said}");
+
+    let mut privileged = endpoint.connect_privileged().await.unwrap();
+    assert_eq!(read_to_close(&mut privileged).await, b"YES\n");
+    stop.send(()).unwrap();
+    within("serve to return", task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn privileged_peers_over_unix_need_uid_0() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        eprintln!("skipped: needs root to run a client as another user (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("privileged.sock");
+    let listener = Endpoint::unix(&path).bind().await.unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(
+        listener,
+        Arc::new(Yes),
+        Arc::new(keystore_shared::serve::PrivilegedPeers),
+        config(),
+        stopped,
+    ));
+    // Root (this process) is served.
+    let mut as_root = Endpoint::unix(&path).connect().await.unwrap();
+    assert_eq!(read_to_close(&mut as_root).await, b"YES\n");
+    // `nobody`, whatever it claims, is not: the kernel says uid 65534.
+    let client = "import socket,sys\n\
+                  s=socket.socket(socket.AF_UNIX)\n\
+                  s.connect(sys.argv[1])\n\
+                  out=b''\n\
+                  while True:\n    b=s.recv(4096)\n    if not b: break\n    out+=b\n\
+                  sys.stdout.write(out.decode())\n";
+    let socket = path.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .args(["/usr/bin/python3", "-c", client])
+            .arg(&socket)
+            .output()
+    });
+    let output = within("the unprivileged client", output)
+        .await
+        .unwrap()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        said.contains("NO connection refused: unix peer uid 65534 is not root"),
+        "{said}"
+    );
+    stop.send(()).unwrap();
+    within("serve to return", task).await.unwrap().unwrap();
+}
