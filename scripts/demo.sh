@@ -29,9 +29,12 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
 
 bin=${CARGO_TARGET_DIR:-target}/debug
 say "Building keystore-enclave, keystore-host and the KMS emulator"
-# `mock`: the demo runs the enclave with the mock NSM (production builds lack it).
-cargo build --locked -p keystore-enclave -p keystore-host -p keystore-tests --bins \
-  --features keystore-enclave/mock
+# The demo runs the enclave with the mock NSM (feature `mock`; production
+# builds lack it). Built on its own: in a multi-package build cargo reads
+# `--features keystore-enclave/mock` as a dependency feature and leaves the
+# enclave's own binary without it.
+cargo build --locked -p keystore-enclave --bins --features mock
+cargo build --locked -p keystore-host -p keystore-tests --bins
 
 # Demo credentials: the emulator accepts exactly these, and the host proxy's
 # credentials service hands them to the enclave (on EC2 they come from IMDS).
