@@ -130,6 +130,22 @@ async fn raw(harness: &Harness) -> Connection<Stream> {
     )
 }
 
+/// The enclave's load port (no KMS in this harness), and a raw connection
+/// to it with the load port's frame limits.
+async fn load_port() -> (Harness, Connection<Stream>) {
+    let harness = Harness::start(Options {
+        config: ServerConfig::for_loading(Duration::from_secs(30)),
+        ..Options::default()
+    })
+    .await;
+    let mut conn = raw(&harness).await;
+    conn.set_max_frame(
+        keystore_shared::protocol::DEFAULT_MAX_LOAD_FRAME,
+        DEFAULT_MAX_RESPONSE_FRAME,
+    );
+    (harness, conn)
+}
+
 async fn roundtrip<T: serde::Serialize>(conn: &mut Connection<Stream>, msg: &T) -> Response {
     conn.write_message(msg).await.unwrap();
     tokio::time::timeout(Duration::from_secs(30), conn.read_message::<Response>())
@@ -439,16 +455,7 @@ async fn request_timeout_answers_unavailable() {
 
 #[tokio::test]
 async fn the_load_port_takes_big_load_frames_and_nothing_else() {
-    let harness = Harness::start(Options {
-        config: ServerConfig::for_loading(Duration::from_secs(30)),
-        ..Options::default()
-    })
-    .await;
-    let mut conn = raw(&harness).await;
-    conn.set_max_frame(
-        keystore_shared::protocol::DEFAULT_MAX_LOAD_FRAME,
-        DEFAULT_MAX_RESPONSE_FRAME,
-    );
+    let (harness, mut conn) = load_port().await;
 
     // A bundle far over the secret port's 64 KiB frame limit is read whole:
     // this harness has no KMS, so it is refused for that reason, not size.
@@ -488,16 +495,7 @@ fn peak_rss_kib() -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_frame_of_millions_of_elements_is_refused_while_decoding() {
-    let harness = Harness::start(Options {
-        config: ServerConfig::for_loading(Duration::from_secs(30)),
-        ..Options::default()
-    })
-    .await;
-    let mut conn = raw(&harness).await;
-    conn.set_max_frame(
-        keystore_shared::protocol::DEFAULT_MAX_LOAD_FRAME,
-        DEFAULT_MAX_RESPONSE_FRAME,
-    );
+    let (harness, mut conn) = load_port().await;
     let before = peak_rss_kib();
     // {"id": 7, "v": 1, "op": {"Load": {"entries": [0, 0, ... 16 M zeros]}}}:
     // as a generic CBOR value tree this was ~0.5 GiB per frame.
@@ -543,16 +541,7 @@ async fn a_load_frame_of_millions_of_elements_is_refused_while_decoding() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_over_the_entry_limit_is_refused_while_decoding() {
     use keystore_shared::protocol::MAX_LOAD_ENTRIES;
-    let harness = Harness::start(Options {
-        config: ServerConfig::for_loading(Duration::from_secs(30)),
-        ..Options::default()
-    })
-    .await;
-    let mut conn = raw(&harness).await;
-    conn.set_max_frame(
-        keystore_shared::protocol::DEFAULT_MAX_LOAD_FRAME,
-        DEFAULT_MAX_RESPONSE_FRAME,
-    );
+    let (harness, mut conn) = load_port().await;
     let entries = |n: usize| {
         (0..n)
             .map(|i| LoadEntry {
