@@ -324,8 +324,8 @@ struct Decoded {
 /// bounded form. A frame that is not even a map is a frame error.
 fn decode_request(body: &[u8]) -> Result<Decoded, FrameError> {
     let header: Header = decode_body(body)?;
-    let request = check_header(&header).and_then(|id| {
-        let request: Request = decode_body(body).map_err(|err| {
+    let request = check_header(&header).and_then(|()| {
+        decode_body::<Request>(body).map_err(|err| {
             ServiceError::BadRequest(format!(
                 "`op` is not a valid operation of protocol version {PROTOCOL_VERSION} \
                  (Get, List, Status, Attest, Load, GetCredentials): {}",
@@ -335,9 +335,7 @@ fn decode_request(body: &[u8]) -> Result<Decoded, FrameError> {
                     other => other.to_string(),
                 }
             ))
-        })?;
-        debug_assert_eq!(request.id, id);
-        Ok(request)
+        })
     });
     Ok(Decoded {
         id: header.id.unwrap_or(0),
@@ -345,16 +343,16 @@ fn decode_request(body: &[u8]) -> Result<Decoded, FrameError> {
     })
 }
 
-/// Checks id, version and the presence of an operation; returns the id.
-fn check_header(header: &Header) -> Result<u64, ServiceError> {
+/// Checks id, version and the presence of an operation.
+fn check_header(header: &Header) -> Result<(), ServiceError> {
     let Some(v) = header.v else {
         return Err(ServiceError::BadRequest(format!(
             "request has no protocol version `v`; this server speaks version {PROTOCOL_VERSION}"
         )));
     };
-    let Some(id) = header.id else {
+    if header.id.is_none() {
         return Err(ServiceError::BadRequest("request has no `id`".to_owned()));
-    };
+    }
     if v != PROTOCOL_VERSION {
         let err = ProtocolError::UnsupportedVersion {
             got: v,
@@ -367,7 +365,7 @@ fn check_header(header: &Header) -> Result<u64, ServiceError> {
             "request has no operation `op`".to_owned(),
         ));
     }
-    Ok(id)
+    Ok(())
 }
 
 /// One connection being served.
