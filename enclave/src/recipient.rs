@@ -117,12 +117,9 @@ pub enum RecipientError {
     /// A configuration value that would make the refresher misbehave.
     #[error("invalid recipient configuration: {0}")]
     InvalidConfig(&'static str),
-    /// The NSM could not provide randomness for key generation.
-    #[error("cannot seed recipient key generation from the NSM: {0}")]
-    Entropy(#[source] NsmError),
-    /// The operating system RNG failed.
-    #[error("operating system randomness unavailable: {0}")]
-    OsEntropy(String),
+    /// The NSM or the OS could not provide randomness for key generation.
+    #[error("cannot seed recipient key generation: {0}")]
+    Entropy(#[from] EntropyError),
     /// RSA key generation failed.
     #[error("RSA key generation failed: {0}")]
     KeyGeneration(String),
@@ -200,10 +197,7 @@ pub fn generate_recipient_key(
 ) -> Result<KeyAndSpki, RecipientError> {
     // OS bytes XORed with a stream seeded from NSM and OS randomness: a weak
     // source alone does not make the key predictable.
-    let mut rng = MixedRng::new(nsm, KEYGEN_RNG_DOMAIN).map_err(|e| match e {
-        EntropyError::Nsm(e) => RecipientError::Entropy(e),
-        EntropyError::Os(e) => RecipientError::OsEntropy(e),
-    })?;
+    let mut rng = MixedRng::new(nsm, KEYGEN_RNG_DOMAIN)?;
     let key = PrivateKey::new(&mut rng, bits.bits())
         .map_err(|e| RecipientError::KeyGeneration(e.to_string()))?;
     let spki_der = key

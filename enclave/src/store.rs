@@ -27,7 +27,7 @@ use rand::TryRng;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use keystore_nsm::entropy::{self, EntropyError};
-use keystore_nsm::{Nsm, NsmError};
+use keystore_nsm::Nsm;
 
 /// Largest secret value accepted by default (1 MiB), matching the protocol's
 /// default response limit so every stored value can also be served.
@@ -76,10 +76,10 @@ pub enum StoreError {
         /// The configured limit.
         max: usize,
     },
-    /// The NSM could not provide randomness for the seal key.
-    #[error("cannot seed the seal key from the NSM: {0}")]
-    NsmEntropy(#[source] NsmError),
-    /// The operating system RNG failed.
+    /// The NSM or the OS could not provide randomness for the seal key.
+    #[error("cannot seed the seal key: {0}")]
+    Entropy(#[source] EntropyError),
+    /// The operating system RNG failed (drawing a nonce).
     #[error("operating system randomness unavailable: {0}")]
     OsEntropy(String),
     /// Encrypting a value failed (it is then not stored).
@@ -114,10 +114,7 @@ impl SealKey {
     /// Derives a fresh key from NSM and OS randomness mixed by
     /// [`keystore_nsm::entropy::seed`].
     pub fn generate(nsm: &dyn Nsm) -> Result<SealKey, StoreError> {
-        let seed = entropy::seed(nsm, SEAL_KEY_DOMAIN).map_err(|e| match e {
-            EntropyError::Nsm(e) => StoreError::NsmEntropy(e),
-            EntropyError::Os(e) => StoreError::OsEntropy(e),
-        })?;
+        let seed = entropy::seed(nsm, SEAL_KEY_DOMAIN).map_err(StoreError::Entropy)?;
         Ok(SealKey::from_seed(&seed))
     }
 
@@ -488,7 +485,7 @@ impl fmt::Debug for Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keystore_nsm::{AttestationRequest, PcrDescription};
+    use keystore_nsm::{AttestationRequest, NsmError, PcrDescription};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     /// Fills with a recognisable pattern, counts calls, can be told to fail.
@@ -601,8 +598,10 @@ mod tests {
 
         nsm.fail.store(true, Ordering::SeqCst);
         match SealKey::generate(&nsm) {
-            Err(StoreError::NsmEntropy(NsmError::Rejected(m))) => assert!(m.contains("fail")),
-            other => panic!("expected NsmEntropy, got {other:?}"),
+            Err(StoreError::Entropy(EntropyError::Nsm(NsmError::Rejected(m)))) => {
+                assert!(m.contains("fail"))
+            }
+            other => panic!("expected an NSM entropy error, got {other:?}"),
         }
     }
 
