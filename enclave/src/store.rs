@@ -26,8 +26,8 @@ use keystore_shared::name::{NameError, SecretName};
 use rand::TryRng;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use keystore_nsm::entropy::{self, EntropyError};
 use keystore_nsm::Nsm;
+use keystore_nsm::entropy::{self, EntropyError};
 
 /// Largest secret value accepted by default (1 MiB), matching the protocol's
 /// default response limit so every stored value can also be served.
