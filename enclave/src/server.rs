@@ -32,12 +32,12 @@ use keystore_shared::endpoint::{Endpoint, EndpointError, Listener as EndpointLis
 use keystore_shared::frame::{Connection, FrameError, FrameLimits, decode_body};
 use keystore_shared::protocol::{
     DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME, ErrorCode,
-    PROTOCOL_VERSION, ProtocolError, Request, RequestOp, Response, ResponseBody, SecretBytes,
+    PROTOCOL_VERSION, ProtocolError, Request, RequestHeader, RequestOp, Response, ResponseBody,
+    SecretBytes,
 };
 use keystore_shared::serve::{
     Accepted, AnyPeer, Handler, Refusal, ServeConfig, ServeError, Shutdown, Watched, serve,
 };
-use serde::Deserialize;
 
 use crate::service::{KeystoreService, ServiceError};
 
@@ -296,21 +296,6 @@ impl Handler for RequestHandler {
     }
 }
 
-/// A request's header, read before its operation: so that even a request
-/// whose operation is unknown or malformed gets an answer carrying its id,
-/// and so that the version is checked before the operation is interpreted.
-/// `op` is skipped without building anything: a 16 MiB frame must not
-/// become a generic value tree.
-#[derive(Deserialize)]
-struct Header {
-    #[serde(default)]
-    id: Option<u64>,
-    #[serde(default)]
-    v: Option<u16>,
-    #[serde(default)]
-    op: Option<serde::de::IgnoredAny>,
-}
-
 /// A request frame, decoded as far as it goes.
 struct Decoded {
     /// The id to answer with (0 when the request has none).
@@ -323,7 +308,7 @@ struct Decoded {
 /// then (if the header is fine) the whole request straight into its typed,
 /// bounded form. A frame that is not even a map is a frame error.
 fn decode_request(body: &[u8]) -> Result<Decoded, FrameError> {
-    let header: Header = decode_body(body)?;
+    let header: RequestHeader = decode_body(body)?;
     let request = check_header(&header).and_then(|()| {
         decode_body::<Request>(body).map_err(|err| {
             ServiceError::BadRequest(format!(
@@ -344,7 +329,7 @@ fn decode_request(body: &[u8]) -> Result<Decoded, FrameError> {
 }
 
 /// Checks id, version and the presence of an operation.
-fn check_header(header: &Header) -> Result<(), ServiceError> {
+fn check_header(header: &RequestHeader) -> Result<(), ServiceError> {
     let Some(v) = header.v else {
         return Err(ServiceError::BadRequest(format!(
             "request has no protocol version `v`; this server speaks version {PROTOCOL_VERSION}"
@@ -360,7 +345,7 @@ fn check_header(header: &Header) -> Result<(), ServiceError> {
         };
         return Err(ServiceError::BadRequest(err.to_string()));
     }
-    if header.op.is_none() {
+    if !header.has_op() {
         return Err(ServiceError::BadRequest(
             "request has no operation `op`".to_owned(),
         ));

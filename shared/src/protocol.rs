@@ -182,6 +182,29 @@ impl Request {
     }
 }
 
+/// What can be read of any request frame before its operation: `id` and
+/// `v`, with `op` skipped unread (no allocation, whatever it holds). A
+/// server reads this first so that a request with a bad operation is still
+/// answered with its id, and checks the version before decoding the rest.
+#[derive(Debug, Deserialize)]
+pub struct RequestHeader {
+    /// The request's id, if it has one.
+    #[serde(default)]
+    pub id: Option<u64>,
+    /// The protocol version, if given.
+    #[serde(default)]
+    pub v: Option<u16>,
+    #[serde(default)]
+    op: Option<serde::de::IgnoredAny>,
+}
+
+impl RequestHeader {
+    /// Whether the frame carries an operation at all.
+    pub fn has_op(&self) -> bool {
+        self.op.is_some()
+    }
+}
+
 /// A response to a [`Request`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
