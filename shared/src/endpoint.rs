@@ -332,7 +332,8 @@ async fn connect_tcp_privileged(host: &str, port: u16) -> io::Result<TcpStream> 
     let count = PRIVILEGED_SOURCE_PORTS.len();
     let first = PRIVILEGED_SOURCE_PORTS.start();
     let offset = std::process::id() as usize;
-    for addr in tokio::net::lookup_host((host, port)).await? {
+    // A few addresses at most: each may cost up to one try per source port.
+    for addr in tokio::net::lookup_host((host, port)).await?.take(4) {
         for i in 0..count {
             let Ok(step) = u16::try_from((offset + i) % count) else {
                 continue;
