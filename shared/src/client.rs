@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use crate::caller::Caller;
 use crate::endpoint::{Endpoint, EndpointError, Stream};
 use crate::frame::{Connection, FrameError, FrameLimits};
 use crate::protocol::{
@@ -195,10 +196,20 @@ impl Client {
 
     /// One secret's value.
     pub async fn get(&mut self, name: &str) -> Result<SecretBytes, ClientError> {
+        self.get_as(name, None).await
+    }
+
+    /// One secret's value, read on behalf of `caller` (the agent's use; the
+    /// enclave believes the caller only from a privileged connection).
+    pub async fn get_as(
+        &mut self,
+        name: &str,
+        caller: Option<Caller>,
+    ) -> Result<SecretBytes, ClientError> {
         let op = RequestOp::Get {
             name: name.to_owned(),
         };
-        match self.call(op).await? {
+        match self.call_as(op, caller).await? {
             ResponseBody::Secret {
                 name: answered,
                 value,
@@ -213,7 +224,12 @@ impl Client {
 
     /// The names of the loaded secrets.
     pub async fn list(&mut self) -> Result<Vec<String>, ClientError> {
-        match self.call(RequestOp::List).await? {
+        self.list_as(None).await
+    }
+
+    /// The names `caller` may read (see [`Client::get_as`]).
+    pub async fn list_as(&mut self, caller: Option<Caller>) -> Result<Vec<String>, ClientError> {
+        match self.call_as(RequestOp::List, caller).await? {
             ResponseBody::Names { names } => Ok(names),
             other => Err(unexpected("list", &other)),
         }
@@ -250,6 +266,15 @@ impl Client {
     /// speak [`crate::PROTOCOL_VERSION`] and be the success type that answers
     /// `op` (or an `Error`, returned as [`ClientError::Server`]).
     pub async fn call(&mut self, op: RequestOp) -> Result<ResponseBody, ClientError> {
+        self.call_as(op, None).await
+    }
+
+    /// [`Client::call`], on behalf of `caller`.
+    pub async fn call_as(
+        &mut self,
+        op: RequestOp,
+        caller: Option<Caller>,
+    ) -> Result<ResponseBody, ClientError> {
         let kind = op.kind();
         let expected = op.answer_kind();
         if self.broken {
@@ -257,7 +282,8 @@ impl Client {
         }
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        let request = Request::new(id, op);
+        let mut request = Request::new(id, op);
+        request.caller = caller;
         // Pessimistic until the exchange completes: a timeout or error
         // below leaves the stream in an unknown state.
         self.broken = true;

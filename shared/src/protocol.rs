@@ -20,6 +20,7 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroizing;
 
+use crate::caller::Caller;
 use crate::frame::FrameError;
 
 /// The protocol version this build speaks.
@@ -59,6 +60,11 @@ pub struct Request {
     pub v: u16,
     /// What is asked.
     pub op: RequestOp,
+    /// Whom a `Get` or `List` is made for, asserted by the agent. The
+    /// enclave believes it only from a privileged peer; a privileged peer
+    /// that names no caller reads as root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<Caller>,
 }
 
 /// The operations a [`Request`] can ask for.
@@ -173,7 +179,14 @@ impl Request {
             id,
             v: PROTOCOL_VERSION,
             op,
+            caller: None,
         }
+    }
+
+    /// The same request, made on behalf of `caller`.
+    pub fn on_behalf_of(mut self, caller: Caller) -> Self {
+        self.caller = Some(caller);
+        self
     }
 
     /// Refuses requests from a peer speaking another protocol version.

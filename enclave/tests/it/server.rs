@@ -172,6 +172,7 @@ async fn protocol_errors_echo_ids_and_keep_the_connection() {
         id: 41,
         v: 2,
         op: RequestOp::Status,
+        caller: None,
     };
     let response = roundtrip(&mut conn, &request).await;
     assert_eq!(response.id, 41);

@@ -110,6 +110,7 @@ async fn other_operations_are_refused_and_the_connection_stays_usable() {
         id: 4,
         v: 99,
         op: RequestOp::GetCredentials,
+        caller: None,
     })
     .await
     .unwrap();

@@ -32,7 +32,12 @@ fn request() -> impl Strategy<Value = Request> {
         )
         .prop_map(|entries| RequestOp::Load { entries }),
     ];
-    (any::<u64>(), any::<u16>(), op).prop_map(|(id, v, op)| Request { id, v, op })
+    (any::<u64>(), any::<u16>(), op).prop_map(|(id, v, op)| Request {
+        id,
+        v,
+        op,
+        caller: None,
+    })
 }
 
 fn response() -> impl Strategy<Value = Response> {

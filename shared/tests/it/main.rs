@@ -8,6 +8,7 @@ mod support;
 mod attestation_fuzz;
 mod attestation_pki;
 mod attestation_real;
+mod caller;
 mod client;
 mod endpoint;
 mod frame;
