@@ -28,6 +28,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keystore_shared::Caller;
 use keystore_shared::endpoint::{Endpoint, EndpointError, Listener as EndpointListener, Stream};
 use keystore_shared::frame::{Connection, FrameError, FrameLimits, decode_body};
 use keystore_shared::protocol::{
@@ -404,9 +405,12 @@ impl Session<'_> {
         let (kind, result) = match decoded.request {
             Ok(request) => {
                 let kind = request.op.kind();
+                // TODO(issue 12, peers): believe an asserted caller only
+                // from a privileged peer.
+                let caller = request.caller.unwrap_or_else(Caller::root);
                 let answered = tokio::time::timeout(
                     self.request_timeout,
-                    apply(self.service, self.role, request.op),
+                    apply(self.service, self.role, request.op, &caller),
                 )
                 .await;
                 let result = answered.unwrap_or_else(|_| {
@@ -526,6 +530,7 @@ async fn apply(
     service: &KeystoreService,
     role: Role,
     op: RequestOp,
+    caller: &Caller,
 ) -> Result<ResponseBody, ServiceError> {
     match (role, &op) {
         (Role::Secrets, RequestOp::Load { .. }) => {
@@ -545,14 +550,14 @@ async fn apply(
     }
     match op {
         RequestOp::Get { name } => {
-            let mut value = service.get(&name)?;
+            let mut value = service.get(&name, caller)?;
             // Moves the plaintext into the response without another copy;
             // the emptied wrapper has nothing left to wipe.
             let value = SecretBytes::new(std::mem::take(&mut *value));
             Ok(ResponseBody::Secret { name, value })
         }
         RequestOp::List => Ok(ResponseBody::Names {
-            names: service.list(),
+            names: service.list(caller)?,
         }),
         RequestOp::Status => Ok(ResponseBody::Status(service.status())),
         RequestOp::Attest { nonce, user_data } => {

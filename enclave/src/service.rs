@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keystore_shared::Caller;
 use keystore_shared::protocol::{ErrorCode, LoadEntry, StatusReport};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
@@ -40,6 +41,10 @@ pub enum ServiceError {
     /// No secret by that name.
     #[error("{0}")]
     NotFound(String),
+    /// The caller may not read this; the message names the secret and the
+    /// caller, never the value.
+    #[error("{0}")]
+    Denied(String),
     /// The request's arguments are unacceptable.
     #[error("{0}")]
     BadRequest(String),
@@ -69,6 +74,7 @@ impl ServiceError {
         match self {
             ServiceError::NotReady => ErrorCode::NotReady,
             ServiceError::NotFound(_) => ErrorCode::NotFound,
+            ServiceError::Denied(_) => ErrorCode::Denied,
             ServiceError::BadRequest(_) | ServiceError::Unsupported(_) => ErrorCode::BadRequest,
             ServiceError::Unavailable(_) => ErrorCode::Unavailable,
             ServiceError::Internal(_) => ErrorCode::Internal,
@@ -169,8 +175,10 @@ impl KeystoreService {
         self.store.status().generation > 0
     }
 
-    /// One secret's plaintext, in a buffer wiped on drop.
-    pub fn get(&self, name: &str) -> Result<Zeroizing<Vec<u8>>, ServiceError> {
+    /// One secret's plaintext, in a buffer wiped on drop, if `caller` may
+    /// read it.
+    pub fn get(&self, name: &str, caller: &Caller) -> Result<Zeroizing<Vec<u8>>, ServiceError> {
+        let _ = caller; // TODO(issue 12, rules): enforce the access rules.
         validate_name(name).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         if !self.is_ready() {
             return Err(ServiceError::NotReady);
@@ -185,8 +193,9 @@ impl KeystoreService {
 
     /// The names of the loaded secrets, sorted. Listing is allowed before
     /// the first load (the answer is simply empty), so a host can poll it.
-    pub fn list(&self) -> Vec<String> {
-        self.store.names()
+    pub fn list(&self, caller: &Caller) -> Result<Vec<String>, ServiceError> {
+        let _ = caller; // TODO(issue 12, rules): only the names caller may read.
+        Ok(self.store.names())
     }
 
     /// Health and freshness.
