@@ -185,6 +185,9 @@ pub enum LoadError {
         /// The configured limit.
         after: Duration,
     },
+    /// No KMS key is pinned in this enclave, so no load is accepted.
+    #[error("load refused: {0}")]
+    NoPinnedKey(#[source] KmsError),
     /// `reload` was asked before any load succeeded.
     #[error("nothing to re-decrypt: no load has succeeded yet")]
     NothingToReload,
@@ -213,7 +216,7 @@ impl LoadError {
     /// `transport`).
     pub fn stage(&self) -> &'static str {
         match self {
-            LoadError::Config(_) => "config",
+            LoadError::Config(_) | LoadError::NoPinnedKey(_) => "config",
             LoadError::TooManyEntries { .. }
             | LoadError::DuplicateName { .. }
             | LoadError::InvalidName(_) => "request",
@@ -260,9 +263,10 @@ impl LoadError {
             } => ErrorCode::TooLarge,
             LoadError::Kms { source, .. } if source.is_retryable() => ErrorCode::Unavailable,
             LoadError::Kms {
-                source: KmsError::Service { .. },
+                source: KmsError::Service { .. } | KmsError::UnpinnedKey { .. },
                 ..
-            } => ErrorCode::Denied,
+            }
+            | LoadError::NoPinnedKey(_) => ErrorCode::Denied,
             LoadError::Deadline { .. } => ErrorCode::Unavailable,
             _ => ErrorCode::Internal,
         }
@@ -464,6 +468,11 @@ impl Loader {
 
     async fn run(&self, entries: &[LoadEntry]) -> Result<LoadReport, LoadError> {
         let started = Instant::now();
+        // Before anything else: an enclave without a pinned key would
+        // otherwise report the first entry as failing.
+        if self.kms.pinned_keys().is_empty() {
+            return Err(LoadError::NoPinnedKey(KmsError::NoPinnedKey));
+        }
         let items = self.check(entries)?;
         let count = items.len();
         let job = Arc::new(Job {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use keystore_enclave::enclave::{Enclave, EnclaveConfig};
-use keystore_enclave::kms::KmsConfig;
+use keystore_enclave::kms::{KmsConfig, PinnedKeys};
 use keystore_enclave::load::LoadConfig;
 use keystore_enclave::recipient::{RecipientBits, RecipientConfig};
 use keystore_enclave::server::{self, ServerConfig};
@@ -40,6 +40,18 @@ struct Args {
     /// secrets. Dockerfile.enclave bakes it into the measured image.
     #[arg(long, env = "KEYSTORE_REGION")]
     region: Option<String>,
+    /// The KMS key ARN every `Decrypt` names (repeatable, or comma-separated
+    /// in the environment). Answers for any other key are refused; without
+    /// one every `Load` is refused. Dockerfile.enclave bakes it into the
+    /// measured image. Key ARNs only, not aliases; empty items are ignored
+    /// (an image built without keys has an empty variable).
+    #[arg(
+        long = "kms-key-arn",
+        env = "KEYSTORE_KMS_KEY_ARNS",
+        value_name = "ARN",
+        value_delimiter = ','
+    )]
+    kms_key_arns: Vec<String>,
     /// KMS host name: TLS server name and SNI (default kms.<region>.amazonaws.com).
     #[arg(long, value_name = "HOST")]
     kms_host: Option<String>,
@@ -225,12 +237,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// The KMS settings, when `--region` says where KMS is.
 fn kms_config(args: &Args) -> anyhow::Result<Option<KmsConfig>> {
     let Some(region) = &args.region else {
-        if args.kms_ca.is_some() || args.kms_host.is_some() {
-            bail!("--kms-host and --kms-ca need --region");
+        let pins_keys = args.kms_key_arns.iter().any(|k| !k.trim().is_empty());
+        if args.kms_ca.is_some() || args.kms_host.is_some() || pins_keys {
+            bail!("--kms-host, --kms-ca and --kms-key-arn need --region");
         }
         return Ok(None);
     };
-    let mut config = KmsConfig::new(region.clone());
+    let pinned = PinnedKeys::parse(&args.kms_key_arns).context("--kms-key-arn")?;
+    let mut config = KmsConfig::new(region.clone()).with_pinned_keys(pinned);
     config.transport.proxy = args.kms_proxy.clone();
     if let Some(host) = &args.kms_host {
         config.transport.kms_host = host.clone();
@@ -302,6 +316,49 @@ mod tests {
         assert_eq!(defaults.refresh_after, Duration::from_secs(240));
         assert_eq!(defaults.recipient_bits, RecipientBits::B4096);
         assert_eq!(defaults.listen.to_string(), "vsock://ANY:5000");
+    }
+
+    const KEY: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+
+    #[test]
+    fn kms_key_arns_repeat_split_on_commas_and_refuse_aliases() {
+        let other = KEY.replace("1234abcd-", "9999abcd-");
+        let both = format!("{KEY},{other}");
+        let args = Args::try_parse_from([
+            "keystore-enclave",
+            "--region",
+            "us-east-1",
+            "--kms-key-arn",
+            &both,
+            "--kms-key-arn",
+            KEY,
+        ])
+        .unwrap();
+        let config = kms_config(&args).unwrap().unwrap();
+        assert_eq!(config.pinned_keys.len(), 2);
+        let args = Args::try_parse_from([
+            "keystore-enclave",
+            "--region",
+            "us-east-1",
+            "--kms-key-arn",
+            "arn:aws:kms:us-east-1:111122223333:alias/keystore",
+        ])
+        .unwrap();
+        let err = format!("{:#}", kms_config(&args).unwrap_err());
+        assert!(err.contains("is an alias"), "{err}");
+        // An image built without keys has an empty variable: no key pinned.
+        let args = Args::try_parse_from([
+            "keystore-enclave",
+            "--region",
+            "us-east-1",
+            "--kms-key-arn",
+            "",
+        ])
+        .unwrap();
+        assert!(kms_config(&args).unwrap().unwrap().pinned_keys.is_empty());
+        // Without --region the keys are pointless: refused, not ignored.
+        let args = Args::try_parse_from(["keystore-enclave", "--kms-key-arn", KEY]).unwrap();
+        assert!(kms_config(&args).is_err());
     }
 
     #[test]

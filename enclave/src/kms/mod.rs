@@ -8,6 +8,13 @@
 //! asks KMS to re-encrypt a value for the enclave's attested RSA key and
 //! opens the answer locally, so the plaintext never crosses the host.
 //!
+//! Every `Decrypt` names a [pinned](pinned) key as `KeyId`, and an answer
+//! for any other key is refused ([`KmsError::UnpinnedKey`]) before the
+//! value is opened. With several pinned keys the envelope does not say which
+//! one encrypted it, so the keys are tried in turn, moving to the next only
+//! on `IncorrectKeyException` (at most one call per pinned key), starting
+//! with the key that last succeeded.
+//!
 //! The SDK's own retries are disabled: the loader retries with its own
 //! bounded backoff and counts every call, and an attestation refusal needs a
 //! new recipient pair (which the SDK cannot produce) before a retry makes
@@ -15,10 +22,13 @@
 
 pub mod credentials;
 pub mod error_code;
+pub mod pinned;
 pub mod transport;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aws_sdk_kms::config::{BehaviorVersion, IdentityCache, Region, StalledStreamProtectionConfig};
@@ -38,6 +48,7 @@ use crate::recipient::{RecipientError, RecipientPair};
 use credentials::{CredentialsConfig, CredentialsError, CredentialsProvider};
 pub use error_code::KmsErrorCode;
 use keystore_cms::{self as cms, CmsError};
+pub use pinned::{KeyArn, KeyArnError, PinnedKeys, PinnedKeysError};
 use transport::{KmsTransport, TransportConfig, TransportError, TransportStats};
 
 /// Default vsock port of the host proxy's KMS forwarder.
@@ -60,12 +71,15 @@ pub struct KmsConfig {
     pub credentials: CredentialsConfig,
     /// Bound on one whole SDK operation.
     pub operation_timeout: Duration,
+    /// The only KMS keys `Decrypt` may use. Empty: every decrypt is refused
+    /// ([`KmsError::NoPinnedKey`]).
+    pub pinned_keys: PinnedKeys,
 }
 
 impl KmsConfig {
     /// Production defaults for `region`: KMS host
     /// `kms.<region>.amazonaws.com` through the proxy at vsock://3:8000,
-    /// credentials from vsock://3:8001, no extra CA.
+    /// credentials from vsock://3:8001, no extra CA, no pinned key yet.
     pub fn new(region: impl Into<String>) -> KmsConfig {
         let region = region.into();
         let host = format!("kms.{region}.amazonaws.com");
@@ -76,8 +90,16 @@ impl KmsConfig {
             ),
             credentials: CredentialsConfig::default(),
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            pinned_keys: PinnedKeys::default(),
             region,
         }
+    }
+
+    /// The same settings with `keys` pinned.
+    #[must_use]
+    pub fn with_pinned_keys(mut self, keys: PinnedKeys) -> KmsConfig {
+        self.pinned_keys = keys;
+        self
     }
 
     /// Whether an extra trusted CA is configured.
@@ -113,6 +135,20 @@ impl KmsConfig {
         }
         transport::check_kms_host(&self.transport.kms_host)
             .map_err(|e| KmsError::Config(e.to_string()))?;
+        // A key is only usable through its own region's KMS: a key of
+        // another region would fail every load with NotFound.
+        if let Some(key) = self
+            .pinned_keys
+            .keys()
+            .iter()
+            .find(|k| k.region() != self.region)
+        {
+            return Err(KmsError::Config(format!(
+                "pinned KMS key {key} is in region {}, but this enclave calls KMS in {}",
+                key.region(),
+                self.region
+            )));
+        }
         Ok(())
     }
 }
@@ -170,6 +206,20 @@ pub enum KmsError {
     /// KMS answered without `CiphertextForRecipient`.
     #[error("KMS response refused: no CiphertextForRecipient")]
     MissingCiphertextForRecipient,
+    /// No KMS key is pinned in this enclave, so nothing may be decrypted.
+    #[error(
+        "no KMS key is pinned in this enclave: build the image with `scripts/build-eif.sh --kms-key-arn ARN` (or run keystore-enclave with --kms-key-arn ARN)"
+    )]
+    NoPinnedKey,
+    /// KMS answered for a key that is not the pinned key asked for. The
+    /// answer was dropped unopened.
+    #[error("KMS answered for key {got}, which is not the pinned key {pinned}; refused")]
+    UnpinnedKey {
+        /// The `KeyId` of the answer (`(none)` if it had none; truncated).
+        got: String,
+        /// The pinned key the request named.
+        pinned: String,
+    },
     /// `CiphertextForRecipient` could not be opened with the pair's key.
     #[error("CMS: cannot open CiphertextForRecipient: {0}")]
     Cms(#[source] CmsError),
@@ -189,7 +239,8 @@ impl KmsError {
     /// The stage that failed, as one word for logs and status.
     pub fn stage(&self) -> &'static str {
         match self {
-            KmsError::Config(_) => "config",
+            KmsError::Config(_) | KmsError::NoPinnedKey => "config",
+            KmsError::UnpinnedKey { .. } => "pinned-key",
             KmsError::Nsm(_) => "nsm",
             KmsError::ProxyConnect(_) => "proxy-connect",
             KmsError::Tls(_) => "tls",
@@ -268,6 +319,9 @@ pub struct Kms {
     client: aws_sdk_kms::Client,
     transport: KmsTransport,
     credentials: CredentialsProvider,
+    pinned: PinnedKeys,
+    /// Index of the pinned key that last decrypted a value: tried first.
+    preferred: Arc<AtomicUsize>,
 }
 
 impl fmt::Debug for Kms {
@@ -275,6 +329,7 @@ impl fmt::Debug for Kms {
         f.debug_struct("Kms")
             .field("transport", &self.transport)
             .field("credentials", &self.credentials)
+            .field("pinned", &self.pinned)
             .finish_non_exhaustive()
     }
 }
@@ -302,11 +357,23 @@ impl Kms {
                     .build(),
             )
             .build();
+        if config.pinned_keys.is_empty() {
+            tracing::warn!("no KMS key is pinned: every Load will be refused");
+        } else {
+            tracing::info!(keys = %config.pinned_keys, "KMS keys pinned");
+        }
         Ok(Kms {
             client: aws_sdk_kms::Client::from_conf(sdk_config),
             transport,
             credentials,
+            pinned: config.pinned_keys,
+            preferred: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// The keys `Decrypt` may use.
+    pub fn pinned_keys(&self) -> &PinnedKeys {
+        &self.pinned
     }
 
     /// Connection and credentials counters.
@@ -322,15 +389,52 @@ impl Kms {
         &self.credentials
     }
 
-    /// `Decrypt` with `EncryptionContext = context` and `Recipient` = the
-    /// pair's attestation document, then opens `CiphertextForRecipient` with
-    /// the pair's key.
+    /// `Decrypt` with `KeyId` = a pinned key, `EncryptionContext =
+    /// context` and `Recipient` = the pair's attestation document, then
+    /// opens `CiphertextForRecipient` with the pair's key.
     ///
     /// The encryption context is the name binding: KMS refuses a ciphertext
-    /// presented under a context it was not encrypted with. An answer with
+    /// presented under a context it was not encrypted with. `KeyId` is the
+    /// key binding: KMS refuses (`IncorrectKeyException`) a ciphertext of
+    /// another key, and an answer naming another key is refused here
+    /// ([`KmsError::UnpinnedKey`]). With several pinned keys each is tried
+    /// once, in turn, while KMS says `IncorrectKeyException`. An answer with
     /// `Plaintext` is refused ([`KmsError::PlaintextInResponse`]).
     pub async fn decrypt_for_recipient(
         &self,
+        ciphertext: &[u8],
+        context: &BTreeMap<String, String>,
+        pair: &RecipientPair,
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        let keys = self.pinned.keys();
+        if keys.is_empty() {
+            return Err(KmsError::NoPinnedKey);
+        }
+        let first = self.preferred.load(Ordering::Relaxed) % keys.len();
+        let mut last = KmsError::NoPinnedKey;
+        for offset in 0..keys.len() {
+            let index = (first + offset) % keys.len();
+            let Some(key) = keys.get(index) else { break };
+            match self.decrypt_with(key, ciphertext, context, pair).await {
+                Ok(value) => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    return Ok(value);
+                }
+                Err(err) if err.kms_code() == Some(&KmsErrorCode::IncorrectKey) => {
+                    tracing::debug!(key = %key, "not encrypted under this pinned key; trying the next");
+                    last = err;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(last)
+    }
+
+    /// One pinned key: the call (with one credentials refresh) and the
+    /// checks of the answer.
+    async fn decrypt_with(
+        &self,
+        key: &KeyArn,
         ciphertext: &[u8],
         context: &BTreeMap<String, String>,
         pair: &RecipientPair,
@@ -353,6 +457,7 @@ impl Kms {
             let mut request = self
                 .client
                 .decrypt()
+                .key_id(key.as_str())
                 .ciphertext_blob(Blob::new(ciphertext.to_vec()))
                 .recipient(recipient);
             for (key, value) in context {
@@ -361,7 +466,7 @@ impl Kms {
             match request.send().await {
                 Ok(output) => break output,
                 Err(err) => {
-                    let err = classify(err, context, pair);
+                    let err = classify(err, context, pair, &self.pinned);
                     if err.is_credentials_rejection() && !fresh_credentials {
                         tracing::info!(error = %err, "KMS rejected the cached credentials; fetching new ones");
                         self.credentials.invalidate().await;
@@ -378,6 +483,23 @@ impl Kms {
             tracing::error!("KMS answered a Recipient request with Plaintext; refused");
             return Err(KmsError::PlaintextInResponse);
         }
+        // Checked before the value is opened: an answer for another key is
+        // never decrypted, let alone stored.
+        match output.key_id.as_deref() {
+            Some(got) if key.matches(got) => {}
+            got => {
+                let got: String = got
+                    .unwrap_or("(none)")
+                    .chars()
+                    .take(MAX_KMS_MESSAGE)
+                    .collect();
+                tracing::error!(got = %got, pinned = %key, "KMS answered for a key that is not pinned; refused");
+                return Err(KmsError::UnpinnedKey {
+                    got,
+                    pinned: key.to_string(),
+                });
+            }
+        }
         let sealed = output
             .ciphertext_for_recipient
             .ok_or(KmsError::MissingCiphertextForRecipient)?;
@@ -390,6 +512,7 @@ fn classify(
     err: SdkError<DecryptError, HttpResponse>,
     context: &BTreeMap<String, String>,
     pair: &RecipientPair,
+    pinned: &PinnedKeys,
 ) -> KmsError {
     if let Some(service) = err.as_service_error() {
         let status = err.raw_response().map_or(0, |r| r.status().as_u16());
@@ -400,7 +523,7 @@ fn classify(
             .chars()
             .take(MAX_KMS_MESSAGE)
             .collect();
-        let hint = hint_for(&code, &message, status, context, pair);
+        let hint = hint_for(&code, &message, status, context, pair, pinned);
         return KmsError::Service {
             code,
             message,
@@ -436,6 +559,7 @@ fn hint_for(
     status: u16,
     context: &BTreeMap<String, String>,
     pair: &RecipientPair,
+    pinned: &PinnedKeys,
 ) -> Option<String> {
     match code {
         KmsErrorCode::AccessDenied => {
@@ -458,8 +582,10 @@ fn hint_for(
             ))
         }
         KmsErrorCode::Throttling => Some("KMS is throttling; retried with backoff".to_owned()),
-        KmsErrorCode::IncorrectKey
-        | KmsErrorCode::NotFound
+        KmsErrorCode::IncorrectKey => Some(format!(
+            "the value was not encrypted under a KMS key this enclave pins ({pinned}): encrypted under another key or account, or the image pins the wrong key"
+        )),
+        KmsErrorCode::NotFound
         | KmsErrorCode::Disabled
         | KmsErrorCode::InvalidState => {
             Some("the KMS key is missing, disabled or not usable for Decrypt".to_owned())

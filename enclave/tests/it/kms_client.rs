@@ -96,7 +96,7 @@ fn kms_error(status: u16, code: &str, message: &str) -> (u16, Vec<u8>) {
 #[tokio::test]
 async fn decrypts_for_the_recipient_and_sends_the_real_request_shape() {
     let e = Emulator::start().await;
-    let key = e.key(&PCR0);
+    let key = e.key_arn.clone();
     let kms = e.kms();
     let pair = e.recipient.current();
     // KMS refuses an empty plaintext at Encrypt, so no empty value here.
@@ -142,7 +142,7 @@ async fn refuses_an_answer_carrying_plaintext() {
 #[tokio::test]
 async fn a_ciphertext_moved_under_another_name_is_refused() {
     let e = Emulator::start().await;
-    let blob = e.encrypt(&e.key(&PCR0), "A", b"v").await;
+    let blob = e.encrypt(&e.key_arn.clone(), "A", b"v").await;
     let err = e
         .kms()
         .decrypt_for_recipient(&blob, &context("B"), &e.recipient.current())
@@ -160,9 +160,10 @@ async fn a_ciphertext_moved_under_another_name_is_refused() {
 async fn access_denied_names_the_enclaves_pcr0() {
     let e = Emulator::start().await;
     // The key policy pins another image.
-    let blob = e.encrypt(&e.key(&[0x11; 48]), "A", b"v").await;
+    let other = e.key(&[0x11; 48]);
+    let blob = e.encrypt(&other, "A", b"v").await;
     let err = e
-        .kms()
+        .kms_pinned(&[&other])
         .decrypt_for_recipient(&blob, &context("A"), &e.recipient.current())
         .await
         .unwrap_err();
@@ -183,7 +184,7 @@ async fn access_denied_names_the_enclaves_pcr0() {
 #[tokio::test]
 async fn classifies_throttling_server_errors_and_attestation_refusals() {
     let e = Emulator::start().await;
-    let key = e.key(&PCR0);
+    let key = e.key_arn.clone();
     let blob = e.encrypt(&key, "A", b"v").await;
     let check = |err: KmsError, retryable: bool, attestation: bool| {
         assert!(matches!(err, KmsError::Service { .. }), "{err:?}");
@@ -233,7 +234,7 @@ async fn classifies_throttling_server_errors_and_attestation_refusals() {
 #[tokio::test]
 async fn stage_of_tls_proxy_and_credentials_failures() {
     let e = Emulator::start().await;
-    let blob = e.encrypt(&e.key(&PCR0), "A", b"v").await;
+    let blob = e.encrypt(&e.key_arn.clone(), "A", b"v").await;
     let pair = e.recipient.current();
 
     // No extra CA: the emulator's certificate is untrusted.
@@ -267,13 +268,14 @@ async fn stage_of_tls_proxy_and_credentials_failures() {
         ))
     }))
     .await;
-    let no_creds = keystore_enclave::kms::Kms::new(kms_config(
+    let mut config = kms_config(
         e.fx.kms.region(),
         e.relay.endpoint(),
         Some(e.ca_pem()),
         refusing.endpoint.clone(),
-    ))
-    .unwrap();
+    );
+    config.pinned_keys = pinned(&[&e.key_arn]);
+    let no_creds = keystore_enclave::kms::Kms::new(config).unwrap();
     let err = no_creds
         .decrypt_for_recipient(&blob, &context("A"), &pair)
         .await
@@ -292,7 +294,8 @@ async fn a_blob_for_another_key_fails_at_the_cms_stage() {
     let other = rsa::PrivateKey::new(&mut rand::rng(), 2048).unwrap();
     let sealed =
         keystore_cms::seal_for_recipient(b"v", &other.to_public_key(), &mut rand::rng()).unwrap();
-    let body = serde_json::json!({"CiphertextForRecipient": STANDARD.encode(sealed)});
+    let body =
+        serde_json::json!({"CiphertextForRecipient": STANDARD.encode(sealed), "KeyId": e.key_arn});
     let canned = Canned::start(200, body.to_string().into_bytes()).await;
     let err = canned
         .kms(&e)
@@ -301,7 +304,8 @@ async fn a_blob_for_another_key_fails_at_the_cms_stage() {
         .unwrap_err();
     assert_eq!(err.stage(), "cms", "{err:?}");
 
-    let canned = Canned::start(200, b"{\"KeyId\":\"k\"}".to_vec()).await;
+    let body = serde_json::json!({ "KeyId": e.key_arn });
+    let canned = Canned::start(200, body.to_string().into_bytes()).await;
     let err = canned
         .kms(&e)
         .decrypt_for_recipient(b"blob", &context("A"), &e.recipient.current())

@@ -100,7 +100,7 @@ impl E2e {
 #[tokio::test]
 async fn load_fills_the_store_through_the_emulator() {
     let e = start(fast()).await;
-    let key = e.key(&PCR0);
+    let key = e.key_arn.clone();
     let entries = e.entries(&key, "S", 20).await;
     e.fx.kms.reset_calls();
     let report = e.loader.load(entries).await.unwrap();
@@ -130,13 +130,16 @@ async fn load_fills_the_store_through_the_emulator() {
 
 #[tokio::test]
 async fn a_policy_pinning_another_pcr0_fails_with_the_hint_and_keeps_the_old_set() {
-    let e = start(fast()).await;
-    let good = e.key(&PCR0);
+    let mut e = start(fast()).await;
+    let good = e.key_arn.clone();
+    // Both keys pinned: KMS itself refuses the other one (its policy).
+    let other = e.key(&[0x11; 48]);
+    let kms = e.kms_pinned(&[&good, &other]);
+    e.loader = Arc::new(Loader::new(kms, e.recipient.clone(), e.store.clone(), fast()).unwrap());
     e.loader
         .load(vec![e.entry(&good, "OLD", b"old").await])
         .await
         .unwrap();
-    let other = e.key(&[0x11; 48]);
     let mut batch = e.entries(&good, "N", 3).await;
     batch.push(e.entry(&other, "PINNED_ELSEWHERE", b"x").await);
     let err = e.loader.load(batch).await.unwrap_err();
@@ -169,7 +172,7 @@ async fn a_stale_document_is_replaced_once_and_the_load_succeeds() {
         ..fast()
     })
     .await;
-    let key = e.key(&PCR0);
+    let key = e.key_arn.clone();
     let entries = e.entries(&key, "T", 6).await;
     let generation = e.recipient.current().generation();
     // The emulator now sees the published document as six minutes old;
@@ -192,7 +195,7 @@ async fn throttling_5xx_and_dropped_connections_are_retried_within_bounds() {
         ..fast()
     })
     .await;
-    let key = e.key(&PCR0);
+    let key = e.key_arn.clone();
     let entries = e.entries(&key, "R", 3).await;
     e.fx.kms.reset_calls();
     assert!(
@@ -223,7 +226,7 @@ async fn throttling_5xx_and_dropped_connections_are_retried_within_bounds() {
         ..fast()
     })
     .await;
-    let key = e.key(&PCR0);
+    let key = e.key_arn.clone();
     let entry = e.entry(&key, "ONLY", b"v").await;
     e.fx.kms.reset_calls();
     assert!(
@@ -242,7 +245,7 @@ async fn throttling_5xx_and_dropped_connections_are_retried_within_bounds() {
 #[tokio::test]
 async fn a_ciphertext_moved_under_another_name_is_refused() {
     let e = start(fast()).await;
-    let key = e.key(&PCR0);
+    let key = e.key_arn.clone();
     let guest = e.entry(&key, "GUEST_TOKEN", b"guest").await;
     let moved = keystore_shared::protocol::LoadEntry {
         name: "ADMIN_TOKEN".to_owned(),
@@ -288,7 +291,7 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 #[tokio::test]
 async fn the_periodic_re_decrypt_wipes_the_secrets_once_the_key_policy_is_revoked() {
     let e = start(fast()).await;
-    let key = e.key(&PCR0);
+    let key = e.key_arn.clone();
     e.loader.load(e.entries(&key, "R", 3).await).await.unwrap();
     let _stop = reload_every_100ms(&e);
     // Re-decrypts succeed while the policy allows this enclave.
@@ -321,7 +324,7 @@ async fn the_periodic_re_decrypt_keeps_the_secrets_when_kms_is_only_unavailable(
         ..fast()
     })
     .await;
-    let key = e.key(&PCR0);
+    let key = e.key_arn.clone();
     e.loader.load(e.entries(&key, "U", 2).await).await.unwrap();
     // Every Decrypt now fails with a KMS-side error (HTTP 500).
     e.fx.kms

@@ -27,12 +27,18 @@ async fn fixture(config: LoadConfig) -> Fixture {
 }
 
 fn fixture_on(e: Emulator, config: LoadConfig) -> Fixture {
-    let key = e.key(&PCR0);
+    let kms = e.kms();
+    fixture_with(e, kms, config)
+}
+
+/// A fixture whose loader uses `kms` (e.g. pinning more keys).
+fn fixture_with(e: Emulator, kms: keystore_enclave::kms::Kms, config: LoadConfig) -> Fixture {
+    let key = e.key_arn.clone();
     let store = Arc::new(Store::new(
         SealKey::from_entropy(&[1; 32], &[2; 32]),
         StoreConfig::default(),
     ));
-    let loader = Loader::new(e.kms(), e.recipient.clone(), store.clone(), config).unwrap();
+    let loader = Loader::new(kms, e.recipient.clone(), store.clone(), config).unwrap();
     Fixture {
         e,
         key,
@@ -109,14 +115,16 @@ async fn loads_every_value_and_reuses_connections() {
 
 #[tokio::test]
 async fn a_failure_keeps_the_previous_set_and_names_the_entry() {
-    let f = fixture(fast()).await;
+    // Under a key (pinned too) whose policy pins another image: AccessDenied.
+    let e = Emulator::start().await;
+    let elsewhere = e.key(&[0x11; 48]);
+    let kms = e.kms_pinned(&[&e.key_arn, &elsewhere]);
+    let f = fixture_with(e, kms, fast());
     f.loader
         .load(vec![f.entry("OLD", b"old").await])
         .await
         .unwrap();
     let mut batch = f.entries(10).await;
-    // Under a key whose policy pins another image: AccessDenied.
-    let elsewhere = f.e.key(&[0x11; 48]);
     batch.push(f.entry_under(&elsewhere, "BAD", b"x").await);
     let err = f.loader.load(batch).await.unwrap_err();
     assert_eq!(err.name(), Some("BAD"));

@@ -332,6 +332,13 @@ impl MockKmsHandle {
         self.shared.credentials.remove(access_key_id)
     }
 
+    /// With `true`, `Decrypt` no longer checks that the request's `KeyId`
+    /// names the ciphertext's key and answers for the ciphertext's own key,
+    /// as a forged or broken KMS would (see [`service::Kms::set_ignore_key_id`]).
+    pub fn set_ignore_key_id(&self, ignore: bool) {
+        self.shared.kms.set_ignore_key_id(ignore);
+    }
+
     /// Creates a key directly (no SigV4), with `policy` or the default one.
     ///
     /// # Errors

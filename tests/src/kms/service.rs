@@ -1,6 +1,7 @@
 //! The KMS operations themselves: given an authenticated caller and a
 //! request body, produce the response body or a KMS error. No HTTP here.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rand::TryRng;
@@ -34,6 +35,8 @@ pub struct Kms {
     keys: RwLock<KeyStore>,
     root: AttestationRoot,
     clock: Arc<Clock>,
+    /// Misbehave like a KMS that does not check a request's `KeyId`.
+    ignore_key_id: AtomicBool,
 }
 
 impl Kms {
@@ -43,7 +46,16 @@ impl Kms {
             keys: RwLock::new(KeyStore::new(region, account)),
             root,
             clock,
+            ignore_key_id: AtomicBool::new(false),
         }
+    }
+
+    /// With `true`, `Decrypt` and `ReEncrypt` stop checking that `KeyId`
+    /// names the ciphertext's key (real KMS answers `IncorrectKeyException`)
+    /// and answer for the ciphertext's own key: what a forged or broken KMS
+    /// would do, for tests of a client's own check of the answer's `KeyId`.
+    pub fn set_ignore_key_id(&self, ignore: bool) {
+        self.ignore_key_id.store(ignore, Ordering::SeqCst);
     }
 
     /// The account id.
@@ -384,7 +396,7 @@ impl Kms {
     ) -> Result<(Arc<Key>, Zeroizing<Vec<u8>>), KmsError> {
         let envelope = ciphertext::parse(blob).map_err(invalid_ciphertext)?;
         let store = self.read();
-        if let Some(key_id) = key_id {
+        if let Some(key_id) = key_id.filter(|_| !self.ignore_key_id.load(Ordering::SeqCst)) {
             let named = store.resolve(key_id)?;
             if named.id != envelope.key_id {
                 return Err(KmsError::new(

@@ -141,6 +141,38 @@ async fn encrypt_decrypt_round_trip_with_and_without_key_id() {
         .await
         .expect_err("other KeyId");
     assert_eq!(error_code(&wrong), "IncorrectKeyException");
+    // As real KMS: the answer's KeyId is the key ARN, whatever KeyId named.
+    let key_arn = format!("arn:aws:kms:us-east-1:111122223333:key/{key_id}");
+    assert_eq!(with.key_id(), Some(key_arn.as_str()));
+    let other_arn = other.key_metadata().expect("metadata").arn().expect("arn");
+    let by_arn = kms
+        .decrypt()
+        .ciphertext_blob(blob.clone())
+        .key_id(&key_arn)
+        .send()
+        .await
+        .expect("Decrypt with the key ARN");
+    assert_eq!(by_arn.key_id(), Some(key_arn.as_str()));
+    let err = kms
+        .decrypt()
+        .ciphertext_blob(blob.clone())
+        .key_id(other_arn)
+        .send()
+        .await
+        .expect_err("other key ARN");
+    assert_eq!(error_code(&err), "IncorrectKeyException");
+    // The misbehaving mode tests use to check a client's own KeyId check:
+    // the answer then names the ciphertext's key, not the one asked for.
+    fx.kms.set_ignore_key_id(true);
+    let ignored = kms
+        .decrypt()
+        .ciphertext_blob(blob.clone())
+        .key_id(other_arn)
+        .send()
+        .await
+        .expect("KeyId ignored");
+    assert_eq!(ignored.key_id(), Some(key_arn.as_str()));
+    fx.kms.set_ignore_key_id(false);
 
     let mut tampered = blob.clone().into_inner();
     let last = tampered.len() - 1;
@@ -172,7 +204,7 @@ async fn encrypt_decrypt_round_trip_with_and_without_key_id() {
     let stats = fx.kms.calls(Operation::Decrypt);
     assert_eq!(
         (stats.calls, stats.plaintext_responses, stats.errors),
-        (5, 2, 3)
+        (8, 4, 4)
     );
 }
 

@@ -16,7 +16,7 @@ use aws_sdk_kms::primitives::Blob;
 pub use fixture::{Fixture, PCR0};
 use keystore_enclave::kms::credentials::CredentialsConfig;
 use keystore_enclave::kms::transport::TransportConfig;
-use keystore_enclave::kms::{Kms, KmsConfig};
+use keystore_enclave::kms::{Kms, KmsConfig, PinnedKeys};
 use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig, RecipientHandle};
 use keystore_nsm::{AttestationRequest, MockConfig, MockNsm, Nsm, NsmError, PcrDescription};
 use keystore_shared::endpoint::Endpoint;
@@ -65,6 +65,9 @@ pub struct Emulator {
     pub creds: CredentialsService,
     pub nsm: Arc<ShiftedNsm>,
     pub recipient: Recipient,
+    /// The ARN of the key [`Emulator::kms`] pins; its policy lets only an
+    /// enclave with [`PCR0`] decrypt.
+    pub key_arn: String,
     _handle: RecipientHandle,
 }
 
@@ -102,12 +105,14 @@ impl Emulator {
         );
         let relay = Relay::start(fx.kms.local_addr()).await;
         let creds = CredentialsService::fixed().await;
+        let key_arn = fx.kms.create_key(Some(&pcr0_policy(&PCR0))).unwrap().arn;
         Emulator {
             fx,
             relay,
             creds,
             nsm,
             recipient,
+            key_arn,
             _handle: handle,
         }
     }
@@ -116,27 +121,39 @@ impl Emulator {
         std::fs::read(self.fx.kms.ca_pem_path()).unwrap()
     }
 
-    /// The enclave's client: through the relay, trusting the emulator's CA.
+    /// The enclave's client: through the relay, trusting the emulator's CA,
+    /// pinning [`Emulator::key_arn`].
     pub fn kms(&self) -> Kms {
-        Kms::new(self.kms_config(self.relay.endpoint(), Some(self.ca_pem()))).unwrap()
+        self.kms_pinned(&[&self.key_arn])
     }
 
+    /// The enclave's client pinning `keys` (ARNs), in that order.
+    pub fn kms_pinned(&self, keys: &[&str]) -> Kms {
+        let mut config = self.kms_config(self.relay.endpoint(), Some(self.ca_pem()));
+        config.pinned_keys = pinned(keys);
+        Kms::new(config).unwrap()
+    }
+
+    /// Settings pinning [`Emulator::key_arn`].
     pub fn kms_config(&self, proxy: Endpoint, ca_pem: Option<Vec<u8>>) -> KmsConfig {
-        kms_config(
+        let mut config = kms_config(
             self.fx.kms.region(),
             proxy,
             ca_pem,
             self.creds.endpoint.clone(),
-        )
+        );
+        config.pinned_keys = pinned(&[&self.key_arn]);
+        config
     }
 
-    /// A key whose policy lets only an enclave with `pcr0` decrypt.
+    /// The ARN of a new key whose policy lets only an enclave with `pcr0`
+    /// decrypt (not pinned by [`Emulator::kms`]).
     pub fn key(&self, pcr0: &[u8]) -> String {
         self.fx
             .kms
             .create_key(Some(&pcr0_policy(pcr0)))
             .unwrap()
-            .key_id
+            .arn
     }
 
     /// The operator side: `Encrypt` with the name-binding context.
@@ -163,6 +180,12 @@ impl Emulator {
     }
 }
 
+/// `keys` as the enclave pins them.
+pub fn pinned(keys: &[&str]) -> PinnedKeys {
+    PinnedKeys::parse(keys).unwrap()
+}
+
+/// Settings with no pinned key (tests set [`KmsConfig::pinned_keys`]).
 pub fn kms_config(
     region: &str,
     proxy: Endpoint,
@@ -178,6 +201,7 @@ pub fn kms_config(
         transport,
         credentials: CredentialsConfig::new(credentials),
         operation_timeout: Duration::from_secs(30),
+        pinned_keys: PinnedKeys::default(),
     }
 }
 
