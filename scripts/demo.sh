@@ -71,7 +71,7 @@ echo "KMS emulator at $kms_url, key $key_id"
 say "Starting the enclave with the MOCK NSM (its documents prove nothing outside this demo)"
 "$bin/keystore-enclave" --nsm mock --mock-pki "$work/pki" --recipient-bits 2048 \
   --listen "unix://$work/enclave.sock" --load-listen "unix://$work/load.sock" \
-  --region us-east-1 --kms-host localhost --kms-proxy "unix://$work/kms.sock" \
+  --region us-east-1 --kms-key-arn "$key_id" --kms-host localhost --kms-proxy "unix://$work/kms.sock" \
   --credentials "unix://$work/credentials.sock" --kms-ca "$work/kms-tls/ca.pem" \
   > "$work/enclave.out" 2> "$work/enclave.log" &
 pids+=($!)

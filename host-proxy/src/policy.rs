@@ -8,6 +8,18 @@
 //!
 //! The policy has no "Enable IAM policies" statement for the account root:
 //! with one, any IAM policy could grant `kms:Decrypt` without attestation.
+//! The administrators' actions are listed one by one, without
+//! `kms:CreateGrant`: a grant authorizes `Decrypt` without the key policy's
+//! attestation conditions. And explicit denies, for every principal, back
+//! the allow up (an explicit deny in the key policy beats any allow, from a
+//! grant or an IAM policy added later):
+//! - `kms:Decrypt` without an attestation document (`Null` on
+//!   `kms:RecipientAttestation:ImageSha384`);
+//! - `kms:Decrypt` with a document of another image, or other pinned PCRs
+//!   (`StringNotEqualsIgnoreCase` over every allowed release; a negated
+//!   operator also holds when the key is absent);
+//! - `kms:ReEncryptFrom` (it would move a value to a key without these
+//!   conditions and decrypt it there) and `kms:CreateGrant`.
 
 use std::collections::BTreeMap;
 
@@ -20,25 +32,42 @@ const PCR_HEX_LEN: usize = 96;
 /// PCRs a policy may pin besides PCR0 (which is `ImageSha384`).
 pub const PINNABLE_PCRS: [u8; 4] = [1, 2, 3, 8];
 
-/// Administration actions: everything but using the key.
-const ADMIN_ACTIONS: [&str; 16] = [
-    "kms:Create*",
-    "kms:Describe*",
-    "kms:Enable*",
-    "kms:List*",
-    "kms:Put*",
-    "kms:Update*",
-    "kms:Revoke*",
-    "kms:Disable*",
-    "kms:Get*",
-    "kms:Delete*",
+/// Administration actions, listed one by one (a wildcard such as
+/// `kms:Create*` would include `kms:CreateGrant`). Never `kms:CreateGrant`
+/// (a grant bypasses the attestation conditions), nor `kms:ReplicateKey` /
+/// `kms:UpdatePrimaryRegion` (a replica of a multi-Region key decrypts the
+/// same ciphertexts under a policy of its own), nor any use of the key.
+pub const ADMIN_ACTIONS: [&str; 23] = [
+    "kms:DescribeKey",
+    "kms:GetKeyPolicy",
+    "kms:PutKeyPolicy",
+    "kms:ListKeyPolicies",
+    "kms:GetKeyRotationStatus",
+    "kms:ListKeyRotations",
+    "kms:EnableKeyRotation",
+    "kms:DisableKeyRotation",
+    "kms:RotateKeyOnDemand",
+    "kms:EnableKey",
+    "kms:DisableKey",
+    "kms:UpdateKeyDescription",
+    "kms:CreateAlias",
+    "kms:UpdateAlias",
+    "kms:DeleteAlias",
+    "kms:ListAliases",
+    "kms:ListResourceTags",
     "kms:TagResource",
     "kms:UntagResource",
+    "kms:ListGrants",
+    "kms:RevokeGrant",
     "kms:ScheduleKeyDeletion",
     "kms:CancelKeyDeletion",
-    "kms:RotateKeyOnDemand",
-    "kms:ReplicateKey",
 ];
+
+/// Condition key of PCR0 (the enclave image).
+const IMAGE_SHA384: &str = "kms:RecipientAttestation:ImageSha384";
+
+/// Actions no principal may take on the key, whatever else allows them.
+const DENIED_ACTIONS: [&str; 2] = ["kms:ReEncryptFrom", "kms:CreateGrant"];
 
 /// Why a policy could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +246,9 @@ pub fn key_policy(spec: &PolicySpec) -> Result<Value, PolicyError> {
             "Resource": "*",
         }));
     }
+    // Every value each pinned condition key may take, over all releases:
+    // the denies below refuse any other.
+    let mut allowed_values: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (n, measurements) in std::iter::once(current).chain(&spec.also).enumerate() {
         if measurements.is_debug() && !spec.allow_debug {
             return Err(PolicyError::DebugMeasurements);
@@ -225,10 +257,7 @@ pub fn key_policy(spec: &PolicySpec) -> Result<Value, PolicyError> {
         let pcr0 = measurements
             .pcr(0)
             .ok_or(PolicyError::MissingPcr { index: 0 })?;
-        condition.insert(
-            "kms:RecipientAttestation:ImageSha384".into(),
-            Value::from(pcr0),
-        );
+        condition.insert(IMAGE_SHA384.into(), Value::from(pcr0));
         for index in &spec.extra_pcrs {
             let value = measurements
                 .pcr(*index)
@@ -237,6 +266,14 @@ pub fn key_policy(spec: &PolicySpec) -> Result<Value, PolicyError> {
                 format!("kms:RecipientAttestation:PCR{index}"),
                 Value::from(value),
             );
+        }
+        for (key, value) in &condition {
+            let values = allowed_values.entry(key.clone()).or_default();
+            if let Some(value) = value.as_str()
+                && !values.iter().any(|v| v == value)
+            {
+                values.push(value.to_owned());
+            }
         }
         let sid = if n == 0 {
             "EnclaveDecrypt".to_owned()
@@ -252,6 +289,34 @@ pub fn key_policy(spec: &PolicySpec) -> Result<Value, PolicyError> {
             "Condition": {"StringEqualsIgnoreCase": condition},
         }));
     }
+    statements.push(json!({
+        "Sid": "DenyDecryptWithoutAttestation",
+        "Effect": "Deny",
+        "Principal": {"AWS": "*"},
+        "Action": "kms:Decrypt",
+        "Resource": "*",
+        "Condition": {"Null": {IMAGE_SHA384: "true"}},
+    }));
+    // One statement per key: a deny's conditions are ANDed, and each
+    // mismatch on its own must deny.
+    for (key, values) in &allowed_values {
+        let what = key.rsplit(':').next().unwrap_or(key);
+        statements.push(json!({
+            "Sid": format!("DenyDecryptUnless{what}"),
+            "Effect": "Deny",
+            "Principal": {"AWS": "*"},
+            "Action": "kms:Decrypt",
+            "Resource": "*",
+            "Condition": {"StringNotEqualsIgnoreCase": {key.as_str(): values}},
+        }));
+    }
+    statements.push(json!({
+        "Sid": "DenyReEncryptFromAndGrants",
+        "Effect": "Deny",
+        "Principal": {"AWS": "*"},
+        "Action": DENIED_ACTIONS,
+        "Resource": "*",
+    }));
     Ok(json!({"Version": "2012-10-17", "Statement": statements}))
 }
 
@@ -289,12 +354,82 @@ mod tests {
             .unwrap()
             .iter()
             .filter(|s| {
-                s["Action"]
-                    .as_array()
-                    .unwrap()
-                    .contains(&json!("kms:Decrypt"))
+                s["Effect"] == "Allow"
+                    && s["Action"]
+                        .as_array()
+                        .unwrap()
+                        .contains(&json!("kms:Decrypt"))
             })
             .collect()
+    }
+
+    fn statement<'a>(policy: &'a Value, sid: &str) -> &'a Value {
+        policy["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["Sid"] == sid)
+            .unwrap_or_else(|| panic!("no statement {sid}: {policy:#}"))
+    }
+
+    #[test]
+    fn no_grants_explicit_admin_actions_and_the_denies() {
+        let mut s = spec(&build_output(&pcr('A'), None));
+        s.also = vec![Measurements::from_json(&build_output(&pcr('f'), None)).unwrap()];
+        s.extra_pcrs = vec![1];
+        let policy = key_policy(&s).unwrap();
+        let text = policy.to_string();
+        // CreateGrant appears only in the deny; no action wildcard anywhere.
+        for st in policy["Statement"].as_array().unwrap() {
+            let actions: Vec<&str> = match &st["Action"] {
+                Value::String(a) => vec![a.as_str()],
+                Value::Array(list) => list.iter().map(|a| a.as_str().unwrap()).collect(),
+                other => panic!("{other}"),
+            };
+            assert!(!actions.iter().any(|a| a.contains('*')), "{st}");
+            if st["Effect"] == "Allow" {
+                assert!(!actions.contains(&"kms:CreateGrant"), "{st}");
+                assert!(!actions.contains(&"kms:ReEncryptFrom"), "{st}");
+            }
+        }
+        assert_eq!(text.matches("kms:CreateGrant").count(), 1, "{text}");
+        let admin = statement(&policy, "KeyAdministration");
+        assert!(
+            admin["Action"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("kms:PutKeyPolicy"))
+        );
+        // Without a document: denied for everyone.
+        let null = statement(&policy, "DenyDecryptWithoutAttestation");
+        assert_eq!(null["Principal"]["AWS"], "*");
+        assert_eq!(null["Condition"]["Null"][IMAGE_SHA384], "true");
+        // Another image or another PCR1: denied, one statement per key,
+        // listing every allowed release.
+        let image = statement(&policy, "DenyDecryptUnlessImageSha384");
+        assert_eq!(
+            image["Condition"]["StringNotEqualsIgnoreCase"][IMAGE_SHA384],
+            json!([pcr('a'), pcr('f')])
+        );
+        let pcr1 = statement(&policy, "DenyDecryptUnlessPCR1");
+        assert_eq!(
+            pcr1["Condition"]["StringNotEqualsIgnoreCase"]["kms:RecipientAttestation:PCR1"],
+            json!([pcr('b')])
+        );
+        let denied = statement(&policy, "DenyReEncryptFromAndGrants");
+        assert_eq!(
+            denied["Action"],
+            json!(["kms:ReEncryptFrom", "kms:CreateGrant"])
+        );
+        assert!(denied.get("Condition").is_none());
+        // Every allow of Decrypt carries the PCR conditions.
+        for st in decrypt_statements(&policy) {
+            let cond = st["Condition"]["StringEqualsIgnoreCase"]
+                .as_object()
+                .unwrap();
+            assert!(cond.contains_key(IMAGE_SHA384));
+            assert!(cond.contains_key("kms:RecipientAttestation:PCR1"));
+        }
     }
 
     #[test]

@@ -70,7 +70,10 @@ struct Stack {
     enclave: Option<Running>,
     proxy: Option<Running>,
     pcr0: Vec<u8>,
+    /// The ARN of the key the enclave pins, whose policy allows our PCR0.
     key_id: String,
+    /// Pinned too, but its policy allows another PCR0 only.
+    elsewhere: String,
     client: aws_sdk_kms::Client,
 }
 
@@ -109,10 +112,12 @@ impl Stack {
             enclave: None,
             proxy: None,
             key_id: String::new(),
+            elsewhere: String::new(),
             pcr0,
             client,
         };
         stack.key_id = stack.key_pinned_to(&stack.pcr0.clone());
+        stack.elsewhere = stack.key_pinned_to(&[0x11; 48]);
         stack
     }
 
@@ -124,8 +129,8 @@ impl Stack {
         format!("unix://{}", self.path(name).display())
     }
 
-    /// A key whose policy (written by `keystore-host policy`'s library)
-    /// lets only an enclave with this PCR0 decrypt.
+    /// The ARN of a key whose policy (written by `keystore-host policy`'s
+    /// library) lets only an enclave with this PCR0 decrypt.
     fn key_pinned_to(&self, pcr0: &[u8]) -> String {
         let hex = hex::encode(pcr0);
         let json = format!(r#"{{"PCR0":"{hex}","PCR1":"{hex}","PCR2":"{hex}"}}"#);
@@ -137,7 +142,7 @@ impl Stack {
             ..PolicySpec::default()
         };
         let policy = key_policy(&spec).unwrap().to_string();
-        self.kms.create_key(Some(&policy)).unwrap().key_id
+        self.kms.create_key(Some(&policy)).unwrap().arn
     }
 
     async fn encrypt(&self, key_id: &str, name: &str, value: &str) -> String {
@@ -184,6 +189,8 @@ impl Stack {
                 REGION,
             ])
             .args(["--kms-host", "localhost"])
+            .args(["--kms-key-arn", &self.key_id])
+            .args(["--kms-key-arn", &self.elsewhere])
             .arg("--mock-pki")
             .arg(self.path("pki"))
             .args(["--listen", &self.unix("enclave.sock")])
@@ -336,9 +343,20 @@ async fn secrets_reach_the_enclave_only_through_attested_decrypts() {
         "{err:?}"
     );
 
-    // A value under a key pinned to another PCR0: the load fails, naming
-    // the policy and our PCR0; the previous set keeps being served.
-    let other = stack.key_pinned_to(&[0x11; 48]);
+    // A value under a key the enclave does not pin, with the same policy
+    // (the host's credentials may use it): KMS refuses it for the pinned
+    // KeyId; the previous set keeps being served.
+    let unpinned = stack.key_pinned_to(&stack.pcr0.clone());
+    let forged = stack.encrypt(&unpinned, "DB_PASSWORD", "forged").await;
+    stack.write_secrets(&[format!("DB_PASSWORD={forged}")]);
+    let error = stack.wait_for_error("IncorrectKeyException").await;
+    assert!(error.contains(&stack.key_id), "{error}");
+    assert_eq!(stack.get("DB_PASSWORD").await.as_deref(), Some("hunter2"));
+
+    // A value under a pinned key whose policy pins another PCR0: the load
+    // fails, naming the policy and our PCR0; the previous set keeps being
+    // served.
+    let other = stack.elsewhere.clone();
     let pinned = stack.encrypt(&other, "ELSEWHERE", "nope").await;
     stack.write_secrets(&[format!("DB_PASSWORD={db}"), format!("ELSEWHERE={pinned}")]);
     let error = stack.wait_for_error("AccessDeniedException").await;

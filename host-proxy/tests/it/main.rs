@@ -15,6 +15,8 @@ mod dotenv;
 mod e2e;
 mod encrypt;
 mod forwarder;
+mod key_policy_denies;
 mod loader;
 mod loader_signal;
 mod packaging;
+mod pinned_key_packaging;

@@ -17,6 +17,9 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The KMS key build-eif.sh pins (it refuses to build without one).
+const KEY_ARN: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+
 fn pcr(c: char) -> String {
     std::iter::repeat_n(c, 96).collect()
 }
@@ -112,7 +115,7 @@ fn build_eif_passes_the_right_flags_and_saves_measurements() {
     let out_dir = out.path().join("build");
     let run = fakes.run_with_env(
         "build-eif.sh",
-        &["--out", out_dir.to_str().unwrap()],
+        &["--out", out_dir.to_str().unwrap(), "--kms-key-arn", KEY_ARN],
         &[("AWS_REGION", "us-east-1")],
     );
     assert!(run.status.success(), "{}", text(&run.stderr));
@@ -157,6 +160,8 @@ fn a_signed_build_reports_pcr8_and_half_a_key_pair_is_refused() {
             o,
             "--region",
             "eu-central-1",
+            "--kms-key-arn",
+            &KEY_ARN.replace("us-east-1", "eu-central-1"),
             "--signing-certificate",
             "cert.pem",
             "--private-key",
@@ -182,7 +187,17 @@ fn a_signed_build_reports_pcr8_and_half_a_key_pair_is_refused() {
     assert!(text(&run.stdout).contains(&format!("PCR8 {}", pcr('8'))));
 
     let half = Fakes::new();
-    let run = half.run("build-eif.sh", &["--out", o, "--signing-certificate", "c"]);
+    let run = half.run(
+        "build-eif.sh",
+        &[
+            "--out",
+            o,
+            "--kms-key-arn",
+            KEY_ARN,
+            "--signing-certificate",
+            "c",
+        ],
+    );
     assert_eq!(run.status.code(), Some(2));
     assert!(
         half.calls().is_empty(),
@@ -292,11 +307,12 @@ fn key_policy_pins_the_measurements() {
         .unwrap()
         .iter()
         .filter(|s| {
-            s["Action"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|a| a == "kms:Decrypt")
+            s["Effect"] == "Allow"
+                && s["Action"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|a| a == "kms:Decrypt")
         })
         .collect();
     let pinned: Vec<(String, String)> = decrypts

@@ -68,10 +68,11 @@ struct Args {
     #[arg(long)]
     ready_file: Option<PathBuf>,
     /// Create a key with this key policy (JSON) at start, so scripts need no
-    /// KMS client of their own; its id goes to `--key-id-file`.
+    /// KMS client of their own; its ARN goes to `--key-id-file`.
     #[arg(long, requires = "key_id_file")]
     key_policy: Option<PathBuf>,
-    /// Where to write the id of the `--key-policy` key.
+    /// Where to write the ARN of the `--key-policy` key: usable wherever KMS
+    /// takes a `KeyId`, and what an enclave pins (`--kms-key-arn`).
     #[arg(long, requires = "key_policy")]
     key_id_file: Option<PathBuf>,
 }
@@ -122,8 +123,8 @@ async fn main() -> Result<()> {
         let key = handle
             .create_key(Some(&text))
             .map_err(|e| anyhow::anyhow!("creating the --key-policy key: {e}"))?;
-        write_atomically(id_file, &format!("{}\n", key.key_id))?;
-        info!(key_id = %key.key_id, "created key from {}", policy.display());
+        write_atomically(id_file, &format!("{}\n", key.arn))?;
+        info!(key_arn = %key.arn, "created key from {}", policy.display());
     }
     if let Some(path) = &args.ready_file {
         write_atomically(path, &format!("{}\n", handle.endpoint_url()))?;

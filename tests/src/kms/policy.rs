@@ -5,9 +5,12 @@
 //! `Effect` Allow/Deny (an explicit Deny wins), `Action` (strings or lists,
 //! `*`/`?` wildcards, case-insensitive), `Principal` (`"*"` or `{"AWS": ...}`
 //! naming the account), `Resource` (wildcards), and `Condition` blocks with
-//! `StringEquals` / `StringEqualsIgnoreCase`. A condition on a key the
-//! request does not carry (for example `kms:RecipientAttestation:ImageSha384`
-//! without a `Recipient`) is not satisfied. Anything outside the model is a
+//! `StringEquals` / `StringEqualsIgnoreCase`, their negations
+//! `StringNotEquals` / `StringNotEqualsIgnoreCase`, and `Null`. As in IAM, a
+//! positive condition on a key the request does not carry (for example
+//! `kms:RecipientAttestation:ImageSha384` without a `Recipient`) is not
+//! satisfied, a negated one is, and `Null: {KEY: "true"}` holds exactly when
+//! the key is absent. Anything outside the model is a
 //! `MalformedPolicyDocumentException` that says so, rather than a policy
 //! silently evaluated differently from AWS.
 
@@ -72,6 +75,9 @@ enum Principal {
 enum Operator {
     StringEquals,
     StringEqualsIgnoreCase,
+    StringNotEquals,
+    StringNotEqualsIgnoreCase,
+    Null,
 }
 
 impl Operator {
@@ -79,6 +85,27 @@ impl Operator {
         match self {
             Operator::StringEquals => "StringEquals",
             Operator::StringEqualsIgnoreCase => "StringEqualsIgnoreCase",
+            Operator::StringNotEquals => "StringNotEquals",
+            Operator::StringNotEqualsIgnoreCase => "StringNotEqualsIgnoreCase",
+            Operator::Null => "Null",
+        }
+    }
+
+    /// Whether the condition holds for `actual` (`None`: the request does
+    /// not carry the key).
+    fn holds(self, values: &[String], actual: Option<&str>) -> bool {
+        let any =
+            |eq: fn(&str, &str) -> bool| actual.is_some_and(|a| values.iter().any(|v| eq(v, a)));
+        let exact = |v: &str, a: &str| v == a;
+        let ignore_case = |v: &str, a: &str| v.eq_ignore_ascii_case(a);
+        match self {
+            Operator::StringEquals => any(exact),
+            Operator::StringEqualsIgnoreCase => any(ignore_case),
+            // Negations hold when the key is absent, as in IAM.
+            Operator::StringNotEquals => !any(exact),
+            Operator::StringNotEqualsIgnoreCase => !any(ignore_case),
+            // Values are checked at parse time to be "true" or "false".
+            Operator::Null => values.iter().any(|v| (v == "true") == actual.is_none()),
         }
     }
 }
@@ -293,10 +320,14 @@ impl Statement {
                     let operator = match op.as_str() {
                         "StringEquals" => Operator::StringEquals,
                         "StringEqualsIgnoreCase" => Operator::StringEqualsIgnoreCase,
+                        "StringNotEquals" => Operator::StringNotEquals,
+                        "StringNotEqualsIgnoreCase" => Operator::StringNotEqualsIgnoreCase,
+                        "Null" => Operator::Null,
                         other => {
                             return Err(malformed(format!(
                                 "statement {index}: condition operator {other:?} is not supported \
-                                 by the emulator (StringEquals, StringEqualsIgnoreCase)"
+                                 by the emulator (StringEquals, StringEqualsIgnoreCase, \
+                                 StringNotEquals, StringNotEqualsIgnoreCase, Null)"
                             )));
                         }
                     };
@@ -306,10 +337,18 @@ impl Statement {
                         )));
                     };
                     for (key, values) in block {
+                        let values = strings(index, key, values)?;
+                        if operator == Operator::Null
+                            && values.iter().any(|v| v != "true" && v != "false")
+                        {
+                            return Err(malformed(format!(
+                                "statement {index}: Null takes \"true\" or \"false\" for {key}"
+                            )));
+                        }
                         conditions.push(Condition {
                             operator,
                             key: key.clone(),
-                            values: strings(index, key, values)?,
+                            values,
                         });
                     }
                 }
@@ -365,23 +404,24 @@ impl Statement {
     fn unmet_condition(&self, ctx: &RequestContext) -> Option<String> {
         self.conditions.iter().find_map(|c| {
             let name = c.operator.name();
-            let Some(actual) = ctx.condition_keys.get(&c.key.to_ascii_lowercase()) else {
-                return Some(format!(
+            let actual = ctx
+                .condition_keys
+                .get(&c.key.to_ascii_lowercase())
+                .map(String::as_str);
+            if c.operator.holds(&c.values, actual) {
+                return None;
+            }
+            Some(match actual {
+                None => format!(
                     "condition {name} {} is not satisfied: the request carries no {} \
                      (recipient keys need a Recipient attestation document)",
                     c.key, c.key
-                ));
-            };
-            let matches = c.values.iter().any(|expected| match c.operator {
-                Operator::StringEquals => expected == actual,
-                Operator::StringEqualsIgnoreCase => expected.eq_ignore_ascii_case(actual),
-            });
-            (!matches).then(|| {
-                format!(
+                ),
+                Some(actual) => format!(
                     "condition {name} {} is not satisfied: the request has {actual:?}, the policy \
                      expects {:?}",
                     c.key, c.values
-                )
+                ),
             })
         })
     }
@@ -517,6 +557,60 @@ mod tests {
         assert!(policy.authorize(&c).is_err());
         c.set("kms:RecipientAttestation:PCR8", "bb");
         policy.authorize(&c).unwrap();
+    }
+
+    #[test]
+    fn negated_and_null_conditions_follow_iam() {
+        // An attested-only allow plus the two denies the generated key
+        // policy carries; "kms:*" stands for a grant or an IAM policy.
+        let policy = Policy::parse(&format!(
+            r#"{{"Statement":[
+              {{"Effect":"Allow","Principal":"*","Action":"kms:*","Resource":"*"}},
+              {{"Sid":"NoDocument","Effect":"Deny","Principal":{{"AWS":"*"}},"Action":"kms:Decrypt","Resource":"*",
+                "Condition":{{"Null":{{"{IMAGE_SHA384}":"true"}}}}}},
+              {{"Sid":"OtherImage","Effect":"Deny","Principal":{{"AWS":"*"}},"Action":"kms:Decrypt","Resource":"*",
+                "Condition":{{"StringNotEqualsIgnoreCase":{{"{IMAGE_SHA384}":["AABB","CCDD"]}}}}}}]}}"#
+        ))
+        .unwrap();
+        let err = policy.authorize(&ctx("kms:Decrypt")).unwrap_err();
+        assert!(err.message.contains("NoDocument"), "{err}");
+        let mut other = ctx("kms:Decrypt");
+        other.set(IMAGE_SHA384, "eeff");
+        let err = policy.authorize(&other).unwrap_err();
+        assert!(err.message.contains("OtherImage"), "{err}");
+        for pinned in ["aabb", "CCDD"] {
+            let mut good = ctx("kms:Decrypt");
+            good.set(IMAGE_SHA384, pinned);
+            policy.authorize(&good).unwrap();
+        }
+        // Other actions are untouched by the denies.
+        policy.authorize(&ctx("kms:Encrypt")).unwrap();
+        // Null "false" holds only when the key is present.
+        let present = Policy::parse(&format!(
+            r#"{{"Statement":{{"Effect":"Allow","Principal":"*","Action":"kms:*","Resource":"*",
+               "Condition":{{"Null":{{"{IMAGE_SHA384}":false}}}}}}}}"#
+        ))
+        .unwrap();
+        assert!(present.authorize(&ctx("kms:Decrypt")).is_err());
+        present.authorize(&other).unwrap();
+        // StringNotEquals is case-sensitive.
+        let not_equals = Policy::parse(
+            r#"{"Statement":{"Effect":"Allow","Principal":"*","Action":"kms:*","Resource":"*",
+               "Condition":{"StringNotEquals":{"kms:RecipientAttestation:PCR8":"aa"}}}}"#,
+        )
+        .unwrap();
+        let mut upper = ctx("kms:Decrypt");
+        upper.set("kms:RecipientAttestation:PCR8", "AA");
+        not_equals.authorize(&upper).unwrap();
+        upper.set("kms:RecipientAttestation:PCR8", "aa");
+        assert!(not_equals.authorize(&upper).is_err());
+        assert!(
+            Policy::parse(
+                r#"{"Statement":{"Effect":"Deny","Principal":"*","Action":"kms:*","Resource":"*",
+                   "Condition":{"Null":{"k":"maybe"}}}}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]

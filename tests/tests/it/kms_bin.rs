@@ -225,6 +225,11 @@ async fn binary_creates_a_key_from_a_policy_file() {
     // The key exists before the ready file does.
     let key_id = std::fs::read_to_string(&key_id_file).expect("key id file");
     let key_id = key_id.trim();
+    // The key ARN, as an enclave pins it.
+    assert!(
+        key_id.starts_with("arn:aws:kms:us-east-1:111122223333:key/"),
+        "{key_id}"
+    );
 
     let kms = client_for(
         &url,
