@@ -6,6 +6,7 @@ use std::path::Path;
 use aws_nitro_enclaves_nsm_api::api::{ErrorCode, Request, Response};
 use aws_nitro_enclaves_nsm_api::driver;
 use serde_bytes::ByteBuf;
+use zeroize::Zeroizing;
 
 use super::{AttestationRequest, Nsm, NsmError, PcrDescription};
 
@@ -101,9 +102,11 @@ fn attestation_document(response: Response) -> Result<Vec<u8>, NsmError> {
     }
 }
 
-fn random_bytes(response: Response) -> Result<Vec<u8>, NsmError> {
+/// The bytes of a `GetRandom` answer, wiped when dropped: they become seed
+/// material for the seal key and the recipient key.
+fn random_bytes(response: Response) -> Result<Zeroizing<Vec<u8>>, NsmError> {
     match response {
-        Response::GetRandom { random } if !random.is_empty() => Ok(random),
+        Response::GetRandom { random } if !random.is_empty() => Ok(Zeroizing::new(random)),
         Response::GetRandom { .. } => Err(NsmError::UnexpectedResponse(
             "GetRandom returned no bytes".to_owned(),
         )),
@@ -123,10 +126,11 @@ fn pcr_description(index: u16, response: Response) -> Result<PcrDescription, Nsm
     }
 }
 
-/// Fills `buf` from successive chunks produced by `next`.
+/// Fills `buf` from successive chunks produced by `next`; each chunk is
+/// wiped as soon as it is copied.
 fn fill_from(
     buf: &mut [u8],
-    mut next: impl FnMut() -> Result<Vec<u8>, NsmError>,
+    mut next: impl FnMut() -> Result<Zeroizing<Vec<u8>>, NsmError>,
 ) -> Result<(), NsmError> {
     let mut filled = 0;
     let mut rounds = 0;
@@ -218,6 +222,11 @@ mod tests {
 
         let err = random_bytes(Response::GetRandom { random: vec![] }).unwrap_err();
         assert!(matches!(err, NsmError::UnexpectedResponse(_)), "{err}");
+        let random = random_bytes(Response::GetRandom {
+            random: vec![7; 16],
+        })
+        .unwrap();
+        assert_eq!(random.as_slice(), [7; 16]);
     }
 
     #[test]
@@ -226,7 +235,7 @@ mod tests {
         let mut buf = [0u8; 600];
         fill_from(&mut buf, || {
             calls += 1;
-            Ok(vec![calls; 256])
+            Ok(Zeroizing::new(vec![calls; 256]))
         })
         .unwrap();
         assert_eq!(calls, 3);
@@ -236,7 +245,7 @@ mod tests {
 
         let err = fill_from(&mut buf, || Err(rejected(&ErrorCode::InternalError))).unwrap_err();
         assert!(matches!(err, NsmError::Rejected(_)), "{err}");
-        let err = fill_from(&mut buf, || Ok(vec![])).unwrap_err();
+        let err = fill_from(&mut buf, || Ok(Zeroizing::new(vec![]))).unwrap_err();
         assert!(matches!(err, NsmError::UnexpectedResponse(_)), "{err}");
     }
 

@@ -3,6 +3,11 @@
 //! Every secret the enclave makes (the seal key, the RSA recipient key) is
 //! drawn from both sources, hashed together, so that a weak enclave kernel
 //! RNG or a faulty NSM alone does not make it predictable.
+//!
+//! Every buffer that holds NSM or OS randomness, a seed or a stream block is
+//! `Zeroizing` (or wiped by hand), and the hashers are built with `sha2`'s
+//! `zeroize` feature, so their internal state (which saw the seed) is wiped
+//! on drop too.
 
 use rand::TryRng;
 use rand::rngs::{SysError, SysRng};
@@ -87,15 +92,15 @@ impl TryRng for MixedRng {
     type Error = SysError;
 
     fn try_next_u32(&mut self) -> Result<u32, SysError> {
-        let mut b = [0u8; 4];
-        self.try_fill_bytes(&mut b)?;
-        Ok(u32::from_le_bytes(b))
+        let mut b = Zeroizing::new([0u8; 4]);
+        self.try_fill_bytes(b.as_mut_slice())?;
+        Ok(u32::from_le_bytes(*b))
     }
 
     fn try_next_u64(&mut self) -> Result<u64, SysError> {
-        let mut b = [0u8; 8];
-        self.try_fill_bytes(&mut b)?;
-        Ok(u64::from_le_bytes(b))
+        let mut b = Zeroizing::new([0u8; 8]);
+        self.try_fill_bytes(b.as_mut_slice())?;
+        Ok(u64::from_le_bytes(*b))
     }
 
     fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), SysError> {
