@@ -223,7 +223,16 @@ fn an_extra_ca_is_refused_unless_the_nsm_is_the_mock() {
     bad_region.region = "US EAST".into();
     let mut bad_ca = keystore_enclave::kms::KmsConfig::new("us-east-1");
     bad_ca.transport.extra_ca_pem = Some(b"garbage".to_vec());
-    for config in [bad_region, bad_ca] {
+    // A pinned key of another region could only ever fail.
+    let key_elsewhere = keystore_enclave::kms::KmsConfig::new("us-east-1").with_pinned_keys(
+        keystore_enclave::kms::PinnedKeys::parse([
+            "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+        ])
+        .unwrap(),
+    );
+    let err = keystore_enclave::kms::Kms::new(key_elsewhere.clone()).unwrap_err();
+    assert!(err.to_string().contains("is in region eu-west-1"), "{err}");
+    for config in [bad_region, bad_ca, key_elsewhere] {
         let err = keystore_enclave::kms::Kms::new(config).unwrap_err();
         assert_eq!(err.stage(), "config", "{err:?}");
     }
