@@ -51,7 +51,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 
-use serde::de::{IgnoredAny, SeqAccess, Visitor};
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::caller::{Caller, MAX_CALLER_NAME};
@@ -146,8 +146,10 @@ pub enum RulesError {
 /// grant the same names to several identities.
 ///
 /// Encoded as a one-key map (`{ user: api }`, `{ uid: 1000 }`) or, for
-/// [`Who::Any`], the bare word `any`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// [`Who::Any`], the bare word `any`. Decoding is written by hand so the
+/// same shape reads from JSON and from YAML (whose serde crates otherwise
+/// expect enums as `!tags`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Who {
     /// The caller's user name on the parent instance.
@@ -194,6 +196,54 @@ impl Who {
             Who::Token(n) => Some(("token", n)),
             Who::Uid(_) | Who::Gid(_) | Who::Any => None,
         }
+    }
+}
+
+/// The keys a `who` map may have.
+const WHO_KINDS: &[&str] = &["user", "uid", "group", "gid", "unit", "token"];
+
+impl<'de> Deserialize<'de> for Who {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(WhoVisitor)
+    }
+}
+
+struct WhoVisitor;
+
+impl<'de> Visitor<'de> for WhoVisitor {
+    type Value = Who;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("`any` or a map with exactly one of user, uid, group, gid, unit, token")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Who, E> {
+        if v == "any" {
+            Ok(Who::Any)
+        } else {
+            Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+        }
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Who, A::Error> {
+        let Some(kind) = map.next_key::<String>()? else {
+            return Err(serde::de::Error::invalid_length(0, &self));
+        };
+        let who = match kind.as_str() {
+            "user" => Who::User(map.next_value()?),
+            "uid" => Who::Uid(map.next_value()?),
+            "group" => Who::Group(map.next_value()?),
+            "gid" => Who::Gid(map.next_value()?),
+            "unit" => Who::Unit(map.next_value()?),
+            "token" => Who::Token(map.next_value()?),
+            other => return Err(serde::de::Error::unknown_variant(other, WHO_KINDS)),
+        };
+        if map.next_key::<IgnoredAny>()?.is_some() {
+            return Err(serde::de::Error::custom(
+                "`who` names exactly one identity; write one rule per identity",
+            ));
+        }
+        Ok(who)
     }
 }
 

@@ -270,7 +270,12 @@ fn unknown_fields_and_malformed_who_are_syntax_errors() {
         ),
         (
             r#"{"rules":[{"who":{"user":"a","uid":1},"read":["A"]}]}"#,
-            "",
+            "exactly one identity",
+        ),
+        (r#"{"rules":[{"who":{},"read":["A"]}]}"#, "invalid length 0"),
+        (
+            r#"{"rules":[{"who":"anyone","read":["A"]}]}"#,
+            "invalid value",
         ),
         (r#"{"rules":[{"who":{"uid":-1},"read":["A"]}]}"#, ""),
         (r#"{"rules":[{"read":["A"]}]}"#, "missing field `who`"),
