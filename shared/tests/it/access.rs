@@ -379,3 +379,49 @@ fn errors_are_short_and_readable() {
     assert!(err.to_string().starts_with("rule 1: name pattern"), "{err}");
     assert!(err.to_string().len() < 200, "{err}");
 }
+
+/// A reference matcher: the textbook dynamic programme over every
+/// (pattern, name) prefix pair, obviously right and fine for short inputs.
+fn reference_match(pattern: &[u8], name: &[u8]) -> bool {
+    let mut table = vec![vec![false; name.len() + 1]; pattern.len() + 1];
+    table[0][0] = true;
+    for i in 1..=pattern.len() {
+        for j in 0..=name.len() {
+            table[i][j] = match pattern[i - 1] {
+                b'*' => table[i - 1][j] || (j > 0 && table[i][j - 1]),
+                b'?' => j > 0 && table[i - 1][j - 1],
+                c => j > 0 && name[j - 1] == c && table[i - 1][j - 1],
+            };
+        }
+    }
+    table[pattern.len()][name.len()]
+}
+
+proptest::proptest! {
+    #[test]
+    fn glob_match_agrees_with_the_reference(pattern in "[ab*?]{0,12}", name in "[ab]{0,14}") {
+        proptest::prop_assert_eq!(
+            glob_match(&pattern, &name),
+            reference_match(pattern.as_bytes(), name.as_bytes())
+        );
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+        let _ = AccessRules::from_json(&bytes);
+    }
+
+    #[test]
+    fn checked_rules_round_trip(users in proptest::collection::vec("[a-z]{1,8}", 1..5),
+                                patterns in proptest::collection::vec("[A-Z_*?]{1,10}", 1..5)) {
+        let rules: Vec<Rule> = users
+            .iter()
+            .map(|u| Rule {
+                who: Who::User(u.clone()),
+                read: patterns.iter().map(|p| NamePattern::new(p).unwrap()).collect(),
+            })
+            .collect();
+        let rules = AccessRules::new(rules).unwrap();
+        proptest::prop_assert_eq!(AccessRules::from_json(&rules.to_json()).unwrap(), rules);
+    }
+}
