@@ -286,6 +286,13 @@ impl KeystoreService {
     }
 }
 
+// The tagged `user_data` of the largest accepted caller data must still
+// fit the NSM's field.
+const _: () = assert!(
+    MAX_ATTEST_USER_DATA + keystore_shared::attestation::ATTEST_USER_DATA_TAG.len()
+        <= MAX_ATTESTATION_FIELD
+);
+
 /// Refuses attestation fields the NSM would refuse, before any NSM call.
 fn check_field(field: &str, value: &[u8]) -> Result<(), ServiceError> {
     if value.len() > MAX_ATTESTATION_FIELD {
