@@ -9,6 +9,8 @@
 #   (f) production code accepts connections in one place only: the accept
 #       loop in shared/src/serve.rs (endpoint.rs holds the per-transport
 #       accept that loop calls).
+#   (g) the enclave links no YAML parser: the host turns the operator's
+#       access rules into JSON (docs/DESIGN.md, "Rules (issue 12)").
 # Usage: scripts/check-layout.sh STATIC_ENCLAVE_BINARY
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -93,6 +95,11 @@ if [ "$accepting" != "shared/src/endpoint.rs shared/src/serve.rs " ]; then
 fi
 if [ "$(grep -cF '.accept()' shared/src/serve.rs)" -ne 1 ]; then
   fail "shared/src/serve.rs should call accept() in exactly one place"
+fi
+
+# (g)
+if yaml=$(grep -E '^(serde_norway|serde_yaml|serde_yaml_ng|unsafe-libyaml|yaml-rust)' <<<"$enclave_tree"); then
+  fail "the production enclave links a YAML parser: $yaml"
 fi
 
 if [ "$failed" -ne 0 ]; then

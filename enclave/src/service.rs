@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keystore_shared::Caller;
+use keystore_shared::attestation::{MAX_ATTEST_USER_DATA, attest_user_data};
+use keystore_shared::name::is_reserved;
 use keystore_shared::protocol::{ErrorCode, LoadEntry, StatusReport};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
@@ -138,6 +140,7 @@ impl KeystoreService {
         })?;
         match loader.load(entries).await {
             Ok(report) => {
+                tracing::info!(access = %self.store.snapshot().access(), "access policy in force");
                 tracing::info!(
                     count = report.count,
                     kms_calls = report.kms_calls,
@@ -177,13 +180,22 @@ impl KeystoreService {
 
     /// One secret's plaintext, in a buffer wiped on drop, if `caller` may
     /// read it.
+    ///
+    /// The access check comes before the lookup and uses the same snapshot,
+    /// so the rules that decide are those loaded with the value, and a
+    /// caller refused a name learns nothing about whether it exists. The
+    /// reserved `keystore:` entries are refused to everyone.
     pub fn get(&self, name: &str, caller: &Caller) -> Result<Zeroizing<Vec<u8>>, ServiceError> {
-        let _ = caller; // TODO(issue 12, rules): enforce the access rules.
         validate_name(name).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         if !self.is_ready() {
             return Err(ServiceError::NotReady);
         }
-        self.store.get(name).map_err(|err| match err {
+        let set = self.store.snapshot();
+        set.access().check(caller, name).map_err(|denied| {
+            tracing::debug!(name, caller = %caller, "read denied");
+            ServiceError::Denied(denied.to_string())
+        })?;
+        set.get(name).map_err(|err| match err {
             StoreError::NotFound { .. } => ServiceError::NotFound(err.to_string()),
             // A sealed value that fails to open means tampering or a bug;
             // the message names the secret only.
@@ -191,11 +203,15 @@ impl KeystoreService {
         })
     }
 
-    /// The names of the loaded secrets, sorted. Listing is allowed before
-    /// the first load (the answer is simply empty), so a host can poll it.
+    /// The names of the loaded secrets `caller` may read, sorted (never a
+    /// reserved `keystore:` entry). Listing is allowed before the first load
+    /// (the answer is simply empty), so a host can poll it.
     pub fn list(&self, caller: &Caller) -> Result<Vec<String>, ServiceError> {
-        let _ = caller; // TODO(issue 12, rules): only the names caller may read.
-        Ok(self.store.names())
+        let set = self.store.snapshot();
+        let access = set.access();
+        let mut names = set.names();
+        names.retain(|name| !is_reserved(name) && access.allows(caller, name));
+        Ok(names)
     }
 
     /// Health and freshness.
@@ -224,6 +240,13 @@ impl KeystoreService {
     /// `user_data`, and the current recipient public key (so a host app can
     /// also see which key KMS will encrypt to).
     ///
+    /// The document's `user_data` is always
+    /// [`ATTEST_USER_DATA_TAG`](keystore_shared::attestation::ATTEST_USER_DATA_TAG)
+    /// followed by the caller's bytes (none: the tag alone), so a caller
+    /// cannot make the enclave sign data another protocol would take for its
+    /// own. The tag counts toward the NSM's field limit: a caller may send
+    /// at most [`MAX_ATTEST_USER_DATA`] bytes.
+    ///
     /// The NSM call blocks, so it runs on the blocking pool, at most
     /// [`MAX_CONCURRENT_ATTESTATIONS`] at a time.
     pub async fn attest(
@@ -237,8 +260,14 @@ impl KeystoreService {
                 "nonce must not be empty: it is what proves the document is fresh".to_owned(),
             ));
         }
-        if let Some(data) = &user_data {
-            check_field("user_data", data)?;
+        if let Some(data) = &user_data
+            && data.len() > MAX_ATTEST_USER_DATA
+        {
+            return Err(ServiceError::BadRequest(format!(
+                "user_data is {} bytes; at most {MAX_ATTEST_USER_DATA} are allowed \
+                 (the NSM's {MAX_ATTESTATION_FIELD} less the enclave's domain tag)",
+                data.len()
+            )));
         }
         let _permit =
             self.attestations.acquire().await.map_err(|_| {
@@ -246,7 +275,7 @@ impl KeystoreService {
             })?;
         let request = AttestationRequest {
             public_key: Some(self.recipient.current().spki_der().to_vec()),
-            user_data,
+            user_data: Some(attest_user_data(user_data.as_deref())),
             nonce: Some(nonce),
         };
         let nsm = self.nsm.clone();
@@ -256,6 +285,13 @@ impl KeystoreService {
             .map_err(|e| ServiceError::Unavailable(format!("attestation failed: {e}")))
     }
 }
+
+// The tagged `user_data` of the largest accepted caller data must still
+// fit the NSM's field.
+const _: () = assert!(
+    MAX_ATTEST_USER_DATA + keystore_shared::attestation::ATTEST_USER_DATA_TAG.len()
+        <= MAX_ATTESTATION_FIELD
+);
 
 /// Refuses attestation fields the NSM would refuse, before any NSM call.
 fn check_field(field: &str, value: &[u8]) -> Result<(), ServiceError> {

@@ -8,6 +8,11 @@
 //! cannot be moved under another name (mirroring the KMS encryption context
 //! binding described in DESIGN.md).
 //!
+//! The reserved entry `keystore:rules` is not sealed as a value: the builder
+//! decodes it into the set's [`AccessPolicy`] as it arrives (refusing the
+//! whole set if it does not decode), and it is never served or listed. A set
+//! without it carries the default policy (only uid 0 reads).
+//!
 //! A [`SecretSet`] is immutable once built. The [`Store`] publishes the current
 //! set behind an [`ArcSwap`], so readers never block and a load replaces the
 //! whole set in one atomic step: readers see the old set or the new one, never
@@ -22,12 +27,15 @@ use std::time::{Instant, SystemTime};
 use aes_gcm::aead::consts::U12;
 use aes_gcm::{AeadInOut, Aes256Gcm, Key, KeyInit, Nonce};
 use arc_swap::ArcSwap;
-use keystore_shared::name::{NameError, SecretName};
+use keystore_shared::access::RulesError;
+use keystore_shared::name::{NameError, RULES_NAME, SecretName};
 use rand::TryRng;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use keystore_nsm::Nsm;
 use keystore_nsm::entropy::{self, EntropyError};
+
+use crate::access::AccessPolicy;
 
 /// Largest secret value accepted by default (1 MiB), matching the protocol's
 /// default response limit so every stored value can also be served.
@@ -76,6 +84,10 @@ pub enum StoreError {
         /// The configured limit.
         max: usize,
     },
+    /// The `keystore:rules` entry decrypted but is not a valid rules
+    /// document; the whole set is refused.
+    #[error("access rules: {0}")]
+    Rules(#[source] RulesError),
     /// The NSM or the OS could not provide randomness for the seal key.
     #[error("cannot seed the seal key: {0}")]
     Entropy(#[source] EntropyError),
@@ -194,7 +206,8 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
     Ok(SecretName::check(name)?)
 }
 
-/// An immutable set of sealed secrets, as produced by one load.
+/// An immutable set of sealed secrets, as produced by one load, with the
+/// access policy that governs them.
 ///
 /// The set carries the key it was sealed with, so a reader holding an
 /// `Arc<SecretSet>` can keep opening values even after the store has moved
@@ -202,6 +215,7 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
 pub struct SecretSet {
     key: Arc<SealKey>,
     values: BTreeMap<String, SealedValue>,
+    access: AccessPolicy,
 }
 
 impl SecretSet {
@@ -211,7 +225,14 @@ impl SecretSet {
         SecretSet {
             key,
             values: BTreeMap::new(),
+            access: AccessPolicy::default(),
         }
+    }
+
+    /// Who may read what in this set: the operator's rules from its
+    /// `keystore:rules` entry, or the default (only uid 0).
+    pub fn access(&self) -> &AccessPolicy {
+        &self.access
     }
 
     /// Opens the value stored under `name`. The plaintext is returned in a
@@ -228,12 +249,12 @@ impl SecretSet {
         self.values.contains_key(name)
     }
 
-    /// All names, sorted.
+    /// All names, sorted (never the reserved rules entry).
     pub fn names(&self) -> Vec<String> {
         self.values.keys().cloned().collect()
     }
 
-    /// Number of secrets.
+    /// Number of secrets (the rules entry is not one).
     pub fn len(&self) -> usize {
         self.values.len()
     }
@@ -249,6 +270,7 @@ impl fmt::Debug for SecretSet {
         f.debug_struct("SecretSet")
             .field("len", &self.values.len())
             .field("names", &self.values.keys().collect::<Vec<_>>())
+            .field("access", &format_args!("{}", self.access))
             .finish_non_exhaustive()
     }
 }
@@ -259,6 +281,7 @@ pub struct SecretSetBuilder {
     key: Arc<SealKey>,
     max_value_len: usize,
     values: BTreeMap<String, SealedValue>,
+    access: Option<AccessPolicy>,
 }
 
 impl SecretSetBuilder {
@@ -269,6 +292,7 @@ impl SecretSetBuilder {
             key,
             max_value_len: DEFAULT_MAX_VALUE_LEN,
             values: BTreeMap::new(),
+            access: None,
         }
     }
 
@@ -281,6 +305,10 @@ impl SecretSetBuilder {
     /// Validates, seals and adds one secret. The plaintext is consumed and
     /// wiped whether or not the insert succeeds. On error the builder is left
     /// unchanged, but callers normally abandon the whole load.
+    ///
+    /// The reserved `keystore:rules` entry is decoded into the set's access
+    /// policy instead of being sealed; one that does not decode is an error
+    /// ([`StoreError::Rules`]).
     pub fn insert(
         &mut self,
         name: impl Into<String>,
@@ -295,6 +323,13 @@ impl SecretSetBuilder {
                 max: self.max_value_len,
             });
         }
+        if name == RULES_NAME {
+            if self.access.is_some() {
+                return Err(StoreError::DuplicateName { name });
+            }
+            self.access = Some(AccessPolicy::from_entry(&value).map_err(StoreError::Rules)?);
+            return Ok(());
+        }
         match self.values.entry(name) {
             Entry::Occupied(entry) => Err(StoreError::DuplicateName {
                 name: entry.key().clone(),
@@ -307,21 +342,23 @@ impl SecretSetBuilder {
         }
     }
 
-    /// Number of secrets inserted so far.
+    /// Number of entries inserted so far, the rules entry included (the
+    /// loader compares it with the number of entries it was sent).
     pub fn len(&self) -> usize {
-        self.values.len()
+        self.values.len() + usize::from(self.access.is_some())
     }
 
     /// Whether nothing has been inserted yet.
     pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
+        self.len() == 0
     }
 
-    /// Finishes the set.
+    /// Finishes the set; without a rules entry it gets the default policy.
     pub fn build(self) -> SecretSet {
         SecretSet {
             key: self.key,
             values: self.values,
+            access: self.access.unwrap_or_default(),
         }
     }
 }
@@ -332,6 +369,7 @@ impl fmt::Debug for SecretSetBuilder {
             .field("len", &self.values.len())
             .field("names", &self.values.keys().collect::<Vec<_>>())
             .field("max_value_len", &self.max_value_len)
+            .field("rules", &self.access.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -593,6 +631,7 @@ mod tests {
         let foreign = SecretSet {
             key: k2,
             values: sealed.values.clone(),
+            access: AccessPolicy::default(),
         };
         assert!(matches!(foreign.get("x"), Err(StoreError::Open { .. })));
 
@@ -615,6 +654,7 @@ mod tests {
         let under = |k: &Arc<SealKey>| SecretSet {
             key: k.clone(),
             values: sealed.values.clone(),
+            access: AccessPolicy::default(),
         };
         assert_eq!(under(&same).get("n").unwrap().as_slice(), b"value");
         assert!(matches!(
@@ -669,6 +709,7 @@ mod tests {
             let set = SecretSet {
                 key: k.clone(),
                 values,
+                access: AccessPolicy::default(),
             };
             assert!(
                 matches!(set.get("s"), Err(StoreError::Open { .. })),
@@ -732,6 +773,60 @@ mod tests {
             b.insert("b", secret(b"12345")),
             Err(StoreError::ValueTooLarge { max: 4, .. })
         ));
+    }
+
+    #[test]
+    fn the_rules_entry_becomes_the_policy_and_is_never_a_value() {
+        use crate::access::PolicySource;
+        let k = key(7);
+        let mut b = SecretSetBuilder::new(k.clone());
+        b.insert("APP_KEY", secret(b"v")).unwrap();
+        b.insert(
+            RULES_NAME,
+            secret(br#"{"rules":[{"who":{"uid":1000},"read":["APP_*"]}]}"#),
+        )
+        .unwrap();
+        // Counted as an entry (the loader checks every entry arrived)...
+        assert_eq!(b.len(), 2);
+        match b.insert(RULES_NAME, secret(br#"{"rules":[]}"#)) {
+            Err(StoreError::DuplicateName { name }) => assert_eq!(name, RULES_NAME),
+            other => panic!("expected DuplicateName, got {other:?}"),
+        }
+        let set = b.build();
+        // ... but neither stored, listed nor counted as a secret.
+        assert_eq!((set.names(), set.len()), (vec!["APP_KEY".to_owned()], 1));
+        assert!(!set.contains(RULES_NAME));
+        assert!(matches!(
+            set.get(RULES_NAME),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert_eq!(set.access().source(), PolicySource::Operator);
+        let app = keystore_shared::Caller {
+            uid: Some(1000),
+            ..Default::default()
+        };
+        assert!(set.access().allows(&app, "APP_KEY"));
+        assert!(
+            !set.access()
+                .allows(&keystore_shared::Caller::root(), "APP_KEY")
+        );
+
+        // No entry: the default policy.
+        let plain = set_of(&k, &[("APP_KEY", b"v")]);
+        assert_eq!(plain.access().source(), PolicySource::Default);
+        assert!(
+            plain
+                .access()
+                .allows(&keystore_shared::Caller::root(), "APP_KEY")
+        );
+
+        // An entry that does not decode refuses the insert.
+        let mut b = SecretSetBuilder::new(k);
+        match b.insert(RULES_NAME, secret(b"rules: [yaml, not json]")) {
+            Err(e @ StoreError::Rules(_)) => assert!(e.to_string().starts_with("access rules: ")),
+            other => panic!("expected a rules error, got {other:?}"),
+        }
+        assert!(b.is_empty());
     }
 
     #[test]
@@ -881,6 +976,7 @@ mod tests {
         let open_err = SecretSet {
             key: set.key.clone(),
             values: tampered,
+            access: AccessPolicy::default(),
         }
         .get("db/password")
         .unwrap_err();

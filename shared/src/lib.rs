@@ -1,12 +1,14 @@
 //! Pieces both sides of nitro-keystore share: how to address a socket
 //! ([`endpoint`]), the one accept loop every server runs ([`serve`]), how
 //! messages are framed and what they say ([`frame`], [`protocol`]), what a
-//! secret may be called ([`name`]), whom a read is for ([`caller`]), the `ENC[...]` value format
+//! secret may be called ([`name`]), whom a read is for ([`caller`]), who may
+//! read what ([`access`]), the `ENC[...]` value format
 //! ([`envelope`]), how an attestation document is checked
 //! ([`attestation`]), and the [`client`] that makes every request/response
 //! exchange.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod attestation;
 pub mod caller;
 pub mod client;
@@ -17,6 +19,7 @@ pub mod name;
 pub mod protocol;
 pub mod serve;
 
+pub use access::{AccessRules, RulesError};
 pub use caller::Caller;
 pub use client::{Client, ClientConfig, ClientError};
 pub use endpoint::{Endpoint, EndpointError, Listener, Peer, Stream};

@@ -10,6 +10,24 @@ use std::fmt;
 /// Longest secret name, in bytes.
 pub const MAX_NAME_LEN: usize = 256;
 
+/// Names starting with this prefix belong to the keystore itself, never to
+/// an operator's secret: only the names in [`RESERVED_NAMES`] may carry it.
+pub const RESERVED_PREFIX: &str = "keystore:";
+
+/// The reserved entry holding the operator's access rules (see
+/// [`crate::access`]), written by `keystore-host encrypt --rules`.
+pub const RULES_NAME: &str = "keystore:rules";
+
+/// Every reserved name a secrets file may hold. The enclave never serves
+/// their values and never lists them.
+pub const RESERVED_NAMES: &[&str] = &[RULES_NAME];
+
+/// Whether `name` is one of the keystore's own entries (or tries to look
+/// like one): it starts with [`RESERVED_PREFIX`].
+pub fn is_reserved(name: &str) -> bool {
+    name.starts_with(RESERVED_PREFIX)
+}
+
 /// How much of a refused name is echoed in an error.
 const ECHOED_CHARS: usize = 64;
 
@@ -25,7 +43,8 @@ pub struct NameError {
 }
 
 /// A checked secret name: non-empty, at most [`MAX_NAME_LEN`] bytes,
-/// printable ASCII without leading or trailing spaces.
+/// printable ASCII without leading or trailing spaces, and not starting with
+/// [`RESERVED_PREFIX`] unless it is one of the [`RESERVED_NAMES`].
 ///
 /// Refusing control characters and look-alike Unicode keeps names in logs,
 /// error messages and `List` answers unambiguous.
@@ -52,6 +71,9 @@ impl SecretName {
         }
         if name.starts_with(' ') || name.ends_with(' ') {
             return invalid("leading or trailing space");
+        }
+        if is_reserved(name) && !RESERVED_NAMES.contains(&name) {
+            return invalid("the `keystore:` prefix is reserved for the keystore's own entries");
         }
         Ok(())
     }
@@ -113,6 +135,11 @@ mod tests {
         }
         let longest = "n".repeat(MAX_NAME_LEN);
         assert!(SecretName::check(&longest).is_ok());
+        // The reserved entries themselves are valid names; a colon elsewhere
+        // is ordinary.
+        assert!(SecretName::check(RULES_NAME).is_ok() && is_reserved(RULES_NAME));
+        assert!(SecretName::check("app:keystore:x").is_ok() && !is_reserved("app:keystore:x"));
+        assert!(SecretName::check("Keystore:x").is_ok());
         for (bad, reason) in [
             (String::new(), "empty"),
             ("n".repeat(MAX_NAME_LEN + 1), "longer than 256 bytes"),
@@ -120,6 +147,14 @@ mod tests {
             ("näme".to_owned(), "only printable ASCII is allowed"),
             (" lead".to_owned(), "leading or trailing space"),
             ("trail ".to_owned(), "leading or trailing space"),
+            (
+                "keystore:mine".to_owned(),
+                "the `keystore:` prefix is reserved for the keystore's own entries",
+            ),
+            (
+                "keystore:".to_owned(),
+                "the `keystore:` prefix is reserved for the keystore's own entries",
+            ),
         ] {
             let err = SecretName::check(&bad).unwrap_err();
             assert_eq!(err.reason, reason, "{bad:?}");

@@ -8,6 +8,7 @@
 
 mod support;
 
+mod access;
 mod kms_client;
 mod kms_credentials;
 mod kms_transport;

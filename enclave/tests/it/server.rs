@@ -10,7 +10,10 @@ use crate::support::server as server_support;
 use std::time::Duration;
 
 use keystore_enclave::server::ServerConfig;
-use keystore_shared::attestation::AttestationDocument;
+use keystore_shared::attestation::{
+    ATTEST_USER_DATA_TAG, AttestationDocument, MAX_ATTEST_USER_DATA, MAX_FIELD_LEN,
+    attest_caller_data, attest_user_data,
+};
 use keystore_shared::frame::{Connection, FrameLimits};
 use keystore_shared::protocol::{
     DEFAULT_MAX_RESPONSE_FRAME, ErrorCode, LoadEntry, PROTOCOL_VERSION, Request, RequestOp,
@@ -58,7 +61,15 @@ async fn exercise(transport: Transport) {
         .expect_nonce(nonce.clone())
         .verify(&document)
         .unwrap();
-    assert_eq!(verified.user_data.as_deref(), Some(user_data.as_slice()));
+    // The enclave puts its domain tag in front of the caller's data.
+    assert_eq!(
+        attest_caller_data(verified.user_data.as_deref()),
+        Some(user_data.as_slice())
+    );
+    assert_eq!(
+        verified.user_data.as_deref(),
+        Some(attest_user_data(Some(&user_data)).as_slice())
+    );
     assert_eq!(
         verified.public_key.as_deref(),
         Some(harness.service.recipient().current().spki_der()),
@@ -74,7 +85,7 @@ async fn exercise(transport: Transport) {
             .is_err()
     );
     let parsed = AttestationDocument::parse_unverified(&other).unwrap();
-    assert_eq!(parsed.user_data, None);
+    assert_eq!(parsed.user_data.as_deref(), Some(ATTEST_USER_DATA_TAG));
 
     let too_long = client.attest(&[7u8; 1025], None).await.unwrap_err();
     assert_eq!(too_long.code(), Some(ErrorCode::BadRequest), "{too_long}");
@@ -83,6 +94,19 @@ async fn exercise(transport: Transport) {
     assert_eq!(empty.code(), Some(ErrorCode::BadRequest), "{empty}");
     let long_data = client.attest(b"n", Some(&[1u8; 2000])).await.unwrap_err();
     assert_eq!(long_data.code(), Some(ErrorCode::BadRequest), "{long_data}");
+    // The tag counts toward the NSM's limit.
+    let at_limit = client
+        .attest(b"n", Some(&[1u8; MAX_ATTEST_USER_DATA]))
+        .await
+        .unwrap();
+    let parsed = AttestationDocument::parse_unverified(&at_limit).unwrap();
+    assert_eq!(parsed.user_data.map(|d| d.len()), Some(MAX_FIELD_LEN));
+    let over = client
+        .attest(b"n", Some(&[1u8; MAX_ATTEST_USER_DATA + 1]))
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), Some(ErrorCode::BadRequest), "{over}");
+    assert!(over.to_string().contains("domain tag"), "{over}");
 
     // The connection survives every error above.
     assert_eq!(

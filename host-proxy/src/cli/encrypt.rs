@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use keystore_host::secrets_file::encrypt::{Selection, encrypt_file};
+use keystore_host::secrets_file::encrypt::{RulesWritten, Selection, encrypt_file_with_rules};
+use keystore_host::secrets_file::rules::read_rules;
 
 /// Arguments of `encrypt`.
 #[derive(Debug, Args)]
@@ -20,6 +21,11 @@ pub struct EncryptArgs {
     /// Default: every plain value.
     #[arg(long = "keys", value_name = "GLOB")]
     pub keys: Vec<String>,
+    /// Access rules (YAML) to check, encrypt under the same key and write as
+    /// the reserved `keystore:rules` entry (replacing the previous one).
+    /// Without a rules entry only uid 0 may read.
+    #[arg(long, value_name = "YAML")]
+    pub rules: Option<PathBuf>,
     /// AWS region (default: the SDK's region chain).
     #[arg(long)]
     pub region: Option<String>,
@@ -40,6 +46,8 @@ pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
             std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
         })
         .transpose()?;
+    // Checked before any KMS call, so a mistake costs nothing.
+    let rules = args.rules.as_deref().map(read_rules).transpose()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -48,7 +56,16 @@ pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
         let sdk = keystore_host::aws::sdk_config(args.region, args.endpoint_url, ca).await?;
         let client = aws_sdk_kms::Client::new(&sdk);
         let selection = Selection::patterns(args.keys);
-        anyhow::Ok(encrypt_file(&client, &args.key_id, &args.file, &selection).await?)
+        anyhow::Ok(
+            encrypt_file_with_rules(
+                &client,
+                &args.key_id,
+                &args.file,
+                &selection,
+                rules.as_ref(),
+            )
+            .await?,
+        )
     })?;
     for name in &report.encrypted {
         println!("encrypted {name}");
@@ -58,6 +75,15 @@ pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
     }
     for name in &report.skipped_empty {
         println!("skipped {name} (empty)");
+    }
+    match report.rules {
+        Some(RulesWritten::Added { rules }) => {
+            println!("encrypted keystore:rules ({rules} rule(s), added)")
+        }
+        Some(RulesWritten::Replaced { rules }) => {
+            println!("encrypted keystore:rules ({rules} rule(s), replaced)")
+        }
+        None => {}
     }
     eprintln!(
         "{}: {} encrypted, {} already encrypted, {} empty",

@@ -17,7 +17,9 @@
 //! ```
 //!
 //! Quoted values may span lines (PEM keys). Names are
-//! `[A-Za-z_][A-Za-z0-9_.-]*`. `$VAR` is never expanded: values are taken
+//! `[A-Za-z_][A-Za-z0-9_.-]*`, or one of the keystore's reserved names
+//! (`keystore:rules`, written by `keystore-host encrypt --rules`); any other
+//! name starting with `keystore:` is refused. `$VAR` is never expanded: values are taken
 //! literally, so a secret containing `$` stays what it is. A name defined
 //! twice is an error, since "last one wins" would make it unclear which
 //! secret the enclave holds.
@@ -37,6 +39,7 @@ pub const MAX_FILE_SIZE: usize = keystore_shared::protocol::DEFAULT_MAX_LOAD_FRA
 
 /// Longest name accepted: the secret-name limit both sides share.
 pub use keystore_shared::name::MAX_NAME_LEN;
+use keystore_shared::name::{RESERVED_NAMES, RESERVED_PREFIX};
 
 /// How a value is quoted in the file; a rewritten value keeps its style
 /// when the new text allows it.
@@ -199,6 +202,38 @@ impl DotEnv {
             .iter()
             .find(|s| s.name == name)
             .map(|s| s.value.as_str())
+    }
+
+    /// Adds `NAME=value` as a new last line, after an optional `# comment`
+    /// line, keeping everything before it byte for byte. The value is
+    /// written unquoted when it can be, as [`DotEnv::set_value`] would.
+    pub fn append(
+        &mut self,
+        comment: Option<&str>,
+        name: &str,
+        value: &str,
+    ) -> Result<(), DotEnvError> {
+        let (quote, encoded) = encode(Quote::None, value);
+        let mut text = Zeroizing::new(String::with_capacity(
+            self.text.len() + name.len() + encoded.len() + 64,
+        ));
+        text.push_str(&self.text);
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        if let Some(comment) = comment {
+            text.push_str("# ");
+            text.push_str(comment);
+            text.push('\n');
+        }
+        text.push_str(name);
+        text.push('=');
+        text.push_str(quote_char(quote));
+        text.push_str(&encoded);
+        text.push_str(quote_char(quote));
+        text.push('\n');
+        *self = DotEnv::parse(text.as_bytes())?;
+        Ok(())
     }
 
     /// The file text, including every change made so far.
@@ -366,14 +401,22 @@ impl<'a> Parser<'a> {
             self.skip_blanks();
         }
         let rest = self.rest();
-        let name_len = rest
-            .char_indices()
-            .find(|&(i, c)| {
-                !(c == '_'
-                    || c.is_ascii_alphabetic()
-                    || (i > 0 && (c.is_ascii_digit() || c == '.' || c == '-')))
-            })
-            .map_or(rest.len(), |(i, _)| i);
+        // The reserved prefix is the one place a `:` may appear.
+        let prefix = if rest.starts_with(RESERVED_PREFIX) {
+            RESERVED_PREFIX.len()
+        } else {
+            0
+        };
+        let rest_of_name = rest.get(prefix..).unwrap_or_default();
+        let name_len = prefix
+            + rest_of_name
+                .char_indices()
+                .find(|&(i, c)| {
+                    !(c == '_'
+                        || c.is_ascii_alphabetic()
+                        || (i > 0 && (c.is_ascii_digit() || c == '.' || c == '-')))
+                })
+                .map_or(rest_of_name.len(), |(i, _)| i);
         if name_len == 0 {
             return Err(self.err("expected NAME=value, a comment or a blank line"));
         }
@@ -381,6 +424,11 @@ impl<'a> Parser<'a> {
             return Err(self.err("name is longer than 256 characters"));
         }
         let name = rest.get(..name_len).unwrap_or_default().to_owned();
+        if prefix > 0 && !RESERVED_NAMES.contains(&name.as_str()) {
+            return Err(self.err(
+                "names starting with `keystore:` are reserved; the only one is `keystore:rules`",
+            ));
+        }
         self.pos += name_len;
         self.skip_blanks();
         if !self.rest().starts_with('=') {
@@ -511,6 +559,41 @@ mod tests {
         let env = DotEnv::parse(b"A=\nB=''\nC=\"\"\n").unwrap();
         let values: Vec<_> = env.entries().map(|e| (e.name, e.value)).collect();
         assert_eq!(values, [("A", ""), ("B", ""), ("C", "")]);
+    }
+
+    #[test]
+    fn reserved_names_only_with_the_reserved_prefix() {
+        let env = DotEnv::parse(b"A=1\nkeystore:rules=ENC[v1:kms:AQ==]\n").unwrap();
+        let names: Vec<_> = env.entries().map(|e| e.name).collect();
+        assert_eq!(names, ["A", "keystore:rules"]);
+        for bad in ["keystore:other=1\n", "keystore:=1\n", "A:B=1\n", ":x=1\n"] {
+            assert!(
+                matches!(
+                    DotEnv::parse(bad.as_bytes()),
+                    Err(DotEnvError::Syntax { line: 1, .. })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn append_adds_a_line_and_keeps_the_rest() {
+        let mut env = DotEnv::parse(b"# top\nA=1").unwrap();
+        env.append(Some("rules"), "keystore:rules", "ENC[v1:kms:AQ==]")
+            .unwrap();
+        assert_eq!(
+            env.text(),
+            "# top\nA=1\n# rules\nkeystore:rules=ENC[v1:kms:AQ==]\n"
+        );
+        assert_eq!(env.get("keystore:rules"), Some("ENC[v1:kms:AQ==]"));
+        let mut empty = DotEnv::parse(b"").unwrap();
+        empty.append(None, "B", "two words").unwrap();
+        assert_eq!(empty.text(), "B=\"two words\"\n");
+        assert!(matches!(
+            empty.append(None, "B", "again"),
+            Err(DotEnvError::Duplicate { .. })
+        ));
     }
 
     #[test]

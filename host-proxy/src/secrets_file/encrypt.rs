@@ -10,13 +10,25 @@
 //! quoting) is kept byte for byte, and the file is replaced atomically (a
 //! temporary file in the same directory, then `rename`) with its
 //! permissions, so a crash leaves either the old or the new file.
+//!
+//! With access rules ([`encrypt_file_with_rules`]), their canonical JSON is
+//! encrypted the same way under the reserved name `keystore:rules` (so the
+//! host can neither forge nor edit them, nor move another envelope under
+//! that name) and written in place of the previous rules entry, or appended.
+//! The rules are re-encrypted on every run: the operator cannot decrypt the
+//! old entry to compare (the key policy releases plaintext only to the
+//! enclave), and a digest kept beside it would be an unauthenticated second
+//! copy. Reserved entries are never selected as ordinary values, and a
+//! plain (unencrypted) `keystore:rules` line is refused rather than
+//! guessed at.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aws_sdk_kms::primitives::Blob;
+use keystore_shared::access::{AccessRules, glob_match};
 use keystore_shared::envelope::{Envelope, EnvelopeError, NAME_CONTEXT_KEY};
-use keystore_shared::name::{NameError, SecretName};
+use keystore_shared::name::{NameError, RULES_NAME, SecretName, is_reserved};
 use zeroize::Zeroizing;
 
 use crate::secrets_file::dotenv::{DotEnv, DotEnvError};
@@ -64,6 +76,27 @@ pub enum EncryptError {
         #[source]
         source: NameError,
     },
+    /// The access rules are too large for KMS `Encrypt` once encoded.
+    #[error(
+        "the access rules are {len} bytes as canonical JSON; KMS encrypts at most \
+         {MAX_KMS_PLAINTEXT} bytes directly: merge rules or use wider globs; nothing was changed"
+    )]
+    RulesTooLarge {
+        /// Their encoded size.
+        len: usize,
+    },
+    /// A reserved entry holds a plain value: only `encrypt --rules` writes
+    /// it, always encrypted.
+    #[error(
+        "{name} (line {line}) is not encrypted; this reserved entry is written only by \
+         `keystore-host encrypt --rules FILE`; nothing was changed"
+    )]
+    PlainReserved {
+        /// The entry.
+        name: String,
+        /// Its line.
+        line: usize,
+    },
     /// KMS refused or could not be reached; nothing was changed.
     #[error("KMS Encrypt of {name} failed: {message}; nothing was changed")]
     Kms {
@@ -93,8 +126,9 @@ pub enum EncryptError {
 }
 
 /// Which values to encrypt: names matching any of the glob patterns (`*`
-/// any run of characters, `?` one character), or every name if there are
-/// none.
+/// any run of characters, `?` one character; the matcher the access rules
+/// use), or every name if there are none. Reserved `keystore:` entries are
+/// never selected.
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
     patterns: Vec<String>,
@@ -113,39 +147,9 @@ impl Selection {
 
     /// Whether `name` is selected.
     pub fn matches(&self, name: &str) -> bool {
-        self.patterns.is_empty() || self.patterns.iter().any(|p| glob_match(p, name))
+        !is_reserved(name)
+            && (self.patterns.is_empty() || self.patterns.iter().any(|p| glob_match(p, name)))
     }
-}
-
-/// Glob matching with `*` and `?` over characters, iterative with single
-/// backtracking so hostile patterns cannot blow up.
-fn glob_match(pattern: &str, name: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    let (mut pi, mut ni) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        match p.get(pi) {
-            Some('*') => {
-                star = Some((pi, ni));
-                pi += 1;
-            }
-            Some(&c) if c == '?' || Some(&c) == n.get(ni) => {
-                pi += 1;
-                ni += 1;
-            }
-            _ => match star {
-                Some((sp, sn)) => {
-                    pi = sp + 1;
-                    ni = sn + 1;
-                    star = Some((sp, sn + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    p.get(pi..)
-        .is_some_and(|rest| rest.iter().all(|&c| c == '*'))
 }
 
 /// What [`encrypt_file`] did.
@@ -158,6 +162,23 @@ pub struct EncryptReport {
     /// Selected names with empty values (nothing to protect; KMS refuses
     /// empty plaintext).
     pub skipped_empty: Vec<String>,
+    /// What happened to the rules entry, if rules were given.
+    pub rules: Option<RulesWritten>,
+}
+
+/// How the `keystore:rules` entry was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RulesWritten {
+    /// A new line was appended.
+    Added {
+        /// Rules in it.
+        rules: usize,
+    },
+    /// The existing entry was replaced in place.
+    Replaced {
+        /// Rules in it.
+        rules: usize,
+    },
 }
 
 /// Encrypts the selected plain values of the `.env` file at `path` under
@@ -169,6 +190,19 @@ pub async fn encrypt_file(
     path: &Path,
     selection: &Selection,
 ) -> Result<EncryptReport, EncryptError> {
+    encrypt_file_with_rules(client, key_id, path, selection, None).await
+}
+
+/// [`encrypt_file`], and with `rules`, (re-)writes the `keystore:rules`
+/// entry: their canonical JSON encrypted under `key_id`, bound to the name
+/// `keystore:rules`. Nothing is written unless everything succeeded.
+pub async fn encrypt_file_with_rules(
+    client: &aws_sdk_kms::Client,
+    key_id: &str,
+    path: &Path,
+    selection: &Selection,
+    rules: Option<&AccessRules>,
+) -> Result<EncryptReport, EncryptError> {
     let bytes = secrets_file::read(path)?;
     let mut file = DotEnv::parse(&bytes).map_err(|source| EncryptError::Parse {
         path: path.to_owned(),
@@ -176,9 +210,28 @@ pub async fn encrypt_file(
     })?;
     drop(bytes);
 
+    // Every check comes before the first KMS call.
+    let rules_json = rules.map(|rules| Zeroizing::new(rules.to_json()));
+    if let Some(json) = &rules_json
+        && json.len() > MAX_KMS_PLAINTEXT
+    {
+        return Err(EncryptError::RulesTooLarge { len: json.len() });
+    }
     let mut report = EncryptReport::default();
     let mut todo = Vec::new();
+    let mut rules_index = None;
     for (index, entry) in file.entries().enumerate() {
+        if is_reserved(entry.name) {
+            if !Envelope::is_envelope(entry.value) {
+                return Err(EncryptError::PlainReserved {
+                    name: entry.name.to_owned(),
+                    line: entry.line,
+                });
+            }
+            if entry.name == RULES_NAME {
+                rules_index = Some(index);
+            }
+        }
         if !selection.matches(entry.name) {
             continue;
         }
@@ -219,7 +272,33 @@ pub async fn encrypt_file(
         report.encrypted.push(name);
     }
 
-    if !report.encrypted.is_empty() {
+    if let Some((rules, json)) = rules.zip(rules_json) {
+        let envelope = encrypt_value(client, key_id, RULES_NAME, &json).await?;
+        let parse_err = |source| EncryptError::Parse {
+            path: path.to_owned(),
+            source,
+        };
+        let count = rules.rules().len();
+        report.rules = Some(match rules_index {
+            Some(index) => {
+                file.set_value(index, &envelope.to_string())
+                    .map_err(parse_err)?;
+                RulesWritten::Replaced { rules: count }
+            }
+            None => {
+                file.append(
+                    Some("access rules: written by `keystore-host encrypt --rules`"),
+                    RULES_NAME,
+                    &envelope.to_string(),
+                )
+                .map_err(parse_err)?;
+                RulesWritten::Added { rules: count }
+            }
+        });
+        tracing::info!(rules = count, "access rules encrypted");
+    }
+
+    if !report.encrypted.is_empty() || report.rules.is_some() {
         write_atomically(path, file.text().as_bytes())?;
     }
     Ok(report)
@@ -326,5 +405,8 @@ mod tests {
         assert!(!glob_match(&"*a".repeat(30), &"a".repeat(29)));
         assert!(Selection::all().matches("X"));
         assert!(!Selection::patterns(vec!["A*".into()]).matches("B"));
+        // Reserved entries are never selected as values.
+        assert!(!Selection::all().matches(RULES_NAME));
+        assert!(!Selection::patterns(vec!["*".into()]).matches(RULES_NAME));
     }
 }

@@ -1,9 +1,11 @@
 //! The `.env` secrets file on the parent: reading and rewriting it without
-//! disturbing its layout ([`dotenv`]), and turning its plain values into
-//! KMS envelopes ([`encrypt`]).
+//! disturbing its layout ([`dotenv`]), turning its plain values into KMS
+//! envelopes ([`encrypt`]), and the operator's access rules that go with
+//! them ([`rules`]).
 
 pub mod dotenv;
 pub mod encrypt;
+pub mod rules;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

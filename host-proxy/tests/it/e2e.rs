@@ -470,3 +470,93 @@ async fn an_untrusted_kms_certificate_and_wrong_credentials_are_named() {
     assert!(!stack.status().await.unwrap().ready, "{error}");
     assert_eq!(stack.get("TOKEN").await, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_written_by_encrypt_are_enforced_by_the_enclave() {
+    let mut stack = Stack::start().await;
+    let key = stack.key_id.clone();
+    let db = stack.encrypt(&key, "DB_PASSWORD", "hunter2").await;
+    let api = stack.encrypt(&key, "API_TOKEN", "tok").await;
+    stack.write_secrets(&[format!("DB_PASSWORD={db}"), format!("API_TOKEN={api}")]);
+    let rules = stack.path("access.yaml");
+    std::fs::write(
+        &rules,
+        "rules:\n  - who: { user: app }\n    read: [\"DB_*\"]\n  - who: { uid: 0 }\n    read: [\"*\"]\n",
+    )
+    .unwrap();
+    // The operator's command, as documented in the README.
+    let out = Command::new(env!("CARGO_BIN_EXE_keystore-host"))
+        // `--keys` selects only the values already encrypted: PLAIN stays
+        // plain and on the parent.
+        .args(["encrypt", "--key-id", &key, "--keys", "DB_*", "--rules"])
+        .arg(&rules)
+        .arg(stack.path("secrets.env"))
+        .args([
+            "--region",
+            REGION,
+            "--endpoint-url",
+            stack.kms.endpoint_url(),
+        ])
+        .arg("--ca-bundle")
+        .arg(stack.kms.ca_pem_path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("HOME", stack.dir.path())
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_CONFIG_FILE", stack.path("no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", stack.path("no-credentials"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stack.start_enclave();
+    stack.start_proxy();
+    // Root (a privileged peer naming no caller) reads what uid 0 is granted.
+    stack.wait_for_value("DB_PASSWORD", "hunter2").await;
+    assert_eq!(stack.get("API_TOKEN").await.as_deref(), Some("tok"));
+    assert_eq!(stack.status().await.unwrap().secret_count, 2);
+
+    let endpoint: Endpoint = stack.unix("enclave.sock").parse().unwrap();
+    let mut client = Client::connect(&endpoint).await.unwrap();
+    let app = keystore_shared::Caller {
+        uid: Some(1000),
+        user: Some("app".into()),
+        ..keystore_shared::Caller::default()
+    };
+    let value = client
+        .get_as("DB_PASSWORD", Some(app.clone()))
+        .await
+        .unwrap();
+    assert_eq!(value.expose(), b"hunter2");
+    let err = client
+        .get_as("API_TOKEN", Some(app.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(keystore_shared::ErrorCode::Denied),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("uid 1000 (app) may not read `API_TOKEN`"),
+        "{err}"
+    );
+    assert_eq!(client.list_as(Some(app)).await.unwrap(), ["DB_PASSWORD"]);
+    assert_eq!(
+        client.list().await.unwrap(),
+        ["API_TOKEN", "DB_PASSWORD"],
+        "the rules entry is never listed"
+    );
+    let err = client.get("keystore:rules").await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(keystore_shared::ErrorCode::Denied),
+        "{err}"
+    );
+}

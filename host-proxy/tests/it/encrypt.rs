@@ -11,7 +11,7 @@ use aws_sdk_kms::primitives::Blob;
 use keystore_host::secrets_file::dotenv::DotEnv;
 use keystore_host::secrets_file::encrypt::{EncryptError, Selection, encrypt_file};
 use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
-use keystore_tests::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle};
+use keystore_tests::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle, Operation};
 
 const ACCESS_KEY_ID: &str = "AKIAHOSTENCRYPTTEST1";
 const SECRET_ACCESS_KEY: &str = "host-encrypt-test-secret";
@@ -224,5 +224,221 @@ async fn selection_sizes_and_failures_leave_the_file_alone() {
         .filter(|n| n.contains("keystore-tmp"))
         .collect();
     assert!(names.is_empty(), "{names:?}");
+    kms.shutdown().await;
+}
+
+/// Runs `keystore-host encrypt` against the emulator with `args` after the
+/// key id, in a clean environment holding only the test credentials.
+fn encrypt_cli(
+    kms: &MockKmsHandle,
+    dir: &Path,
+    key_id: &str,
+    args: &[&std::ffi::OsStr],
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_keystore-host"))
+        .args(["encrypt", "--key-id", key_id])
+        .args(args)
+        .args([
+            "--region",
+            kms.region(),
+            "--endpoint-url",
+            kms.endpoint_url(),
+        ])
+        .arg("--ca-bundle")
+        .arg(kms.ca_pem_path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dir)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)
+        .env("AWS_CONFIG_FILE", dir.join("no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("no-credentials"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap()
+}
+
+const ACCESS_YAML: &str = "\
+# who may read what
+rules:
+  - who: { user: api }
+    read: [\"DB_*\", API_TOKEN]
+  - who: { unit: worker.service }
+    read: [QUEUE_URL]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_are_checked_encrypted_bound_to_their_name_and_replaced_on_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let kms = emulator(dir.path()).await;
+    let client = client(&kms).await;
+    let key_id = kms.create_key(None).unwrap().key_id;
+    let path = dir.path().join(".env");
+    let rules_path = dir.path().join("access.yaml");
+    std::fs::write(&path, "DB_PASSWORD=hunter2\nAPI_TOKEN=tok").unwrap();
+    std::fs::write(&rules_path, ACCESS_YAML).unwrap();
+    let args = [path.as_os_str(), "--rules".as_ref(), rules_path.as_os_str()];
+
+    let out = tokio::task::block_in_place(|| encrypt_cli(&kms, dir.path(), &key_id, &args));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("encrypted keystore:rules (2 rule(s), added)"),
+        "{stdout}"
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    let file = DotEnv::parse(text.as_bytes()).unwrap();
+    let names: Vec<_> = file.entries().map(|e| e.name).collect();
+    assert_eq!(names, ["DB_PASSWORD", "API_TOKEN", "keystore:rules"]);
+    assert!(
+        text.contains("\n# access rules: written by `keystore-host encrypt --rules`\nkeystore:rules=ENC[v1:kms:"),
+        "{text}"
+    );
+    // The entry is the canonical JSON, bound to the reserved name.
+    let expected = keystore_host::secrets_file::rules::parse_rules(ACCESS_YAML.as_bytes())
+        .unwrap()
+        .to_json();
+    let envelope = file.get("keystore:rules").unwrap();
+    assert_eq!(
+        decrypt(&client, envelope, "keystore:rules").await.unwrap(),
+        expected
+    );
+    assert_eq!(
+        std::str::from_utf8(&expected).unwrap(),
+        r#"{"rules":[{"who":{"user":"api"},"read":["DB_*","API_TOKEN"]},{"who":{"unit":"worker.service"},"read":["QUEUE_URL"]}]}"#
+    );
+    let err = decrypt(&client, envelope, "DB_PASSWORD").await.unwrap_err();
+    assert!(err.contains("InvalidCiphertextException"), "{err}");
+
+    // A second run with changed rules replaces the entry in place; the
+    // values, already encrypted, stay as they are.
+    std::fs::write(
+        &rules_path,
+        "rules:\n  - who: { uid: 0 }\n    read: ['*']\n",
+    )
+    .unwrap();
+    let out = tokio::task::block_in_place(|| encrypt_cli(&kms, dir.path(), &key_id, &args));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("encrypted keystore:rules (1 rule(s), replaced)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("unchanged DB_PASSWORD"), "{stdout}");
+    let again = std::fs::read_to_string(&path).unwrap();
+    let file2 = DotEnv::parse(again.as_bytes()).unwrap();
+    assert_eq!(file2.len(), 3);
+    assert_eq!(again.matches("keystore:rules=").count(), 1);
+    assert_eq!(file2.get("DB_PASSWORD"), file.get("DB_PASSWORD"));
+    assert_eq!(
+        decrypt(
+            &client,
+            file2.get("keystore:rules").unwrap(),
+            "keystore:rules"
+        )
+        .await
+        .unwrap(),
+        br#"{"rules":[{"who":{"uid":0},"read":["*"]}]}"#
+    );
+    // Without --rules the entry is left alone (it is not a value).
+    let out =
+        tokio::task::block_in_place(|| encrypt_cli(&kms, dir.path(), &key_id, &[path.as_os_str()]));
+    assert!(out.status.success());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), again);
+    kms.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rules_and_reserved_names_are_refused_before_any_kms_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let kms = emulator(dir.path()).await;
+    let key_id = kms.create_key(None).unwrap().key_id;
+    let path = dir.path().join(".env");
+    let rules_path = dir.path().join("access.yaml");
+    let before = "DB_PASSWORD=hunter2\n";
+    std::fs::write(&path, before).unwrap();
+    kms.reset_calls();
+
+    for (yaml, needle) in [
+        (
+            "rules:\n  - who: { user: api }\n    read: [A]\n  - who: { usr: x }\n    read: [B]\n",
+            "unknown variant `usr`",
+        ),
+        (
+            "rules:\n  - who: any\n    read: [A]\n  - who: { user: api }\n    read: []\n",
+            "rule 2: `read` is empty",
+        ),
+        (
+            "rules:\n  - who: { user: api }\n    read: ['keystore:*']\n",
+            "rule 1: name pattern \"keystore:*\"",
+        ),
+        (
+            "rules:\n  - who: { user: api }\n    grant: [A]\n",
+            "unknown field `grant`",
+        ),
+    ] {
+        std::fs::write(&rules_path, yaml).unwrap();
+        let out = tokio::task::block_in_place(|| {
+            encrypt_cli(
+                &kms,
+                dir.path(),
+                &key_id,
+                &[path.as_os_str(), "--rules".as_ref(), rules_path.as_os_str()],
+            )
+        });
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{yaml}");
+        assert!(stderr.contains(needle), "{yaml}: {stderr}");
+        assert!(stderr.contains("access.yaml"), "{stderr}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+    }
+    assert_eq!(kms.calls(Operation::Encrypt).calls, 0);
+
+    // Rules too large for KMS Encrypt once encoded: refused, file unchanged.
+    let many: String = (0..200)
+        .map(|i| format!("  - who: {{ user: user{i} }}\n    read: [NAME_{i}]\n"))
+        .collect();
+    std::fs::write(&rules_path, format!("rules:\n{many}")).unwrap();
+    let out = tokio::task::block_in_place(|| {
+        encrypt_cli(
+            &kms,
+            dir.path(),
+            &key_id,
+            &[path.as_os_str(), "--rules".as_ref(), rules_path.as_os_str()],
+        )
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("KMS encrypts at most 4096 bytes"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+
+    // A plain `keystore:rules` line is refused, not encrypted as a value;
+    // any other `keystore:` name does not parse.
+    let client = client(&kms).await;
+    for (text, needle) in [
+        (
+            "A=1\nkeystore:rules={\"rules\":[]}\n",
+            "keystore:rules (line 2) is not encrypted",
+        ),
+        (
+            "A=1\nkeystore:mine=x\n",
+            "line 2: names starting with `keystore:` are reserved",
+        ),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let err = encrypt_file(&client, &key_id, &path, &Selection::all())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(needle), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    }
+    assert_eq!(kms.calls(Operation::Encrypt).calls, 0);
     kms.shutdown().await;
 }

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod access;
 mod attestation_fuzz;
 mod attestation_pki;
 mod attestation_real;
