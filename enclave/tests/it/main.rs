@@ -13,6 +13,7 @@ mod kms_credentials;
 mod kms_transport;
 mod load_e2e;
 mod load_local;
+mod peers;
 mod recipient;
 mod server;
 mod server_abuse;
