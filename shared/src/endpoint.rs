@@ -400,9 +400,8 @@ fn privileged_bind_refused() -> io::Error {
 
 /// Binds a vsock stream socket to the first free port of
 /// [`PRIVILEGED_SOURCE_PORTS`] (from a per-process starting point) and
-/// connects it to `cid:port`, blocking. Public within the crate for tests
-/// that can bind but have no vsock peer.
-pub(crate) fn connect_vsock_privileged(cid: u32, port: u32) -> io::Result<vsock::VsockStream> {
+/// connects it to `cid:port`, blocking.
+fn connect_vsock_privileged(cid: u32, port: u32) -> io::Result<vsock::VsockStream> {
     use nix::errno::Errno;
     use nix::sys::socket::{
         AddressFamily, SockFlag, SockType, VsockAddr as RawVsockAddr, bind, connect, socket,
