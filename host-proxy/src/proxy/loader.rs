@@ -100,7 +100,6 @@ fn load_port_client(timeout: Duration) -> ClientConfig {
         // The load port serves only privileged peers: a source port below
         // 1024 (this daemon has CAP_NET_BIND_SERVICE) or root on unix.
         privileged: true,
-        ..ClientConfig::default()
     }
 }
 
