@@ -27,14 +27,21 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
   done
 }
 
-bin=${CARGO_TARGET_DIR:-target}/debug
-say "Building keystore-enclave, keystore-host and the KMS emulator"
-# The demo runs the enclave with the mock NSM (feature `mock`; production
-# builds lack it). Built on its own: in a multi-package build cargo reads
-# `--features keystore-enclave/mock` as a dependency feature and leaves the
-# enclave's own binary without it.
-cargo build --locked -p keystore-enclave --bins --features mock
-cargo build --locked -p keystore-host -p keystore-tests --bins
+if [ -n "${KEYSTORE_DEMO_BIN:-}" ]; then
+  # Binaries built earlier (keystore-enclave with feature `mock`), e.g. to
+  # run the demo as another user who cannot use this checkout's cargo.
+  bin=$KEYSTORE_DEMO_BIN
+  say "Using the binaries in $bin"
+else
+  bin=${CARGO_TARGET_DIR:-target}/debug
+  say "Building keystore-enclave, keystore-host and the KMS emulator"
+  # The demo runs the enclave with the mock NSM (feature `mock`; production
+  # builds lack it). Built on its own: in a multi-package build cargo reads
+  # `--features keystore-enclave/mock` as a dependency feature and leaves the
+  # enclave's own binary without it.
+  cargo build --locked -p keystore-enclave --bins --features mock
+  cargo build --locked -p keystore-host -p keystore-tests --bins
+fi
 
 # Demo credentials: the emulator accepts exactly these, and the host proxy's
 # credentials service hands them to the enclave (on EC2 they come from IMDS).
@@ -68,6 +75,10 @@ kms_port=${kms_url##*:}
 key_id=$(cat "$work/key-id")
 echo "KMS emulator at $kms_url, key $key_id"
 
+# The enclave's ports serve privileged peers only: on EC2, the parent from a
+# vsock source port below 1024; on these unix sockets, root or the user the
+# enclave runs as (who could read its memory anyway), so the demo also runs
+# as an ordinary user.
 say "Starting the enclave with the MOCK NSM (its documents prove nothing outside this demo)"
 "$bin/keystore-enclave" --nsm mock --mock-pki "$work/pki" --recipient-bits 2048 \
   --listen "unix://$work/enclave.sock" --load-listen "unix://$work/load.sock" \

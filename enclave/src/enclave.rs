@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::kms::{Kms, KmsConfig, KmsError};
 use crate::load::{LoadConfig, LoadError, Loader};
 use crate::recipient::{Recipient, RecipientConfig, RecipientError, RecipientHandle};
-use crate::server::{Server, ServerConfig, ServerError};
+use crate::server::{SecretPeers, Server, ServerConfig, ServerError};
 use crate::service::KeystoreService;
 use crate::store::{SealKey, Store, StoreConfig, StoreError};
 use keystore_nsm::{Nsm, NsmError};
@@ -132,6 +132,14 @@ impl Enclave {
     pub async fn start(config: EnclaveConfig) -> Result<Enclave, EnclaveError> {
         config.recipient.validate()?;
         config.server.validate()?;
+        if config.server.secret_peers == SecretPeers::Any {
+            tracing::warn!(
+                endpoint = %config.listen,
+                "--secret-peers any: the secret port serves every peer; unprivileged peers read \
+                 as the identity the kernel reports and may not name a caller (the load port \
+                 still serves privileged peers only)"
+            );
+        }
         let listener = config.listen.bind().await.map_err(EnclaveError::Bind)?;
         let kms = config.kms.map(Kms::new).transpose()?;
         let load_listener = match kms {
@@ -175,6 +183,7 @@ impl Enclave {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
+        let secret_peers = config.server.secret_peers;
         let server = Server::from_listener(listener, service.clone(), config.server)?;
         let secret_endpoint = server.local_endpoint().clone();
         let served = tokio::spawn(server.run(stopped(stop_rx.clone())));
@@ -183,7 +192,12 @@ impl Enclave {
                 let server = Server::from_listener(
                     listener,
                     service.clone(),
-                    ServerConfig::for_loading(config.load.max_duration),
+                    ServerConfig {
+                        // For `Status` only: the load port's own policy is
+                        // always privileged peers.
+                        secret_peers,
+                        ..ServerConfig::for_loading(config.load.max_duration)
+                    },
                 )?;
                 let endpoint = server.local_endpoint().clone();
                 tracing::info!(endpoint = %endpoint, "load port ready");
@@ -194,8 +208,10 @@ impl Enclave {
             }
             None => (None, None),
         };
+        // Runs for staleness too when re-decrypting is off.
+        let maintained = !config.reload_every.is_zero() || !config.load.max_stale.is_zero();
         let reloads = match &loader {
-            Some(loader) if !config.reload_every.is_zero() => {
+            Some(loader) if maintained => {
                 let loader = loader.clone();
                 let stop = stopped(stop_rx.clone());
                 let every = config.reload_every;

@@ -18,7 +18,17 @@
 //!
 //! [`Loader::reload_periodically`] decrypts the last good load again on a
 //! timer and wipes the store when KMS says the enclave may no longer
-//! decrypt (revocation).
+//! decrypt (revocation), or when no (re-)decrypt has succeeded for
+//! [`LoadConfig::max_stale`] (an enclave cut off from KMS cannot learn of a
+//! revocation, so it does not serve forever).
+//!
+//! One lock serializes loads, re-decrypts and those wipes: a `Load` that
+//! arrives during a re-decrypt runs after it (and after its wipe, if any),
+//! and a re-decrypt queued behind a `Load` re-decrypts that load's entries,
+//! so neither can overwrite the other with older state.
+//!
+//! An empty `Load` is refused unless [`LoadConfig::allow_empty`]: it would
+//! wipe the set, which is never what a well-behaved loader means.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -49,6 +59,9 @@ pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Default bound on a whole load.
 pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(120);
+/// Default time without a successful (re-)decrypt after which the set is
+/// wiped.
+pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(24 * 3600);
 
 /// Limits and retry policy of a load.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +78,11 @@ pub struct LoadConfig {
     pub max_backoff: Duration,
     /// Bound on the whole load, retries included.
     pub max_duration: Duration,
+    /// Accept a `Load` with no entries (which empties the set).
+    pub allow_empty: bool,
+    /// Wipe the set once no load or re-decrypt has succeeded for this long
+    /// (zero: never). Checked by [`Loader::reload_periodically`].
+    pub max_stale: Duration,
 }
 
 impl Default for LoadConfig {
@@ -76,6 +94,8 @@ impl Default for LoadConfig {
             initial_backoff: DEFAULT_INITIAL_BACKOFF,
             max_backoff: DEFAULT_MAX_BACKOFF,
             max_duration: DEFAULT_MAX_DURATION,
+            allow_empty: false,
+            max_stale: DEFAULT_MAX_STALE,
         }
     }
 }
@@ -123,6 +143,12 @@ pub enum LoadError {
     /// The loader's configuration is unusable.
     #[error("load configuration: {0}")]
     Config(&'static str),
+    /// A `Load` with no entries, which would wipe the set.
+    #[error(
+        "load refused: the bundle has no entries and would wipe every secret; \
+         start the enclave with --allow-empty if that is intended"
+    )]
+    Empty,
     /// More entries than allowed.
     #[error("load refused: {count} entries; at most {max} are accepted")]
     TooManyEntries {
@@ -217,7 +243,8 @@ impl LoadError {
     pub fn stage(&self) -> &'static str {
         match self {
             LoadError::Config(_) | LoadError::NoPinnedKey(_) => "config",
-            LoadError::TooManyEntries { .. }
+            LoadError::Empty
+            | LoadError::TooManyEntries { .. }
             | LoadError::DuplicateName { .. }
             | LoadError::InvalidName(_) => "request",
             LoadError::Envelope { .. } => "envelope",
@@ -253,7 +280,8 @@ impl LoadError {
     pub fn code(&self) -> ErrorCode {
         match self {
             LoadError::TooManyEntries { .. } => ErrorCode::TooLarge,
-            LoadError::DuplicateName { .. }
+            LoadError::Empty
+            | LoadError::DuplicateName { .. }
             | LoadError::InvalidName(_)
             | LoadError::Envelope { .. }
             | LoadError::NothingToReload => ErrorCode::BadRequest,
@@ -305,10 +333,40 @@ pub struct Loader {
     recipient: Recipient,
     store: Arc<Store>,
     config: LoadConfig,
-    /// Held for the whole load; also keeps the last good entries for
-    /// [`Loader::reload`].
+    /// Held for the whole load, re-decrypt or wipe; also keeps the last
+    /// good entries for [`Loader::reload`].
     running: Mutex<Option<Arc<Vec<LoadEntry>>>>,
     last: ArcSwapOption<LastLoad>,
+    /// When a load or re-decrypt last succeeded (`None` before the first,
+    /// and after a wipe).
+    decrypted_at: std::sync::Mutex<Option<Instant>>,
+}
+
+/// What one periodic re-decrypt did.
+#[derive(Debug)]
+pub enum Maintenance {
+    /// Nothing was loaded, so there was nothing to do.
+    Idle,
+    /// The set was decrypted again.
+    Refreshed(LoadReport),
+    /// The re-decrypt failed; the set stays (it is not stale yet).
+    Kept(LoadError),
+    /// The set was wiped, for this reason.
+    Wiped(WipeReason),
+}
+
+/// Why the periodic maintenance wiped the set.
+#[derive(Debug)]
+pub enum WipeReason {
+    /// KMS said the enclave may no longer decrypt.
+    Revoked(LoadError),
+    /// No (re-)decrypt succeeded for longer than [`LoadConfig::max_stale`].
+    Stale {
+        /// How long it had been.
+        since: Duration,
+        /// The last failure.
+        last: Option<LoadError>,
+    },
 }
 
 impl std::fmt::Debug for Loader {
@@ -358,7 +416,24 @@ impl Loader {
             config,
             running: Mutex::new(None),
             last: ArcSwapOption::empty(),
+            decrypted_at: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Time since a load or re-decrypt last succeeded, if one did since
+    /// start (or since the last wipe).
+    pub fn decrypt_age(&self) -> Option<Duration> {
+        self.decrypted_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .map(|at| at.elapsed())
+    }
+
+    fn set_decrypted_at(&self, at: Option<Instant>) {
+        *self
+            .decrypted_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = at;
     }
 
     /// The last load's outcome, if any load has finished.
@@ -382,11 +457,17 @@ impl Loader {
     /// Decrypts every entry and, only if all succeed, replaces the store's
     /// set. On failure the previous set stays.
     pub async fn load(&self, entries: Vec<LoadEntry>) -> Result<LoadReport, LoadError> {
+        if entries.is_empty() && !self.config.allow_empty {
+            let result = Err(LoadError::Empty);
+            self.record(&result);
+            return result;
+        }
         let mut running = self.running.lock().await;
         let entries = Arc::new(entries);
         let result = self.run(&entries).await;
         if result.is_ok() {
             *running = Some(entries);
+            self.set_decrypted_at(Some(Instant::now()));
         }
         self.record(&result);
         result
@@ -400,17 +481,86 @@ impl Loader {
             Some(entries) => self.run(entries).await,
             None => Err(LoadError::NothingToReload),
         };
+        if result.is_ok() {
+            self.set_decrypted_at(Some(Instant::now()));
+        }
         self.record(&result);
         result
+    }
+
+    /// One periodic step, under the load lock from start to end: re-decrypt
+    /// the last good load (when `redecrypt`), then wipe the set if KMS
+    /// revoked this enclave or if nothing succeeded for
+    /// [`LoadConfig::max_stale`]. Holding the lock through the wipe means a
+    /// `Load` that arrived meanwhile is applied after it, never wiped.
+    pub async fn maintain(&self, redecrypt: bool) -> Maintenance {
+        let mut running = self.running.lock().await;
+        let Some(entries) = running.clone() else {
+            return Maintenance::Idle;
+        };
+        let failure = if redecrypt {
+            let result = self.run(&entries).await;
+            self.record(&result);
+            match result {
+                Ok(report) => {
+                    self.set_decrypted_at(Some(Instant::now()));
+                    return Maintenance::Refreshed(report);
+                }
+                Err(err) if err.is_revocation() => {
+                    self.wipe(&mut running);
+                    return Maintenance::Wiped(WipeReason::Revoked(err));
+                }
+                Err(err) => Some(err),
+            }
+        } else {
+            None
+        };
+        let since = self.decrypt_age();
+        let stale = !self.config.max_stale.is_zero()
+            && since.is_none_or(|age| age >= self.config.max_stale);
+        if stale {
+            self.wipe(&mut running);
+            return Maintenance::Wiped(WipeReason::Stale {
+                since: since.unwrap_or_default(),
+                last: failure,
+            });
+        }
+        match failure {
+            Some(err) => Maintenance::Kept(err),
+            None => Maintenance::Idle,
+        }
+    }
+
+    /// Empties the store and forgets the entries (a later re-decrypt must
+    /// not bring them back; the host's loader sends a fresh `Load`).
+    fn wipe(&self, running: &mut Option<Arc<Vec<LoadEntry>>>) {
+        self.store.clear();
+        *running = None;
+        self.set_decrypted_at(None);
     }
 
     /// Re-decrypts the last good load every `every` until `stop`
     /// completes, so a revoked key policy stops the enclave serving within
     /// one period: when KMS refuses ([`LoadError::is_revocation`]), the
     /// store is wiped. Any other failure (KMS unreachable, throttled) keeps
-    /// the current secrets; both are reported in `Status`.
+    /// the current secrets until none has succeeded for
+    /// [`LoadConfig::max_stale`]; all of it is reported in `Status`.
+    ///
+    /// With `every` zero there is no re-decrypt, but staleness is still
+    /// checked (every quarter of `max_stale`, at least once a second).
+    /// Each step is [`Loader::maintain`].
     pub async fn reload_periodically(&self, every: Duration, stop: impl Future<Output = ()>) {
-        let mut ticks = tokio::time::interval(every);
+        let redecrypt = !every.is_zero();
+        let period = if redecrypt {
+            every
+        } else if self.config.max_stale.is_zero() {
+            // Nothing to do at all.
+            stop.await;
+            return;
+        } else {
+            (self.config.max_stale / 4).max(Duration::from_secs(1))
+        };
+        let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await; // the first tick is immediate
         tokio::pin!(stop);
@@ -419,19 +569,35 @@ impl Loader {
                 () = &mut stop => return,
                 _ = ticks.tick() => {}
             }
-            if self.last_load().is_none() {
-                continue; // nothing loaded yet
-            }
-            match self.reload().await {
-                Ok(report) => {
+            match self.maintain(redecrypt).await {
+                Maintenance::Idle => {}
+                Maintenance::Refreshed(report) => {
                     tracing::info!(count = report.count, "periodic re-decrypt succeeded")
                 }
-                Err(err) if err.is_revocation() => {
-                    self.store.clear();
+                Maintenance::Kept(err) => {
+                    tracing::warn!(error = %err, "periodic re-decrypt failed; keeping the current secrets")
+                }
+                Maintenance::Wiped(WipeReason::Revoked(err)) => {
                     tracing::error!(error = %err, "KMS no longer allows this enclave: secrets wiped");
                 }
-                Err(err) => {
-                    tracing::warn!(error = %err, "periodic re-decrypt failed; keeping the current secrets")
+                Maintenance::Wiped(WipeReason::Stale { since, last }) => {
+                    let message = format!(
+                        "no load or re-decrypt succeeded for {} s (--max-stale {} s): secrets wiped",
+                        since.as_secs(),
+                        self.config.max_stale.as_secs()
+                    );
+                    tracing::error!(
+                        last_error = last.as_ref().map(ToString::to_string),
+                        "{message}"
+                    );
+                    self.last.store(Some(Arc::new(LastLoad {
+                        finished_at: SystemTime::now(),
+                        outcome: LoadOutcome::Failed {
+                            stage: "stale",
+                            name: None,
+                            message,
+                        },
+                    })));
                 }
             }
         }

@@ -19,7 +19,7 @@ use keystore_enclave::enclave::{Enclave, EnclaveConfig};
 use keystore_enclave::kms::{KmsConfig, PinnedKeys};
 use keystore_enclave::load::LoadConfig;
 use keystore_enclave::recipient::{RecipientBits, RecipientConfig};
-use keystore_enclave::server::{self, ServerConfig};
+use keystore_enclave::server::{self, SecretPeers, ServerConfig};
 use keystore_nsm::{DeviceNsm, Nsm};
 use keystore_shared::Endpoint;
 use nix::sys::resource::{Resource, setrlimit};
@@ -55,12 +55,29 @@ struct Args {
     /// KMS host name: TLS server name and SNI (default kms.<region>.amazonaws.com).
     #[arg(long, value_name = "HOST")]
     kms_host: Option<String>,
-    /// The host proxy's KMS forwarder, the enclave's only way out.
-    #[arg(long, default_value = "vsock://3:8000")]
+    /// The host proxy's KMS forwarder, the enclave's only way out (a port
+    /// below 1024, which only a privileged process on the parent can bind).
+    #[arg(long, default_value = "vsock://3:800")]
     kms_proxy: Endpoint,
-    /// The host's credentials service.
-    #[arg(long, default_value = "vsock://3:8001")]
+    /// The host's credentials service (a port below 1024, like the
+    /// forwarder's).
+    #[arg(long, default_value = "vsock://3:801")]
     credentials: Endpoint,
+    /// Who the secret port serves: `privileged` peers only (the parent from
+    /// a source port below 1024, root on a unix socket), or `any` peer,
+    /// which then reads as the identity the kernel reports and may not name
+    /// another caller. The load port always serves privileged peers only.
+    #[arg(long, value_enum, default_value_t = SecretPeers::Privileged)]
+    secret_peers: SecretPeers,
+    /// Accept a `Load` with no entries (it empties the set); refused by
+    /// default, so a stray empty bundle cannot wipe the secrets.
+    #[arg(long)]
+    allow_empty: bool,
+    /// Wipe the secrets once no load or re-decrypt has succeeded for this
+    /// long (KMS unreachable): an enclave that cannot ask KMS cannot learn
+    /// of a revocation either (`0s` disables).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    max_stale: Duration,
     /// An extra trusted CA (PEM) for KMS TLS; only with `--nsm mock`.
     #[arg(long, value_name = "PEM")]
     kms_ca: Option<PathBuf>,
@@ -209,10 +226,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         idle_timeout: args.idle_timeout,
         request_timeout: args.request_timeout,
         shutdown_grace: args.shutdown_grace,
+        secret_peers: args.secret_peers,
         ..ServerConfig::default()
     };
     config.load = LoadConfig {
         concurrency: args.load_concurrency,
+        allow_empty: args.allow_empty,
+        max_stale: args.max_stale,
         ..LoadConfig::default()
     };
     config.reload_every = args.reload_every;
@@ -316,6 +336,14 @@ mod tests {
         assert_eq!(defaults.refresh_after, Duration::from_secs(240));
         assert_eq!(defaults.recipient_bits, RecipientBits::B4096);
         assert_eq!(defaults.listen.to_string(), "vsock://ANY:5000");
+        assert_eq!(defaults.kms_proxy.to_string(), "vsock://3:800");
+        assert_eq!(defaults.credentials.to_string(), "vsock://3:801");
+        assert_eq!(defaults.secret_peers, SecretPeers::Privileged);
+        assert!(!defaults.allow_empty);
+        assert_eq!(defaults.max_stale, Duration::from_secs(24 * 3600));
+        let any = Args::try_parse_from(["keystore-enclave", "--secret-peers", "any"]).unwrap();
+        assert_eq!(any.secret_peers, SecretPeers::Any);
+        assert!(Args::try_parse_from(["keystore-enclave", "--secret-peers", "all"]).is_err());
     }
 
     const KEY: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";

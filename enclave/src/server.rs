@@ -20,6 +20,13 @@
 //!   requests get [`ServerConfig::shutdown_grace`] to finish, then the rest are
 //!   aborted.
 //!
+//! **Peers** (DESIGN §3): both ports serve only privileged peers
+//! ([`PrivilegedPeers`]: the parent from a source port below 1024, uid 0 on
+//! a unix socket), refused with `Error{Denied}` before a byte is read. With
+//! [`SecretPeers::Any`] the secret port (never the load port) serves
+//! everyone; then only a privileged peer may name the [`Caller`] a request is
+//! made for, and anyone else is who the kernel says it is.
+//!
 //! A bad peer only ever costs its own connection: nothing it sends can make
 //! the server panic or stop serving others. Logs carry the peer, operation
 //! kind, outcome and duration, never names' values or payloads.
@@ -29,7 +36,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keystore_shared::Caller;
-use keystore_shared::endpoint::{Endpoint, EndpointError, Listener as EndpointListener, Stream};
+use keystore_shared::endpoint::{
+    Endpoint, EndpointError, Listener as EndpointListener, Peer, Stream,
+};
 use keystore_shared::frame::{Connection, FrameError, FrameLimits, decode_body};
 use keystore_shared::protocol::{
     DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME, ErrorCode,
@@ -37,7 +46,8 @@ use keystore_shared::protocol::{
     SecretBytes,
 };
 use keystore_shared::serve::{
-    Accepted, AnyPeer, Handler, Refusal, ServeConfig, ServeError, Shutdown, Watched, serve,
+    Accepted, AnyPeer, Handler, PeerPolicy, PrivilegedPeers, Refusal, ServeConfig, ServeError,
+    Shutdown, Watched, serve,
 };
 
 use crate::service::{KeystoreService, ServiceError};
@@ -86,6 +96,31 @@ pub struct ServerConfig {
     pub max_request_frame: usize,
     /// Largest response frame body sent (sized by the secret-value limit).
     pub max_response_frame: usize,
+    /// Who the secret port serves; the load port always serves privileged
+    /// peers only, whatever this says.
+    pub secret_peers: SecretPeers,
+}
+
+/// Who the secret port serves (`--secret-peers`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SecretPeers {
+    /// Only privileged peers ([`PrivilegedPeers`]); the default.
+    #[default]
+    Privileged,
+    /// Every peer: an unprivileged one reads as the identity the kernel
+    /// reports for it (unix uid/gid, or anonymous) and may not name a
+    /// caller. An opt-out, logged at start and shown in `Status`.
+    Any,
+}
+
+impl SecretPeers {
+    /// The flag's spelling, also shown in `Status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecretPeers::Privileged => "privileged",
+            SecretPeers::Any => "any",
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -100,6 +135,7 @@ impl Default for ServerConfig {
             max_lifetime: Some(DEFAULT_MAX_LIFETIME),
             max_request_frame: DEFAULT_MAX_REQUEST_FRAME,
             max_response_frame: DEFAULT_MAX_RESPONSE_FRAME,
+            secret_peers: SecretPeers::Privileged,
         }
     }
 }
@@ -232,25 +268,27 @@ impl Server {
             max_lifetime: config.max_lifetime,
             shutdown_grace: config.shutdown_grace,
         };
+        // The load port never opens to everyone: `Load` replaces the set.
+        let policy: Arc<dyn PeerPolicy> = match (config.role, config.secret_peers) {
+            (Role::Secrets, SecretPeers::Any) => Arc::new(AnyPeer),
+            (Role::Loading, _) | (Role::Secrets, SecretPeers::Privileged) => {
+                Arc::new(PrivilegedPeers)
+            }
+        };
         let handler = Arc::new(RequestHandler {
             service: self.service,
             role: config.role,
+            secret_peers: config.secret_peers,
             limits: FrameLimits::new(config.max_request_frame, config.max_response_frame),
             idle_timeout: config.idle_timeout,
             request_timeout: config.request_timeout,
         });
-        serve(
-            self.listener,
-            handler,
-            Arc::new(AnyPeer),
-            serve_config,
-            shutdown,
-        )
-        .await
-        .map_err(|err| match err {
-            ServeError::InvalidConfig(what) => ServerError::InvalidConfig(what),
-            ServeError::Accept(err) => ServerError::Accept(err),
-        })
+        serve(self.listener, handler, policy, serve_config, shutdown)
+            .await
+            .map_err(|err| match err {
+                ServeError::InvalidConfig(what) => ServerError::InvalidConfig(what),
+                ServeError::Accept(err) => ServerError::Accept(err),
+            })
     }
 }
 
@@ -258,6 +296,7 @@ impl Server {
 struct RequestHandler {
     service: Arc<KeystoreService>,
     role: Role,
+    secret_peers: SecretPeers,
     limits: FrameLimits,
     idle_timeout: Duration,
     request_timeout: Duration,
@@ -267,10 +306,13 @@ impl Handler for RequestHandler {
     async fn handle(&self, conn: Accepted) {
         let opened = Instant::now();
         tracing::info!("connection opened");
+        let peer = PeerTrust::of(&conn.peer);
         let mut session = Session {
             connection: Connection::with_limits(conn.stream, self.limits),
             service: &self.service,
             role: self.role,
+            secret_peers: self.secret_peers,
+            peer,
             idle_timeout: self.idle_timeout,
             request_timeout: self.request_timeout,
             shutdown: conn.shutdown,
@@ -354,11 +396,59 @@ fn check_header(header: &RequestHeader) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// What the server believes about the peer of one connection, decided once
+/// from what the kernel reported when it connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerTrust {
+    /// A privileged peer ([`PrivilegedPeers`]): the caller it names is
+    /// believed, and one that names none is root.
+    Privileged,
+    /// Anyone else (only with [`SecretPeers::Any`]): it is this caller, the
+    /// identity the kernel gives it, and may not name another.
+    Unprivileged(Caller),
+}
+
+impl PeerTrust {
+    /// The trust `peer` earns: privileged by [`PrivilegedPeers`], else its
+    /// `SO_PEERCRED` uid and gid on a unix socket, else anonymous.
+    pub fn of(peer: &Peer) -> PeerTrust {
+        if PrivilegedPeers::admits(peer) {
+            return PeerTrust::Privileged;
+        }
+        let caller = match peer {
+            Peer::Unix {
+                cred: Some(cred), ..
+            } => Caller {
+                uid: Some(cred.uid),
+                gid: Some(cred.gid),
+                ..Caller::default()
+            },
+            _ => Caller::default(),
+        };
+        PeerTrust::Unprivileged(caller)
+    }
+
+    /// Who a request asserting `asserted` (or nothing) is made for.
+    pub fn caller(&self, asserted: Option<Caller>) -> Result<Caller, ServiceError> {
+        match (self, asserted) {
+            (PeerTrust::Privileged, Some(caller)) => Ok(caller),
+            (PeerTrust::Privileged, None) => Ok(Caller::root()),
+            (PeerTrust::Unprivileged(own), Some(asserted)) => Err(ServiceError::Denied(format!(
+                "this connection ({own}) is not privileged, so it may not name the caller \
+                 `{asserted}`; only a peer from a port below 1024 (or root on a unix socket) may"
+            ))),
+            (PeerTrust::Unprivileged(own), None) => Ok(own.clone()),
+        }
+    }
+}
+
 /// One connection being served.
 struct Session<'a> {
     connection: Connection<Watched<Stream>>,
     service: &'a KeystoreService,
     role: Role,
+    secret_peers: SecretPeers,
+    peer: PeerTrust,
     idle_timeout: Duration,
     request_timeout: Duration,
     shutdown: Shutdown,
@@ -405,20 +495,27 @@ impl Session<'_> {
         let (kind, result) = match decoded.request {
             Ok(request) => {
                 let kind = request.op.kind();
-                // TODO(issue 12, peers): believe an asserted caller only
-                // from a privileged peer.
-                let caller = request.caller.unwrap_or_else(Caller::root);
-                let answered = tokio::time::timeout(
-                    self.request_timeout,
-                    apply(self.service, self.role, request.op, &caller),
-                )
-                .await;
-                let result = answered.unwrap_or_else(|_| {
-                    Err(ServiceError::Unavailable(format!(
-                        "request timed out after {} ms",
-                        millis(self.request_timeout)
-                    )))
-                });
+                let result = match self.peer.caller(request.caller) {
+                    Ok(caller) => {
+                        let context = Context {
+                            role: self.role,
+                            secret_peers: self.secret_peers,
+                            privileged: self.peer == PeerTrust::Privileged,
+                        };
+                        tokio::time::timeout(
+                            self.request_timeout,
+                            apply(self.service, context, request.op, &caller),
+                        )
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(ServiceError::Unavailable(format!(
+                                "request timed out after {} ms",
+                                millis(self.request_timeout)
+                            )))
+                        })
+                    }
+                    Err(err) => Err(err),
+                };
                 (kind, result)
             }
             Err(err) => ("invalid", Err(err)),
@@ -525,13 +622,29 @@ impl Session<'_> {
     }
 }
 
+/// What a request is answered in the context of.
+#[derive(Clone, Copy)]
+struct Context {
+    role: Role,
+    secret_peers: SecretPeers,
+    privileged: bool,
+}
+
 /// Runs one operation against the service, if this listener's role serves it.
 async fn apply(
     service: &KeystoreService,
-    role: Role,
+    context: Context,
     op: RequestOp,
     caller: &Caller,
 ) -> Result<ResponseBody, ServiceError> {
+    let role = context.role;
+    // The load port's peer policy already refused anyone else; this keeps
+    // `Load` privileged even if a listener is ever misconfigured.
+    if matches!(op, RequestOp::Load { .. }) && !context.privileged {
+        return Err(ServiceError::Denied(
+            "Load is accepted only from a privileged peer".to_owned(),
+        ));
+    }
     match (role, &op) {
         (Role::Secrets, RequestOp::Load { .. }) => {
             return Err(ServiceError::BadRequest(
@@ -559,7 +672,11 @@ async fn apply(
         RequestOp::List => Ok(ResponseBody::Names {
             names: service.list(caller)?,
         }),
-        RequestOp::Status => Ok(ResponseBody::Status(service.status())),
+        RequestOp::Status => {
+            let mut status = service.status();
+            status.secret_peers = Some(context.secret_peers.as_str().to_owned());
+            Ok(ResponseBody::Status(status))
+        }
         RequestOp::Attest { nonce, user_data } => {
             let document = service.attest(nonce, user_data).await?;
             Ok(ResponseBody::Attestation { document })

@@ -233,6 +233,13 @@ impl KeystoreService {
                 .as_ref()
                 .and_then(|loader| loader.last_error())
                 .or(recipient.last_error),
+            // The server fills this in: it knows its own peer policy.
+            secret_peers: None,
+            last_decrypt_age_ms: self
+                .loader
+                .as_ref()
+                .and_then(|loader| loader.decrypt_age())
+                .map(millis),
         }
     }
 

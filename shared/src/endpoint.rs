@@ -266,9 +266,11 @@ impl Endpoint {
     /// clients rarely race for the same one; a port in use (or in
     /// `TIME_WAIT` towards the same peer) is skipped.
     ///
-    /// vsock clients cannot bind a source port yet: tokio-vsock connects
-    /// without a bind, so a vsock endpoint is refused here with
-    /// [`EndpointError::Connect`] rather than connecting unprivileged.
+    /// vsock works the same way (the kernel applies the same rule to
+    /// `AF_VSOCK` ports): the socket is made, bound and connected with
+    /// blocking calls on the blocking pool (a vsock connect gives up after
+    /// the kernel's connect timeout, 2 s by default), then handed to the
+    /// runtime.
     pub async fn connect_privileged(&self) -> Result<Stream, EndpointError> {
         let connect_err = |source| EndpointError::Connect {
             endpoint: self.clone(),
@@ -276,10 +278,19 @@ impl Endpoint {
         };
         match self {
             Endpoint::Unix { .. } => self.connect().await,
-            Endpoint::Vsock { .. } => Err(connect_err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "a privileged (port < 1024) vsock connection is not supported by this build",
-            ))),
+            Endpoint::Vsock { cid, .. } if *cid == VSOCK_CID_ANY => {
+                Err(EndpointError::ConnectToAny(self.clone()))
+            }
+            Endpoint::Vsock { cid, port } => {
+                let (cid, port) = (*cid, *port);
+                let connected =
+                    tokio::task::spawn_blocking(move || connect_vsock_privileged(cid, port))
+                        .await
+                        .map_err(|e| connect_err(io::Error::other(e.to_string())))?
+                        .map_err(connect_err)?;
+                let stream = VsockStream::new(connected).map_err(connect_err)?;
+                Ok(Stream::Vsock(stream))
+            }
             Endpoint::Tcp { host, port } => {
                 let stream = connect_tcp_privileged(host, *port)
                     .await
@@ -355,10 +366,7 @@ async fn connect_tcp_privileged(host: &str, port: u16) -> io::Result<TcpStream> 
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::AddrInUse => continue,
                 Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::PermissionDenied,
-                        "binding a source port below 1024 needs root or CAP_NET_BIND_SERVICE",
-                    ));
+                    return Err(privileged_bind_refused());
                 }
                 Err(err) => return Err(err),
             }
@@ -377,6 +385,59 @@ async fn connect_tcp_privileged(host: &str, port: u16) -> io::Result<TcpStream> 
                     break;
                 }
             }
+        }
+    }
+    Err(last)
+}
+
+/// What a failed bind of a port below 1024 means, said plainly.
+fn privileged_bind_refused() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "binding a source port below 1024 needs root or CAP_NET_BIND_SERVICE",
+    )
+}
+
+/// Binds a vsock stream socket to the first free port of
+/// [`PRIVILEGED_SOURCE_PORTS`] (from a per-process starting point) and
+/// connects it to `cid:port`, blocking.
+fn connect_vsock_privileged(cid: u32, port: u32) -> io::Result<vsock::VsockStream> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, VsockAddr as RawVsockAddr, bind, connect, socket,
+    };
+    use std::os::fd::AsRawFd;
+
+    let count = PRIVILEGED_SOURCE_PORTS.len();
+    let first = u32::from(*PRIVILEGED_SOURCE_PORTS.start());
+    let offset = std::process::id() as usize;
+    let mut last = io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "every source port from 512 to 1023 is in use",
+    );
+    for i in 0..count {
+        let Ok(step) = u32::try_from((offset + i) % count) else {
+            continue;
+        };
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        match bind(
+            fd.as_raw_fd(),
+            &RawVsockAddr::new(VSOCK_CID_ANY, first + step),
+        ) {
+            Ok(()) => {}
+            Err(Errno::EADDRINUSE) => continue,
+            Err(Errno::EACCES | Errno::EPERM) => return Err(privileged_bind_refused()),
+            Err(err) => return Err(err.into()),
+        }
+        match connect(fd.as_raw_fd(), &RawVsockAddr::new(cid, port)) {
+            Ok(()) => return Ok(vsock::VsockStream::from(fd)),
+            Err(err @ (Errno::EADDRINUSE | Errno::EADDRNOTAVAIL)) => last = err.into(),
+            Err(err) => return Err(err.into()),
         }
     }
     Err(last)

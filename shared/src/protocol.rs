@@ -428,6 +428,15 @@ pub struct StatusReport {
     /// The last refresh or load failure, if any; never secret material.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Who the secret port serves: `privileged` (the default) or `any`
+    /// (`--secret-peers any`, an opt-out worth seeing). `None` from an
+    /// enclave too old to say.
+    #[serde(default)]
+    pub secret_peers: Option<String>,
+    /// Time since the last successful load or re-decrypt, once there was
+    /// one; after `--max-stale` of failures the enclave wipes its set.
+    #[serde(default)]
+    pub last_decrypt_age_ms: Option<u64>,
 }
 
 /// Temporary AWS credentials from the credentials service (IMDSv2 on the

@@ -176,12 +176,30 @@ impl PeerPolicy for AnyPeer {
 ///
 /// - vsock: the parent instance (CID 3) from a port below 1024;
 /// - tcp: a loopback address and a port below 1024;
-/// - unix: `SO_PEERCRED` uid 0.
+/// - unix: `SO_PEERCRED` uid 0, or the uid this server runs as.
+///
+/// The server's own uid counts as privileged on unix sockets so that a
+/// local run as an ordinary user (the demo, in mock mode) works: a process
+/// of the same uid can already signal, trace or read the memory of this
+/// one, so refusing it protects nothing. When the server runs as root this
+/// is just uid 0.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PrivilegedPeers;
 
 /// The highest port only a privileged process can bind.
 pub const MAX_PRIVILEGED_PORT: u32 = 1023;
+
+impl PrivilegedPeers {
+    /// Whether `peer` is privileged (the policy's verdict, as a bool).
+    pub fn admits(peer: &Peer) -> bool {
+        PrivilegedPeers.check(peer).is_ok()
+    }
+}
+
+/// The effective uid of this process.
+fn own_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
 
 impl PeerPolicy for PrivilegedPeers {
     fn check(&self, peer: &Peer) -> Result<(), PeerDenied> {
@@ -202,13 +220,51 @@ impl PeerPolicy for PrivilegedPeers {
             Peer::Tcp(_) => return Ok(()),
             Peer::Unix {
                 cred: Some(cred), ..
-            } if cred.uid == 0 => return Ok(()),
+            } if cred.uid == 0 || cred.uid == own_uid() => return Ok(()),
             Peer::Unix {
                 cred: Some(cred), ..
-            } => format!("unix peer uid {} is not root", cred.uid),
+            } => match own_uid() {
+                0 => format!("unix peer uid {} is not root", cred.uid),
+                own => format!(
+                    "unix peer uid {} is neither root nor this server's uid {own}",
+                    cred.uid
+                ),
+            },
             Peer::Unix { cred: None, .. } | Peer::Unknown => {
                 format!("the kernel did not say who {peer} is")
             }
+        };
+        Err(PeerDenied { reason })
+    }
+}
+
+/// Serves only the enclave: for the host's services the enclave reaches
+/// (the credentials service, the KMS forwarder), by what the kernel reports.
+///
+/// - vsock: only peers whose CID is `cid` (the enclave's, given to the
+///   daemon with `--enclave-cid`); no other enclave or VM may borrow the
+///   instance's credentials or its way to KMS;
+/// - tcp (tests and local runs): loopback addresses only;
+/// - unix (tests and local runs): any peer; the socket file's permissions
+///   decide who can connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VsockCidPeers {
+    /// The one vsock CID served.
+    pub cid: u32,
+}
+
+impl PeerPolicy for VsockCidPeers {
+    fn check(&self, peer: &Peer) -> Result<(), PeerDenied> {
+        let reason = match peer {
+            Peer::Vsock { cid, .. } if *cid == self.cid => return Ok(()),
+            Peer::Vsock { cid, .. } => format!(
+                "vsock peer CID {cid} is not the enclave (CID {}; see --enclave-cid)",
+                self.cid
+            ),
+            Peer::Tcp(addr) if addr.ip().is_loopback() => return Ok(()),
+            Peer::Tcp(_) => format!("{peer} is not a loopback address"),
+            Peer::Unix { .. } => return Ok(()),
+            Peer::Unknown => format!("the kernel did not say who {peer} is"),
         };
         Err(PeerDenied { reason })
     }

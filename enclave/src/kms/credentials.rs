@@ -3,7 +3,7 @@
 //!
 //! The enclave has no IMDS, no `~/.aws` and no environment worth trusting,
 //! so its only source of credentials is the host proxy's credentials service
-//! (vsock://3:8001), asked with `GetCredentials` over the framed protocol.
+//! (vsock://3:801), asked with `GetCredentials` over the framed protocol.
 //! Credentials are cached until shortly before their expiry so a load
 //! of many values asks once, and refreshed single-flight: concurrent KMS
 //! calls wait for one fetch instead of each dialing the service.
@@ -24,8 +24,8 @@ use keystore_shared::protocol::{Credentials, ErrorCode, RequestOp, ResponseBody}
 use keystore_shared::{Client, ClientConfig, ClientError};
 use tokio::sync::Mutex;
 
-/// Default address of the credentials service (the parent, port 8001).
-pub const DEFAULT_CREDENTIALS_PORT: u32 = 8001;
+/// Default address of the credentials service (the parent, port 801).
+pub const DEFAULT_CREDENTIALS_PORT: u32 = 801;
 /// Default bound on one credentials fetch (dial, request, answer).
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default margin before `Expiration` at which credentials are refreshed:

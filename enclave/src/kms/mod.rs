@@ -52,7 +52,7 @@ pub use pinned::{KeyArn, KeyArnError, PinnedKeys, PinnedKeysError};
 use transport::{KmsTransport, TransportConfig, TransportError, TransportStats};
 
 /// Default vsock port of the host proxy's KMS forwarder.
-pub const DEFAULT_PROXY_PORT: u32 = 8000;
+pub const DEFAULT_PROXY_PORT: u32 = 800;
 /// Default bound on one whole KMS operation as the SDK sees it (signing,
 /// the call, parsing).
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(45);
@@ -78,8 +78,8 @@ pub struct KmsConfig {
 
 impl KmsConfig {
     /// Production defaults for `region`: KMS host
-    /// `kms.<region>.amazonaws.com` through the proxy at vsock://3:8000,
-    /// credentials from vsock://3:8001, no extra CA, no pinned key yet.
+    /// `kms.<region>.amazonaws.com` through the proxy at vsock://3:800,
+    /// credentials from vsock://3:801, no extra CA, no pinned key yet.
     pub fn new(region: impl Into<String>) -> KmsConfig {
         let region = region.into();
         let host = format!("kms.{region}.amazonaws.com");

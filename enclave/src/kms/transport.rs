@@ -63,7 +63,7 @@ const MAX_EXTRA_CA_CERTS: usize = 16;
 /// How the enclave reaches KMS.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TransportConfig {
-    /// Where to dial: the host proxy's KMS forwarder (vsock://3:8000 in
+    /// Where to dial: the host proxy's KMS forwarder (vsock://3:800 in
     /// production; tcp/unix in tests).
     pub proxy: Endpoint,
     /// The KMS host name: SNI, certificate name and HTTP `Host`, e.g.

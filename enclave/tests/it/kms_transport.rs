@@ -206,8 +206,8 @@ fn refuses_bad_configuration() {
 fn an_extra_ca_is_refused_unless_the_nsm_is_the_mock() {
     let mut config = keystore_enclave::kms::KmsConfig::new("us-east-1");
     assert_eq!(config.transport.kms_host, "kms.us-east-1.amazonaws.com");
-    assert_eq!(config.transport.proxy, Endpoint::vsock(3, 8000));
-    assert_eq!(config.credentials.endpoint, Endpoint::vsock(3, 8001));
+    assert_eq!(config.transport.proxy, Endpoint::vsock(3, 800));
+    assert_eq!(config.credentials.endpoint, Endpoint::vsock(3, 801));
     config.check_extra_ca(false).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let pki = keystore_tests::tls::TestPki::create(dir.path()).unwrap();

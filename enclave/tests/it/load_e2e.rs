@@ -337,3 +337,130 @@ async fn the_periodic_re_decrypt_keeps_the_secrets_when_kms_is_only_unavailable(
     assert_eq!(e.store.names(), ["U0", "U1"]);
     assert_eq!(e.store.get("U1").unwrap().as_slice(), b"value-U1");
 }
+
+#[tokio::test]
+async fn an_empty_load_is_refused_unless_the_enclave_allows_it() {
+    let e = start(fast()).await;
+    let key = e.key(&PCR0);
+    e.loader.load(e.entries(&key, "K", 2).await).await.unwrap();
+    let err = e.loader.load(Vec::new()).await.unwrap_err();
+    assert!(matches!(err, LoadError::Empty), "{err:?}");
+    assert_eq!(err.code(), keystore_shared::protocol::ErrorCode::BadRequest);
+    assert!(err.to_string().contains("--allow-empty"), "{err}");
+    // Nothing was wiped.
+    assert_eq!(e.store.names(), ["K0", "K1"]);
+
+    let e = start(LoadConfig {
+        allow_empty: true,
+        ..fast()
+    })
+    .await;
+    let key = e.key(&PCR0);
+    e.loader.load(e.entries(&key, "K", 2).await).await.unwrap();
+    assert_eq!(e.loader.load(Vec::new()).await.unwrap().count, 0);
+    assert!(e.store.names().is_empty());
+}
+
+/// Makes the next `n` Decrypts take `delay`, then returns once the
+/// emulator has seen the first of them (so it is in flight).
+async fn slow_decrypts(e: &E2e, n: u32, delay: Duration) -> impl Fn() -> bool + '_ {
+    e.fx.kms.reset_calls();
+    assert!(
+        e.fx.kms
+            .inject(Fault::latency(delay).next(n).on(Operation::Decrypt))
+    );
+    move || e.fx.kms.calls(Operation::Decrypt).calls >= 1
+}
+
+#[tokio::test]
+async fn a_load_during_a_revoked_re_decrypt_runs_after_the_wipe_and_is_kept() {
+    let e = start(fast()).await;
+    let old_key = e.key(&PCR0);
+    let new_key = e.key(&PCR0);
+    e.loader
+        .load(e.entries(&old_key, "OLD", 3).await)
+        .await
+        .unwrap();
+    let fresh = e.entries(&new_key, "NEW", 2).await;
+    // The operator revokes the old key; its re-decrypt will be refused,
+    // slowly enough for a new Load to arrive meanwhile.
+    e.fx.client()
+        .put_key_policy()
+        .key_id(&old_key)
+        .policy_name("default")
+        .policy(pcr0_policy(&[0x11; 48]))
+        .send()
+        .await
+        .unwrap();
+    let in_flight = slow_decrypts(&e, 3, Duration::from_millis(500)).await;
+    let maintenance = {
+        let loader = e.loader.clone();
+        tokio::spawn(async move { loader.maintain(true).await })
+    };
+    eventually("the re-decrypt to reach KMS", in_flight).await;
+    let loaded = e.loader.load(fresh).await.unwrap();
+    let wiped = maintenance.await.unwrap();
+    assert!(
+        matches!(
+            wiped,
+            keystore_enclave::load::Maintenance::Wiped(
+                keystore_enclave::load::WipeReason::Revoked(_)
+            )
+        ),
+        "{wiped:?}"
+    );
+    // The wipe came first; the new set, published after it, is served.
+    assert_eq!(e.store.names(), ["NEW0", "NEW1"]);
+    assert_eq!(loaded.generation, e.store.status().generation);
+    assert!(e.loader.decrypt_age().is_some());
+}
+
+#[tokio::test]
+async fn a_re_decrypt_queued_behind_a_load_decrypts_the_new_entries() {
+    let e = start(fast()).await;
+    let key = e.key(&PCR0);
+    e.loader
+        .load(e.entries(&key, "OLD", 3).await)
+        .await
+        .unwrap();
+    let fresh = e.entries(&key, "NEW", 2).await;
+    let in_flight = slow_decrypts(&e, 2, Duration::from_millis(500)).await;
+    let loading = {
+        let loader = e.loader.clone();
+        tokio::spawn(async move { loader.load(fresh).await })
+    };
+    eventually("the load to reach KMS", in_flight).await;
+    let refreshed = e.loader.maintain(true).await;
+    loading.await.unwrap().unwrap();
+    match refreshed {
+        // It re-decrypted the two new entries, not the three old ones.
+        keystore_enclave::load::Maintenance::Refreshed(report) => assert_eq!(report.count, 2),
+        other => panic!("expected a refresh, got {other:?}"),
+    }
+    assert_eq!(e.store.names(), ["NEW0", "NEW1"]);
+    assert_eq!(e.fx.kms.calls(Operation::Decrypt).calls, 4);
+}
+
+#[tokio::test]
+async fn an_enclave_cut_off_from_kms_for_max_stale_wipes_its_secrets() {
+    let e = start(LoadConfig {
+        max_attempts: 1,
+        max_stale: Duration::from_secs(1),
+        ..fast()
+    })
+    .await;
+    let key = e.key(&PCR0);
+    e.loader.load(e.entries(&key, "S", 2).await).await.unwrap();
+    assert!(e.loader.decrypt_age().is_some());
+    // KMS unreachable from now on (HTTP 500 on every Decrypt).
+    e.fx.kms
+        .inject(Fault::internal_error().fraction(1.0).on(Operation::Decrypt));
+    let _stop = reload_every_100ms(&e);
+    // Failures alone keep the set (not a revocation) ...
+    eventually("a failed re-decrypt", || e.loader.last_error().is_some()).await;
+    // ... until none has succeeded for max_stale.
+    eventually("the staleness wipe", || e.store.names().is_empty()).await;
+    let last = e.loader.last_error().unwrap();
+    assert!(last.contains("--max-stale"), "{last}");
+    assert_eq!(e.loader.decrypt_age(), None);
+}

@@ -15,6 +15,7 @@ mod kms_transport;
 mod load_e2e;
 mod load_local;
 mod pinned_key;
+mod peers;
 mod recipient;
 mod server;
 mod server_abuse;

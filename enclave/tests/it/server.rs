@@ -147,7 +147,7 @@ async fn before_the_first_load_get_is_not_ready() {
 }
 
 async fn raw(harness: &Harness) -> Connection<Stream> {
-    let stream = harness.endpoint.connect().await.unwrap();
+    let stream = harness.endpoint.connect_privileged().await.unwrap();
     Connection::with_limits(
         stream,
         FrameLimits::new(DEFAULT_MAX_RESPONSE_FRAME, 16 * 1024 * 1024),
@@ -290,7 +290,7 @@ async fn protocol_errors_echo_ids_and_keep_the_connection() {
 async fn oversize_prefix_gets_too_large_then_close() {
     let harness = Harness::start(Options::default()).await;
     for announced in [u32::MAX, 64 * 1024 + 1] {
-        let mut stream = harness.endpoint.connect().await.unwrap();
+        let mut stream = harness.endpoint.connect_privileged().await.unwrap();
         stream.write_all(&announced.to_be_bytes()).await.unwrap();
         let mut conn = Connection::new(stream);
         let response =
@@ -314,7 +314,7 @@ async fn oversize_prefix_gets_too_large_then_close() {
         assert!(rest.is_empty());
     }
     // A request of exactly the limit is read (and refused only for content).
-    let mut stream = harness.endpoint.connect().await.unwrap();
+    let mut stream = harness.endpoint.connect_privileged().await.unwrap();
     let mut frame = (64u32 * 1024).to_be_bytes().to_vec();
     frame.extend(std::iter::repeat_n(0xffu8, 64 * 1024));
     stream.write_all(&frame).await.unwrap();
@@ -425,7 +425,7 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_stops_accepting() {
         "{err}"
     );
     // Accepting stopped as soon as shutdown began.
-    assert!(harness.endpoint.connect().await.is_err());
+    assert!(harness.endpoint.connect_privileged().await.is_err());
     let result = tokio::time::timeout(Duration::from_secs(60), &mut harness.task)
         .await
         .unwrap()

@@ -43,7 +43,7 @@ async fn drain_errors(stream: Stream) -> Vec<ErrorCode> {
 }
 
 async fn four_gib_frame(endpoint: &Endpoint) -> Vec<ErrorCode> {
-    let mut stream = endpoint.connect().await.unwrap();
+    let mut stream = endpoint.connect_privileged().await.unwrap();
     stream.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
     // Some of the promised body, which the server must not wait for.
     let _ = stream.write_all(&[0x42; 4096]).await;
@@ -53,7 +53,7 @@ async fn four_gib_frame(endpoint: &Endpoint) -> Vec<ErrorCode> {
 async fn random_garbage(endpoint: &Endpoint, len: usize) -> Vec<ErrorCode> {
     let mut garbage = vec![0u8; len];
     rand::fill(&mut garbage[..]);
-    let mut stream = endpoint.connect().await.unwrap();
+    let mut stream = endpoint.connect_privileged().await.unwrap();
     let _ = stream.write_all(&garbage).await;
     let _ = stream.shutdown().await;
     drain_errors(stream).await
@@ -62,7 +62,7 @@ async fn random_garbage(endpoint: &Endpoint, len: usize) -> Vec<ErrorCode> {
 /// A length prefix for 100 bytes, 10 of them, then nothing: the server
 /// must drop the connection after its idle timeout.
 async fn half_frame_then_silence(endpoint: &Endpoint) {
-    let mut stream = endpoint.connect().await.unwrap();
+    let mut stream = endpoint.connect_privileged().await.unwrap();
     stream.write_all(&100u32.to_be_bytes()).await.unwrap();
     stream.write_all(&[0xa3; 10]).await.unwrap();
     let mut buf = Vec::new();
@@ -131,7 +131,7 @@ async fn hostile_peers_do_not_stop_a_well_behaved_client() {
     });
     let mut idle = Vec::new();
     for _ in 0..300 {
-        idle.push(endpoint.connect().await.unwrap());
+        idle.push(endpoint.connect_privileged().await.unwrap());
     }
     let mut attackers = tokio::task::JoinSet::new();
     for i in 0..20 {

@@ -128,6 +128,8 @@ fn status_json(report: &StatusReport) -> serde_json::Value {
         "recipient_key_bits": report.recipient_key_bits,
         "refresh_count": report.refresh_count,
         "last_error": report.last_error,
+        "secret_peers": report.secret_peers,
+        "last_decrypt_age_ms": report.last_decrypt_age_ms,
     })
 }
 
@@ -157,6 +159,16 @@ fn status_text(report: &StatusReport) -> String {
     line(
         "last error:",
         &report.last_error.as_deref().unwrap_or("none"),
+    );
+    line(
+        "secret peers:",
+        &report.secret_peers.as_deref().unwrap_or("unknown"),
+    );
+    line(
+        "last decrypt:",
+        &report
+            .last_decrypt_age_ms
+            .map_or_else(|| "none".to_owned(), |ms| format!("{} s ago", ms / 1000)),
     );
     out
 }

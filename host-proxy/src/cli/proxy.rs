@@ -20,9 +20,13 @@ pub struct ProxyArgs {
     #[arg(long, env = "AWS_REGION")]
     pub region: Option<String>,
     /// An allowlisted route `LISTEN=HOST:PORT`; repeatable. Without any, the
-    /// one route is `vsock://ANY:8000=kms.<region>.amazonaws.com:443`.
+    /// one route is `vsock://ANY:800=kms.<region>.amazonaws.com:443`.
     #[arg(long = "forward", value_name = "LISTEN=HOST:PORT")]
     pub forwards: Vec<Forward>,
+    /// The enclave's CID: the only vsock peer the forwarders and the
+    /// credentials service serve.
+    #[arg(long, value_name = "CID", default_value_t = keystore_host::proxy::DEFAULT_ENCLAVE_CID)]
+    pub enclave_cid: u32,
     /// Where the credentials service listens.
     #[arg(long, value_name = "ENDPOINT", default_value = credentials::DEFAULT_LISTEN)]
     pub credentials_listen: Endpoint,
@@ -74,6 +78,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         credentials_limits: ServiceLimits::default(),
         load_to: args.load_to,
         secrets: args.secrets,
+        enclave_cid: args.enclave_cid,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -24,13 +24,19 @@ use keystore_shared::frame::{Connection, FrameError, FrameLimits};
 use keystore_shared::protocol::{
     Credentials, ErrorCode, Request, RequestOp, Response, ResponseBody, SecretString,
 };
-use keystore_shared::serve::{Accepted, AnyPeer, Handler, Refusal, ServeConfig, ServeError, serve};
+use keystore_shared::serve::{
+    Accepted, Handler, Refusal, ServeConfig, ServeError, VsockCidPeers, serve,
+};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::Mutex;
 
-/// Default listen endpoint of the credentials service.
-pub const DEFAULT_LISTEN: &str = "vsock://ANY:8001";
+/// Default listen endpoint of the credentials service: a port below 1024,
+/// so no unprivileged process on the parent can bind it first and hand the
+/// enclave credentials of its choosing (the enclave's `--credentials`
+/// default matches; the old port 8001 still works when both sides are
+/// given it).
+pub const DEFAULT_LISTEN: &str = "vsock://ANY:801";
 
 /// Credentials this close to expiry are refreshed before being handed out,
 /// so the enclave never receives a key that dies mid-load.
@@ -219,6 +225,7 @@ impl Default for ServiceLimits {
 pub struct CredentialsService {
     cache: Arc<CredentialCache>,
     limits: ServiceLimits,
+    peers: VsockCidPeers,
 }
 
 impl CredentialsService {
@@ -227,7 +234,18 @@ impl CredentialsService {
         CredentialsService {
             cache: Arc::new(cache),
             limits,
+            peers: VsockCidPeers {
+                cid: super::DEFAULT_ENCLAVE_CID,
+            },
         }
+    }
+
+    /// Serves only vsock peers with this CID (the enclave's); the default
+    /// is [`super::DEFAULT_ENCLAVE_CID`]. The instance's credentials are
+    /// for the enclave alone.
+    pub fn for_enclave_cid(mut self, cid: u32) -> Self {
+        self.peers = VsockCidPeers { cid };
+        self
     }
 
     /// Serves `listener` with [`keystore_shared::serve`] until `shutdown`
@@ -247,14 +265,8 @@ impl CredentialsService {
             shutdown_grace: Duration::from_secs(2),
             ..ServeConfig::named("credentials service")
         };
-        serve(
-            listener,
-            Arc::new(self),
-            Arc::new(AnyPeer),
-            config,
-            shutdown,
-        )
-        .await
+        let peers = Arc::new(self.peers);
+        serve(listener, Arc::new(self), peers, config, shutdown).await
     }
 
     /// The answer to one request.

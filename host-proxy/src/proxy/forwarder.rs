@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keystore_shared::endpoint::{Endpoint, EndpointError, Listener};
-use keystore_shared::serve::{Accepted, AnyPeer, Handler, ServeConfig, ServeError, serve};
+use keystore_shared::serve::{Accepted, Handler, ServeConfig, ServeError, VsockCidPeers, serve};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -46,8 +46,11 @@ pub const MAX_RESOLVED_ADDRS: usize = 16;
 /// The default KMS port.
 pub const KMS_PORT: u16 = 443;
 
-/// Default listen endpoint of the KMS forwarder.
-pub const DEFAULT_LISTEN: &str = "vsock://ANY:8000";
+/// Default listen endpoint of the KMS forwarder: a port below 1024, so no
+/// unprivileged process on the parent can bind it first and stand in for
+/// the forwarder (the enclave's `--kms-proxy` default matches; the old port
+/// 8000 still works when both sides are given it).
+pub const DEFAULT_LISTEN: &str = "vsock://ANY:800";
 
 /// A TCP destination, `HOST:PORT`; `HOST` is a DNS name or an IP address
 /// (IPv6 in brackets).
@@ -119,7 +122,7 @@ impl FromStr for Upstream {
 
 /// One allowlisted route: connections accepted on `listen` go to
 /// `upstream` and nowhere else. Text form `LISTEN=HOST:PORT`, e.g.
-/// `vsock://ANY:8000=kms.eu-west-1.amazonaws.com:443`.
+/// `vsock://ANY:800=kms.eu-west-1.amazonaws.com:443`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
     /// Where the enclave connects.
@@ -273,6 +276,7 @@ pub struct Forwarder {
     upstream: Upstream,
     limits: ForwarderLimits,
     resolver: Arc<dyn Resolve>,
+    peers: VsockCidPeers,
 }
 
 impl fmt::Debug for Forwarder {
@@ -280,6 +284,7 @@ impl fmt::Debug for Forwarder {
         f.debug_struct("Forwarder")
             .field("upstream", &self.upstream)
             .field("limits", &self.limits)
+            .field("peers", &self.peers)
             .finish_non_exhaustive()
     }
 }
@@ -299,7 +304,18 @@ impl Forwarder {
             upstream,
             limits,
             resolver: Arc::new(SystemResolver),
+            peers: VsockCidPeers {
+                cid: super::DEFAULT_ENCLAVE_CID,
+            },
         }
+    }
+
+    /// Serves only vsock peers with this CID (the enclave's); the default
+    /// is [`super::DEFAULT_ENCLAVE_CID`]. Other enclaves or VMs on the
+    /// instance must not use its way to KMS.
+    pub fn for_enclave_cid(mut self, cid: u32) -> Self {
+        self.peers = VsockCidPeers { cid };
+        self
     }
 
     /// Replaces the resolver.
@@ -330,14 +346,8 @@ impl Forwarder {
             shutdown_grace: self.limits.drain_timeout,
             ..ServeConfig::named("forwarder")
         };
-        serve(
-            listener,
-            Arc::new(self),
-            Arc::new(AnyPeer),
-            config,
-            shutdown,
-        )
-        .await
+        let peers = Arc::new(self.peers);
+        serve(listener, Arc::new(self), peers, config, shutdown).await
     }
 
     /// Opens a TCP connection to the upstream: resolve (bounded), then try
@@ -475,7 +485,7 @@ mod tests {
         assert_eq!(v6.to_string(), "[::1]:8443");
         assert_eq!(
             Forward::kms("us-east-1").unwrap().to_string(),
-            "vsock://ANY:8000=kms.us-east-1.amazonaws.com:443"
+            "vsock://ANY:800=kms.us-east-1.amazonaws.com:443"
         );
         for bad in [
             "tcp://127.0.0.1:1",

@@ -97,7 +97,9 @@ fn load_port_client(timeout: Duration) -> ClientConfig {
         request_timeout: timeout,
         max_request_frame: DEFAULT_MAX_LOAD_FRAME,
         max_response_frame: DEFAULT_MAX_RESPONSE_FRAME,
-        ..ClientConfig::default()
+        // The load port serves only privileged peers: a source port below
+        // 1024 (this daemon has CAP_NET_BIND_SERVICE) or root on unix.
+        privileged: true,
     }
 }
 

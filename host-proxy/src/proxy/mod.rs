@@ -24,6 +24,10 @@ use credentials::{CredentialCache, CredentialsService, ServiceLimits};
 use forwarder::{Forward, Forwarder, ForwarderLimits};
 use loader::{Loader, LoaderConfig, ReloadTrigger};
 
+/// The enclave's CID when `nitro-cli run-enclave --enclave-cid 16` is used,
+/// as every default endpoint (`vsock://16:5000`) assumes.
+pub const DEFAULT_ENCLAVE_CID: u32 = 16;
+
 /// Everything the proxy runs.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -40,6 +44,8 @@ pub struct ProxyConfig {
     pub load_to: Endpoint,
     /// The secrets file; without one, no loader runs.
     pub secrets: Option<PathBuf>,
+    /// The only vsock CID the forwarders and the credentials service serve.
+    pub enclave_cid: u32,
 }
 
 /// A listener failed for good.
@@ -93,7 +99,8 @@ impl Proxy {
         for forward in &config.forwards {
             let listener = forward.listen.bind().await?;
             forwarders.push((
-                Forwarder::new(forward.upstream.clone(), config.forwarder_limits),
+                Forwarder::new(forward.upstream.clone(), config.forwarder_limits)
+                    .for_enclave_cid(config.enclave_cid),
                 listener,
             ));
         }
@@ -104,7 +111,8 @@ impl Proxy {
         Ok(Proxy {
             forwarders,
             credentials: (
-                CredentialsService::new(credentials, config.credentials_limits),
+                CredentialsService::new(credentials, config.credentials_limits)
+                    .for_enclave_cid(config.enclave_cid),
                 credentials_listener,
             ),
             loader,

@@ -558,5 +558,114 @@ async fn rules_written_by_encrypt_are_enforced_by_the_enclave() {
         err.code(),
         Some(keystore_shared::ErrorCode::Denied),
         "{err}"
+/// Sends `request` to a unix socket from `nobody` (a real unprivileged
+/// process) and returns the answer the enclave sent, if any.
+fn as_nobody(
+    socket: &std::path::Path,
+    request: &keystore_shared::Request,
+) -> Option<keystore_shared::Response> {
+    use keystore_shared::frame::{decode_frame, encode_frame};
+    use keystore_shared::protocol::{DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_RESPONSE_FRAME};
+    use std::io::Write;
+    let frame = encode_frame(request, DEFAULT_MAX_LOAD_FRAME).unwrap();
+    // Sends the frame (the enclave may close before reading it), then
+    // reads one answer frame or until the enclave closes.
+    let client = "import socket,struct,sys\n\
+                  s=socket.socket(socket.AF_UNIX)\n\
+                  s.settimeout(30)\n\
+                  s.connect(sys.argv[1])\n\
+                  try:\n    s.sendall(sys.stdin.buffer.read())\nexcept OSError:\n    pass\n\
+                  out=b''\n\
+                  while len(out) < 4 or len(out) < 4 + struct.unpack('>I', out[:4])[0]:\n    \
+                  try:\n        b=s.recv(65536)\n    except OSError:\n        break\n    \
+                  if not b: break\n    out+=b\n\
+                  sys.stdout.buffer.write(out)\n";
+    let mut child = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", client])
+        .arg(socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&frame).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    decode_frame(&output.stdout, DEFAULT_MAX_RESPONSE_FRAME)
+        .unwrap()
+        .map(|(response, _)| response)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprivileged_user_cannot_read_load_wipe_or_roll_back() {
+    use keystore_shared::protocol::{ErrorCode, LoadEntry, Request, RequestOp, ResponseBody};
+    use std::os::unix::fs::PermissionsExt;
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) != 0 {
+        eprintln!("skipped: needs root to run a client as nobody (CI runs as root)");
+        return;
+    }
+    let mut stack = Stack::start().await;
+    let key = stack.key_id.clone();
+    let old = stack.encrypt(&key, "DB_PASSWORD", "old-password").await;
+    let new = stack.encrypt(&key, "DB_PASSWORD", "new-password").await;
+    stack.write_secrets(&[format!("DB_PASSWORD={new}")]);
+    stack.start_enclave();
+    stack.start_proxy();
+    stack.wait_for_value("DB_PASSWORD", "new-password").await;
+
+    // Open the files wide, so only the enclave's peer policy stands in the
+    // way (on a parent instance the ports are vsock, with no file at all).
+    let open = |path: PathBuf, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    open(stack.dir.path().to_path_buf(), 0o755);
+    open(stack.path("enclave.sock"), 0o777);
+    open(stack.path("load.sock"), 0o777);
+
+    let rollback = || RequestOp::Load {
+        entries: vec![LoadEntry {
+            name: "DB_PASSWORD".into(),
+            envelope: old.clone(),
+        }],
+    };
+    let get = RequestOp::Get {
+        name: "DB_PASSWORD".into(),
+    };
+    for (socket, op) in [
+        ("enclave.sock", get.clone()),
+        ("enclave.sock", RequestOp::List),
+        ("enclave.sock", rollback()),
+        ("load.sock", rollback()),
+        ("load.sock", RequestOp::Load { entries: vec![] }),
+        ("load.sock", RequestOp::Status),
+    ] {
+        let request = Request::new(1, op);
+        match as_nobody(&stack.path(socket), &request).map(|r| r.result) {
+            Some(ResponseBody::Error {
+                code: ErrorCode::Denied,
+                message,
+            }) => assert!(message.contains("uid 65534 is not root"), "{message}"),
+            other => panic!("{socket}: expected Denied, got {other:?}"),
+        }
+    }
+    // Nothing changed: neither wiped nor rolled back.
+    assert_eq!(
+        stack.get("DB_PASSWORD").await.as_deref(),
+        Some("new-password")
+    );
+    assert_eq!(stack.status().await.unwrap().secret_count, 1);
+
+    // Root (uid 0 on the socket) may load, and so may roll back: the
+    // refusal above was about who asked.
+    let load: Endpoint = stack.unix("load.sock").parse().unwrap();
+    let mut loader = Client::connect(&load).await.unwrap();
+    match loader.call(rollback()).await.unwrap() {
+        ResponseBody::Loaded { count } => assert_eq!(count, 1),
+        other => panic!("expected Loaded, got {other:?}"),
+    }
+    assert_eq!(
+        stack.get("DB_PASSWORD").await.as_deref(),
+        Some("old-password")
     );
 }

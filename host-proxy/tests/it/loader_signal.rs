@@ -48,6 +48,7 @@ async fn sighup_reloads_and_sigterm_stops() {
         credentials_limits: ServiceLimits::default(),
         load_to: enclave,
         secrets: Some(path),
+        enclave_cid: keystore_host::proxy::DEFAULT_ENCLAVE_CID,
     };
     let creds = aws_credential_types::Credentials::new("AKID", "SECRET", None, None, "test");
     let proxy = Proxy::bind(config, CredentialCache::new(creds))

@@ -364,6 +364,34 @@ async fn vsock_connect_fails_with_typed_error_here() {
     }
 }
 
+#[tokio::test]
+async fn a_privileged_vsock_connect_binds_a_low_port_then_fails_typed_here() {
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    // CID ANY names no peer.
+    assert!(matches!(
+        Endpoint::vsock(VSOCK_CID_ANY, 5000)
+            .connect_privileged()
+            .await,
+        Err(EndpointError::ConnectToAny(_))
+    ));
+    // No vsock peer exists here (no loopback): the connect fails, as a
+    // typed error within the kernel's connect timeout. As root the bind of
+    // a port below 1024 succeeded first, so the failure is not the
+    // permission one.
+    let result = tokio::time::timeout(TIMEOUT, Endpoint::vsock(1, 5000).connect_privileged()).await;
+    if let Ok(result) = result {
+        let err = result.unwrap_err();
+        assert!(matches!(err, EndpointError::Connect { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(!text.contains("not supported by this build"), "{text}");
+        if root {
+            assert!(!text.contains("needs root"), "{text}");
+        } else {
+            eprintln!("not root: {text}");
+        }
+    }
+}
+
 #[test]
 fn transient_accept_errors() {
     let accept = |kind| EndpointError::Accept {

@@ -73,6 +73,8 @@ fn response() -> impl Strategy<Value = Response> {
                     recipient_key_bits: bits,
                     refresh_count: n / 3,
                     last_error,
+                    secret_peers: Some("privileged".into()),
+                    last_decrypt_age_ms: age,
                 })
             }),
         bytes(300).prop_map(|document| ResponseBody::Attestation { document }),

@@ -108,6 +108,8 @@ fn all_responses() -> Vec<Response> {
                 recipient_key_bits: Some(4096),
                 refresh_count: 17,
                 last_error: Some("kms: throttled".into()),
+                secret_peers: Some("any".into()),
+                last_decrypt_age_ms: Some(5_000),
             }),
         ),
         Response::new(3, ResponseBody::Status(StatusReport::default())),

@@ -427,6 +427,45 @@ fn privileged_peers_are_decided_by_what_the_kernel_reports() {
     }
 }
 
+#[test]
+fn host_services_serve_only_the_enclave_cid() {
+    use keystore_shared::endpoint::UnixCredentials;
+    use keystore_shared::serve::VsockCidPeers;
+    let policy = VsockCidPeers { cid: 16 };
+    let unix = Peer::Unix {
+        path: None,
+        cred: Some(UnixCredentials {
+            uid: 1000,
+            gid: 1000,
+            pid: None,
+        }),
+    };
+    for peer in [
+        Peer::Vsock { cid: 16, port: 1 },
+        Peer::Vsock {
+            cid: 16,
+            port: 60_000,
+        },
+        Peer::Tcp("127.0.0.1:40000".parse().unwrap()),
+        Peer::Tcp("[::1]:40000".parse().unwrap()),
+        unix,
+    ] {
+        assert!(policy.check(&peer).is_ok(), "{peer} was refused");
+    }
+    for (peer, why) in [
+        (
+            Peer::Vsock { cid: 17, port: 1 },
+            "CID 17 is not the enclave",
+        ),
+        (Peer::Vsock { cid: 3, port: 1 }, "CID 3 is not the enclave"),
+        (Peer::Tcp("10.0.0.7:443".parse().unwrap()), "not a loopback"),
+        (Peer::Unknown, "did not say"),
+    ] {
+        let err = policy.check(&peer).unwrap_err();
+        assert!(err.reason.contains(why), "{peer}: {}", err.reason);
+    }
+}
+
 /// Answers "YES\n" to every admitted peer, then closes.
 struct Yes;
 

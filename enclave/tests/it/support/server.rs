@@ -184,6 +184,8 @@ pub fn patient() -> ClientConfig {
     ClientConfig {
         connect_timeout: Duration::from_secs(30),
         request_timeout: Duration::from_secs(60),
+        // The enclave's ports serve privileged peers only.
+        privileged: true,
         ..ClientConfig::default()
     }
 }
