@@ -558,6 +558,9 @@ async fn rules_written_by_encrypt_are_enforced_by_the_enclave() {
         err.code(),
         Some(keystore_shared::ErrorCode::Denied),
         "{err}"
+    );
+}
+
 /// Sends `request` to a unix socket from `nobody` (a real unprivileged
 /// process) and returns the answer the enclave sent, if any.
 fn as_nobody(
