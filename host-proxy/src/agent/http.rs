@@ -528,8 +528,8 @@ mod tests {
 
     #[test]
     fn queries_parse_like_the_secrets_manager_agent() {
-        let q = parse_query("secretId=db%2Fpassword&versionStage=AWSCURRENT&refreshNow=true")
-            .unwrap();
+        let q =
+            parse_query("secretId=db%2Fpassword&versionStage=AWSCURRENT&refreshNow=true").unwrap();
         assert_eq!(q.secret_id, "db/password");
         assert_eq!(q.version_stage.as_deref(), Some("AWSCURRENT"));
         assert_eq!(parse_query("secretId=a+b").unwrap().secret_id, "a b");

@@ -421,8 +421,18 @@ mod tests {
     fn unsafe_or_malformed_files_are_refused_and_others_still_load() {
         let dir = tokens_dir();
         write(dir.path(), "good", "token = good-token-0123456789\n", 0o600);
-        write(dir.path(), "groupw", "token = groupw-token-0123456789\n", 0o660);
-        write(dir.path(), "worldr", "token = worldr-token-0123456789\n", 0o644);
+        write(
+            dir.path(),
+            "groupw",
+            "token = groupw-token-0123456789\n",
+            0o660,
+        );
+        write(
+            dir.path(),
+            "worldr",
+            "token = worldr-token-0123456789\n",
+            0o644,
+        );
         write(dir.path(), "short", "token = short\n", 0o640);
         write(dir.path(), "nokey", "user = root\n", 0o640);
         write(dir.path(), "junk", "token: x\n", 0o640);
@@ -464,7 +474,12 @@ mod tests {
         let dir = tokens_dir();
         let tokens = Tokens::new(Some(dir.path().to_owned()));
         assert!(tokens.check(b"later-token-0123456789").is_none());
-        let path = write(dir.path(), "later", "token = later-token-0123456789\n", 0o640);
+        let path = write(
+            dir.path(),
+            "later",
+            "token = later-token-0123456789\n",
+            0o640,
+        );
         tokens.reload();
         assert!(tokens.check(b"later-token-0123456789").is_some());
         std::fs::remove_file(path).unwrap();

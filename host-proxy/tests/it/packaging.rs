@@ -441,9 +441,18 @@ fn systemd_unit_reads_root_files_with_one_capability_and_has_the_agent_socket() 
     assert_eq!(get("RuntimeDirectory"), ["nitro-keystore"]);
     assert_eq!(get("RuntimeDirectoryMode"), ["0755"]);
     let exec = get("ExecStart").concat();
-    assert!(exec.contains("--secrets /etc/nitro-keystore/secrets.env"), "{exec}");
-    assert!(exec.contains("--tokens /etc/nitro-keystore/tokens"), "{exec}");
-    assert!(exec.contains("--enclave vsock://${KEYSTORE_ENCLAVE_CID}:5000"), "{exec}");
+    assert!(
+        exec.contains("--secrets /etc/nitro-keystore/secrets.env"),
+        "{exec}"
+    );
+    assert!(
+        exec.contains("--tokens /etc/nitro-keystore/tokens"),
+        "{exec}"
+    );
+    assert!(
+        exec.contains("--enclave vsock://${KEYSTORE_ENCLAVE_CID}:5000"),
+        "{exec}"
+    );
     assert!(!exec.contains("--no-agent"), "{exec}");
     assert!(get("RestrictAddressFamilies").concat().contains("AF_UNIX"));
 }
