@@ -435,12 +435,9 @@ impl AsRef<[u8]> for Wiped {
 /// `secretId`, `versionId`, `versionStage`, `refreshNow` from a query
 /// string (form-encoded, as the Secrets Manager Agent parses it).
 fn parse_query(query: &str) -> Result<Query, String> {
-    let mut secret_id = None;
-    let mut parsed = parse_params(query, true)?;
-    if let Some(id) = parsed.secret_id.take() {
-        secret_id = Some(id);
-    }
-    let secret_id = secret_id
+    let parsed = parse_params(query, true)?;
+    let secret_id = parsed
+        .secret_id
         .filter(|id| !id.is_empty())
         .ok_or_else(|| "missing parameter secretId".to_owned())?;
     Ok(Query {

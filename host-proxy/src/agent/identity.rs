@@ -32,14 +32,18 @@ pub fn caller_from_proc(cred: &UnixCredentials, proc_root: &Path) -> Caller {
     let mut unit = None;
     if let Some(pid) = cred.pid.filter(|pid| *pid > 0) {
         let dir = proc_root.join(pid.to_string());
-        if let Some(status) = read_bounded(&dir.join("status")) {
+        // The process may have exited and its PID been reused: believe its
+        // files only while they describe the ids the kernel reported.
+        if let Some(status) = read_bounded(&dir.join("status"))
+            && same_process(&status, cred)
+        {
             for gid in supplementary_groups(&status) {
                 if !groups.contains(&gid) && groups.len() < MAX_CALLER_GROUPS {
                     groups.push(gid);
                 }
             }
+            unit = read_bounded(&dir.join("cgroup")).and_then(|text| systemd_unit(&text));
         }
-        unit = read_bounded(&dir.join("cgroup")).and_then(|text| systemd_unit(&text));
     }
     let group_names = groups.iter().filter_map(|gid| group_name(*gid)).collect();
     Caller {
@@ -101,6 +105,19 @@ fn read_bounded(path: &Path) -> Option<String> {
         return None;
     }
     String::from_utf8(bytes).ok()
+}
+
+/// Whether `/proc/PID/status` shows the effective uid and gid `SO_PEERCRED`
+/// reported (second field of its `Uid:` and `Gid:` lines).
+fn same_process(status: &str, cred: &UnixCredentials) -> bool {
+    let effective = |key: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            .and_then(|id| id.parse::<u32>().ok())
+    };
+    effective("Uid:") == Some(cred.uid) && effective("Gid:") == Some(cred.gid)
 }
 
 /// The gids of the `Groups:` line of `/proc/PID/status` (at most
@@ -191,7 +208,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pid_dir = dir.path().join("7");
         std::fs::create_dir(&pid_dir).unwrap();
-        std::fs::write(pid_dir.join("status"), "Groups:\t0 10 20\n").unwrap();
+        std::fs::write(
+            pid_dir.join("status"),
+            "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t0 10 20\n",
+        )
+        .unwrap();
         std::fs::write(pid_dir.join("cgroup"), "0::/system.slice/api.service\n").unwrap();
         let cred = UnixCredentials {
             uid: 0,
@@ -203,5 +224,12 @@ mod tests {
         assert_eq!(caller.unit.as_deref(), Some("api.service"));
         assert_eq!(caller.user.as_deref(), Some("root"));
         assert!(caller.group_names.contains(&"root".to_owned()));
+
+        // Another process now holds the PID: its groups and unit are not
+        // the caller's.
+        let other = UnixCredentials { uid: 1000, ..cred };
+        let caller = caller_from_proc(&other, dir.path());
+        assert_eq!(caller.groups, vec![0]);
+        assert_eq!(caller.unit, None);
     }
 }

@@ -175,10 +175,12 @@ impl Tokens {
     /// Re-reads the directory every `interval` and on `SIGHUP`, until the
     /// returned task is aborted. Must run inside a Tokio runtime.
     pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        use tokio::signal::unix::{SignalKind, signal};
         let tokens = self.clone();
+        // Registered before returning, so a SIGHUP from now on cannot kill
+        // the process.
+        let mut hup = signal(SignalKind::hangup()).ok();
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut hup = signal(SignalKind::hangup()).ok();
             let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
