@@ -166,12 +166,13 @@ fn token_file(dir: &Path, name: &str, text: &str, mode: u32) {
 }
 
 /// Starts an agent in `dir` forwarding to `enclave`, with token `ci`
-/// standing for `nobody`.
-async fn start_agent(dir: &Path, enclave: Endpoint) -> RunningAgent {
+/// standing for `user` (root can read from the real enclave without rules;
+/// the fake one records whoever it is).
+async fn start_agent(dir: &Path, enclave: Endpoint, user: &str) -> RunningAgent {
     token_file(
         dir,
         "ci",
-        &format!("# CI\ntoken = {TOKEN}\nuser = nobody\n"),
+        &format!("# CI\ntoken = {TOKEN}\nuser = {user}\n"),
         0o640,
     );
     let socket = dir.join("run").join("agent.sock");
@@ -250,7 +251,7 @@ fn token_header(token: &str) -> String {
 async fn root_reads_through_the_agent_socket_and_the_socket_is_open_to_all() {
     let dir = open_dir();
     let (enclave, _stop_enclave) = real_enclave(dir.path()).await;
-    let agent = start_agent(dir.path(), enclave).await;
+    let agent = start_agent(dir.path(), enclave, "root").await;
 
     // The directory was created 0755 and the socket is 0666.
     let run_dir = std::fs::metadata(agent.socket.parent().unwrap()).unwrap();
@@ -294,7 +295,7 @@ async fn root_reads_through_the_agent_socket_and_the_socket_is_open_to_all() {
 async fn a_request_naming_its_own_caller_is_refused_and_never_forwarded() {
     let dir = open_dir();
     let (enclave, seen, _stop) = fake_enclave(dir.path()).await;
-    let agent = start_agent(dir.path(), enclave).await;
+    let agent = start_agent(dir.path(), enclave, "nobody").await;
     let mut client = Client::connect(&agent.socket_endpoint()).await.unwrap();
     let posing = client
         .get_as("db/password", Some(Caller::root()))
@@ -331,7 +332,7 @@ async fn a_request_naming_its_own_caller_is_refused_and_never_forwarded() {
 async fn the_agent_asserts_the_caller_the_kernel_reports() {
     let dir = open_dir();
     let (enclave, seen, _stop) = fake_enclave(dir.path()).await;
-    let agent = start_agent(dir.path(), enclave).await;
+    let agent = start_agent(dir.path(), enclave, "nobody").await;
 
     let get = Request::new(
         3,
@@ -385,7 +386,7 @@ async fn the_agent_asserts_the_caller_the_kernel_reports() {
 async fn root_is_asserted_as_uid_0() {
     let dir = open_dir();
     let (enclave, seen, _stop) = fake_enclave(dir.path()).await;
-    let agent = start_agent(dir.path(), enclave).await;
+    let agent = start_agent(dir.path(), enclave, "nobody").await;
     let mut client = Client::connect(&agent.socket_endpoint()).await.unwrap();
     assert_eq!(client.list().await.unwrap(), ["visible"]);
     let seen = seen.lock().unwrap().clone();
@@ -400,7 +401,7 @@ async fn root_is_asserted_as_uid_0() {
 async fn http_needs_a_known_token_and_answers_like_the_secrets_manager_agent() {
     let dir = open_dir();
     let (enclave, _stop_enclave) = real_enclave(dir.path()).await;
-    let agent = start_agent(dir.path(), enclave).await;
+    let agent = start_agent(dir.path(), enclave, "root").await;
     let get = agent.url("/secretsmanager/get?secretId=db%2Fpassword");
 
     // /ping needs no token.
@@ -500,7 +501,7 @@ async fn http_needs_a_known_token_and_answers_like_the_secrets_manager_agent() {
 async fn an_http_token_reads_as_the_identity_it_names() {
     let dir = open_dir();
     let (enclave, seen, _stop) = fake_enclave(dir.path()).await;
-    let agent = start_agent(dir.path(), enclave).await;
+    let agent = start_agent(dir.path(), enclave, "nobody").await;
     let header = token_header(TOKEN);
     let (status, body) = curl(&agent.url("/v1/db/password"), &["-H", &header]).await;
     assert_eq!(status, 200, "{body}");
