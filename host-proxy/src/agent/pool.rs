@@ -7,12 +7,15 @@
 //! [`PoolConfig::size`] requests are in flight to the enclave at once; a
 //! request beyond that waits up to [`PoolConfig::wait`] for a turn and is
 //! then answered `Unavailable`. A connection that failed in any way other
-//! than a clean error answer is dropped and the next request reconnects.
+//! than a clean error answer is dropped and the next request reconnects; a
+//! pooled connection found closed (the enclave restarted) is replaced at
+//! once and the read asked again on the new one.
 //! Nothing is cached: every read goes to the enclave.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
+use keystore_shared::FrameError;
 use keystore_shared::protocol::{ErrorCode, RequestOp, ResponseBody};
 use keystore_shared::{Caller, Client, ClientConfig, ClientError, Endpoint};
 use tokio::sync::Semaphore;
@@ -125,10 +128,21 @@ impl Pool {
             .await
             .map_err(|_| busy())?
             .map_err(|_| busy())?;
-        let mut client = match self.take_idle() {
-            Some(client) => client,
-            None => Client::connect_with(&self.config.enclave, self.config.client.clone()).await?,
-        };
+        if let Some(mut client) = self.take_idle() {
+            let answer = client.call_as(op.clone(), caller.clone()).await;
+            // An idle connection the enclave has since closed (restart,
+            // idle timeout) fails before any answer; every forwarded
+            // operation is a read, so it is asked again on a new one.
+            if !went_stale(&answer) {
+                if keeps_connection(&answer) {
+                    self.put_idle(client);
+                }
+                return Ok(answer?);
+            }
+            tracing::debug!(enclave = %self.config.enclave, "pooled connection was closed; reconnecting");
+        }
+        let mut client =
+            Client::connect_with(&self.config.enclave, self.config.client.clone()).await?;
         let answer = client.call_as(op, caller).await;
         if keeps_connection(&answer) {
             self.put_idle(client);
@@ -147,6 +161,18 @@ impl Pool {
             idle.push(client);
         }
     }
+}
+
+/// Whether a reused connection turned out closed before answering.
+fn went_stale(answer: &Result<ResponseBody, ClientError>) -> bool {
+    matches!(
+        answer,
+        Err(ClientError::Closed { .. }
+            | ClientError::Frame {
+                source: FrameError::Io(_) | FrameError::Truncated { .. },
+                ..
+            })
+    )
 }
 
 /// Whether a connection is still good after this answer: yes after a

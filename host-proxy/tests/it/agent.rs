@@ -42,8 +42,24 @@ fn open_dir() -> tempfile::TempDir {
     dir
 }
 
+/// Stops a server started by a helper here and waits until it has.
+struct Stopper {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Stopper {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
 /// A real secret server with two secrets, on a unix socket in `dir`.
-async fn real_enclave(dir: &Path) -> (Endpoint, oneshot::Sender<()>) {
+async fn real_enclave(dir: &Path) -> (Endpoint, Stopper) {
     let nsm: Arc<dyn Nsm> =
         Arc::new(MockNsm::open(dir.join("pki"), MockConfig::default()).unwrap());
     let (recipient, _refresher) = Recipient::start(
@@ -71,24 +87,45 @@ async fn real_enclave(dir: &Path) -> (Endpoint, oneshot::Sender<()>) {
         .await
         .unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
-    (endpoint, stop)
+    let task = tokio::spawn(async move {
+        server
+            .run(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    (endpoint, Stopper { stop, task })
 }
 
 /// What the fake enclave was asked: operation kind and the caller named.
 type Seen = Arc<Mutex<Vec<(&'static str, Option<Caller>)>>>;
 
 /// A fake secret port that records each request's caller and answers
-/// `Get` with `fake-value` (or `Denied` for names starting with `denied`).
+/// `Get` with `fake-value` (or `Denied` for names starting with `denied`;
+/// names starting with `slow` are answered once `release` is notified).
 async fn fake_enclave(dir: &Path) -> (Endpoint, Seen, oneshot::Sender<()>) {
+    let (endpoint, seen, _release, stop) = fake_enclave_with_release(dir).await;
+    (endpoint, seen, stop)
+}
+
+async fn fake_enclave_with_release(
+    dir: &Path,
+) -> (
+    Endpoint,
+    Seen,
+    Arc<tokio::sync::Notify>,
+    oneshot::Sender<()>,
+) {
     let endpoint = Endpoint::unix(dir.join("fake-enclave.sock"));
     let listener = endpoint.bind().await.unwrap();
     let seen: Seen = Arc::default();
     let record = seen.clone();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let released = release.clone();
     let handler = handler_fn(move |conn: keystore_shared::serve::Accepted| {
         let record = record.clone();
+        let released = released.clone();
         async move {
             let mut connection = Connection::new(conn.stream);
             while let Ok(Some(request)) = connection.read_message::<Request>().await {
@@ -96,6 +133,9 @@ async fn fake_enclave(dir: &Path) -> (Endpoint, Seen, oneshot::Sender<()>) {
                     .lock()
                     .unwrap()
                     .push((request.op.kind(), request.caller.clone()));
+                if matches!(&request.op, RequestOp::Get { name } if name.starts_with("slow")) {
+                    released.notified().await;
+                }
                 let body = match request.op {
                     RequestOp::Get { name } if name.starts_with("denied") => ResponseBody::Error {
                         code: ErrorCode::Denied,
@@ -133,7 +173,7 @@ async fn fake_enclave(dir: &Path) -> (Endpoint, Seen, oneshot::Sender<()>) {
             let _ = stopped.await;
         },
     ));
-    (endpoint, seen, stop)
+    (endpoint, seen, release, stop)
 }
 
 struct RunningAgent {
@@ -169,6 +209,15 @@ fn token_file(dir: &Path, name: &str, text: &str, mode: u32) {
 /// standing for `user` (root can read from the real enclave without rules;
 /// the fake one records whoever it is).
 async fn start_agent(dir: &Path, enclave: Endpoint, user: &str) -> RunningAgent {
+    start_agent_with(dir, enclave, user, |_| {}).await
+}
+
+async fn start_agent_with(
+    dir: &Path,
+    enclave: Endpoint,
+    user: &str,
+    adjust: impl FnOnce(&mut AgentConfig),
+) -> RunningAgent {
     token_file(
         dir,
         "ci",
@@ -180,6 +229,7 @@ async fn start_agent(dir: &Path, enclave: Endpoint, user: &str) -> RunningAgent 
     config.socket = Some(socket.clone());
     config.http = Some(Endpoint::tcp("127.0.0.1", 0));
     config.tokens = Some(dir.join("tokens"));
+    adjust(&mut config);
     let agent = Agent::bind(config).await.unwrap();
     let http = agent.http_endpoint().unwrap().clone();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -607,4 +657,77 @@ async fn keystore_host_get_goes_through_the_agent_and_the_agent_runs_as_a_progra
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!socket.exists(), "the socket file outlived the agent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_enclave_is_unavailable_and_reads_resume_when_it_is_back() {
+    let dir = open_dir();
+    let (enclave, stopper) = real_enclave(dir.path()).await;
+    let agent = start_agent(dir.path(), enclave, "root").await;
+    let mut client = Client::connect(&agent.socket_endpoint()).await.unwrap();
+    assert_eq!(
+        client.get("db/password").await.unwrap().expose(),
+        b"hunter2"
+    );
+    // The enclave goes away (its pooled connection is closed) and comes
+    // back on the same socket.
+    stopper.stop().await;
+    let down = client.get("db/password").await.unwrap_err();
+    assert_eq!(down.code(), Some(ErrorCode::Unavailable), "{down}");
+    let (_enclave, _stopper) = real_enclave(dir.path()).await;
+    assert_eq!(
+        client.get("db/password").await.unwrap().expose(),
+        b"hunter2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_closed_by_the_enclave_is_replaced() {
+    let dir = open_dir();
+    let (enclave, stopper) = real_enclave(dir.path()).await;
+    let agent = start_agent(dir.path(), enclave, "root").await;
+    let mut client = Client::connect(&agent.socket_endpoint()).await.unwrap();
+    client.get("db/password").await.unwrap();
+    // Restarted between two reads: the idle pooled connection is dead, and
+    // the next read must not fail because of it.
+    stopper.stop().await;
+    let (_enclave, _stopper) = real_enclave(dir.path()).await;
+    assert_eq!(
+        client.get("db/password").await.unwrap().expose(),
+        b"hunter2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_bounds_requests_in_flight_and_the_wait_for_one() {
+    let dir = open_dir();
+    let (enclave, seen, release, _stop) = fake_enclave_with_release(dir.path()).await;
+    let agent = start_agent_with(dir.path(), enclave, "nobody", |config| {
+        config.pool.size = 1;
+        config.pool.wait = Duration::from_millis(200);
+    })
+    .await;
+    let endpoint = agent.socket_endpoint();
+    let slow = tokio::spawn(async move {
+        let mut client = Client::connect(&endpoint).await.unwrap();
+        client.get("slow/one").await
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the slow read never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The one connection is busy: another read waits its bounded turn and
+    // is told the agent is busy; it never reaches the enclave.
+    let mut client = Client::connect(&agent.socket_endpoint()).await.unwrap();
+    let busy = client.get("db/password").await.unwrap_err();
+    assert_eq!(busy.code(), Some(ErrorCode::Unavailable), "{busy}");
+    assert!(busy.to_string().contains("busy"), "{busy}");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    release.notify_one();
+    assert_eq!(slow.await.unwrap().unwrap().expose(), b"fake-value");
+    assert_eq!(
+        client.get("db/password").await.unwrap().expose(),
+        b"fake-value"
+    );
 }
