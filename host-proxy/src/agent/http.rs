@@ -19,6 +19,11 @@
 //!   the enclave is not ready or unavailable), and the agent's own
 //!   `ConnectionError` (502), `TimeoutError` (504), `InternalFailure` (500).
 //!
+//! - `POST /` with `X-Amz-Target: secretsmanager.GetSecretValue` (the
+//!   Secrets Manager API's own JSON protocol, body at most 16 KiB) answers
+//!   the same with a numeric `CreatedDate`, so an AWS SDK whose endpoint is
+//!   the agent and which adds the token header works too.
+//!
 //! The token stands for an identity; that identity is the caller the enclave
 //! checks its rules against. Bounds: request heads are limited by hyper's
 //! read buffer ([`MAX_HEAD_BYTES`]) and header count, a head must arrive
@@ -34,7 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -63,6 +68,10 @@ const MAX_HEADERS: usize = 64;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed to answer one request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The header naming an AWS JSON-protocol operation.
+const AMZ_TARGET: &str = "X-Amz-Target";
+/// Largest AWS JSON request body read.
+const MAX_JSON_BODY: usize = 16 * 1024;
 /// The only staging label the keystore serves.
 const AWSCURRENT: &str = "AWSCURRENT";
 
@@ -126,7 +135,7 @@ impl Handler for HttpHandler {
         let service = service_fn(move |request: Request<Incoming>| {
             let shared = shared.clone();
             async move {
-                let answer = tokio::time::timeout(REQUEST_TIMEOUT, shared.answer(&request)).await;
+                let answer = tokio::time::timeout(REQUEST_TIMEOUT, shared.answer(request)).await;
                 Ok::<_, std::convert::Infallible>(answer.unwrap_or_else(|_| {
                     error(StatusCode::GATEWAY_TIMEOUT, "TimeoutError", "Timeout")
                 }))
@@ -202,7 +211,7 @@ struct Query {
 }
 
 impl Shared {
-    async fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = request.uri().path();
         if path == "/ping" {
             return text(StatusCode::OK, "healthy");
@@ -216,6 +225,9 @@ impl Shared {
             tracing::warn!("HTTP request with a missing or unknown token refused");
             return text(StatusCode::FORBIDDEN, "Bad Token");
         };
+        if request.method() == Method::POST && path == "/" && headers.contains_key(AMZ_TARGET) {
+            return self.aws_json(request, caller).await;
+        }
         if request.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "Not allowed");
         }
@@ -234,7 +246,65 @@ impl Shared {
                 return response;
             }
         };
-        self.get_secret_value(&query, caller).await
+        self.get_secret_value(&query, caller, Dates::AgentString)
+            .await
+    }
+
+    /// `POST /` with `X-Amz-Target: secretsmanager.GetSecretValue` and a
+    /// JSON body: the Secrets Manager API itself, so an AWS SDK pointed at
+    /// the agent (`endpoint_url`) can call `get_secret_value` (the request
+    /// signature is not checked: the token is what authenticates).
+    async fn aws_json(&self, request: Request<Incoming>, caller: Caller) -> Response<Full<Bytes>> {
+        let target = request
+            .headers()
+            .get(AMZ_TARGET)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        if target != "secretsmanager.GetSecretValue" {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "UnknownOperationException",
+                "the agent answers secretsmanager.GetSecretValue only",
+            );
+        }
+        let body = Limited::new(request.into_body(), MAX_JSON_BODY);
+        let bytes = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidRequestException",
+                    "the request body is unreadable or larger than 16 KiB",
+                );
+            }
+        };
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Input {
+            secret_id: String,
+            #[serde(default)]
+            version_id: Option<String>,
+            #[serde(default)]
+            version_stage: Option<String>,
+        }
+        let input: Input = match serde_json::from_slice(&bytes) {
+            Ok(input) => input,
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidParameterException",
+                    "the body must be a JSON object with a string SecretId",
+                );
+            }
+        };
+        let query = Query {
+            secret_id: input.secret_id,
+            version_id: input.version_id,
+            version_stage: input.version_stage,
+        };
+        self.get_secret_value(&query, caller, Dates::ApiNumber)
+            .await
     }
 
     /// The identity of the first known token among the token headers.
@@ -245,7 +315,12 @@ impl Shared {
             .find_map(|value| self.tokens.check(value.as_bytes()))
     }
 
-    async fn get_secret_value(&self, query: &Query, caller: Caller) -> Response<Full<Bytes>> {
+    async fn get_secret_value(
+        &self,
+        query: &Query,
+        caller: Caller,
+        dates: Dates,
+    ) -> Response<Full<Bytes>> {
         let not_found = |what: String| {
             error(
                 StatusCode::BAD_REQUEST,
@@ -279,7 +354,7 @@ impl Shared {
             return not_found(format!("VersionId: {asked}"));
         }
         tracing::info!(caller = %who, outcome = "ok", "HTTP get");
-        match secret_json(&query.secret_id, &version_id, &value) {
+        match secret_json(&query.secret_id, &version_id, &value, dates) {
             Ok(body) => {
                 let mut response = Response::new(Full::new(Bytes::from_owner(Wiped(body))));
                 response.headers_mut().insert(
@@ -360,7 +435,17 @@ struct SecretValueJson<'a> {
     #[serde(rename = "VersionStages")]
     version_stages: [&'static str; 1],
     #[serde(rename = "CreatedDate")]
-    created_date: String,
+    created_date: serde_json::Value,
+}
+
+/// How `CreatedDate` is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dates {
+    /// As the Secrets Manager Agent writes it: a string of fractional
+    /// seconds.
+    AgentString,
+    /// As the Secrets Manager API does: a number of seconds.
+    ApiNumber,
 }
 
 /// The ARN the agent reports for a secret: keystore secrets have no AWS
@@ -375,6 +460,7 @@ fn secret_json(
     name: &str,
     version_id: &str,
     value: &SecretBytes,
+    dates: Dates,
 ) -> Result<Zeroizing<Vec<u8>>, serde_json::Error> {
     let binary;
     let (secret_string, secret_binary) = match std::str::from_utf8(value.expose()) {
@@ -400,7 +486,10 @@ fn secret_json(
         secret_string,
         secret_binary,
         version_stages: [AWSCURRENT],
-        created_date: format!("{}.{:03}", now.as_secs(), now.subsec_millis()),
+        created_date: match dates {
+            Dates::AgentString => format!("{}.{:03}", now.as_secs(), now.subsec_millis()).into(),
+            Dates::ApiNumber => serde_json::json!(now.as_millis() as f64 / 1000.0),
+        },
     };
     let mut counter = Counter(0);
     serde_json::to_writer(&mut counter, &answer)?;
@@ -553,8 +642,10 @@ mod tests {
     #[test]
     fn json_has_the_get_secret_value_shape() {
         let value = SecretBytes::new(b"hunter2".to_vec());
-        let json: serde_json::Value =
-            serde_json::from_slice(&secret_json("db/password", "v-1", &value).unwrap()).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(
+            &secret_json("db/password", "v-1", &value, Dates::AgentString).unwrap(),
+        )
+        .unwrap();
         assert_eq!(json["Name"], "db/password");
         assert_eq!(json["SecretString"], "hunter2");
         assert!(json.get("SecretBinary").is_none());
@@ -565,8 +656,10 @@ mod tests {
 
         let binary = SecretBytes::new(vec![0xff, 0x00, 0xfe]);
         let json: serde_json::Value =
-            serde_json::from_slice(&secret_json("bin", "v", &binary).unwrap()).unwrap();
+            serde_json::from_slice(&secret_json("bin", "v", &binary, Dates::ApiNumber).unwrap())
+                .unwrap();
         assert_eq!(json["SecretBinary"], "/wD+");
+        assert!(json["CreatedDate"].is_f64());
         assert!(json.get("SecretString").is_none());
     }
 }

@@ -541,6 +541,57 @@ async fn http_needs_a_known_token_and_answers_like_the_secrets_manager_agent() {
     .await;
     assert_eq!((status, body.as_str()), (400, "unknown parameter: colour"));
 
+    // The Secrets Manager API's own JSON protocol, as an AWS SDK sends it.
+    let api = [
+        "-X",
+        "POST",
+        "-H",
+        header.as_str(),
+        "-H",
+        "X-Amz-Target: secretsmanager.GetSecretValue",
+        "-H",
+        "Content-Type: application/x-amz-json-1.1",
+    ];
+    let (status, body) = curl(
+        &agent.url("/"),
+        &[&api[..], &["--data", r#"{"SecretId":"db/password"}"#]].concat(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["SecretString"], "hunter2");
+    assert!(json["CreatedDate"].is_f64(), "{body}");
+    let (status, body) = curl(
+        &agent.url("/"),
+        &[&api[..], &["--data", r#"{"SecretId":"no/such"}"#]].concat(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["__type"],
+        "ResourceNotFoundException"
+    );
+    let (status, _) = curl(
+        &agent.url("/"),
+        &[&api[..], &["--data", &"x".repeat(20_000)]].concat(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    // Without the token, the API form is refused like the rest.
+    let (status, body) = curl(
+        &agent.url("/"),
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "X-Amz-Target: secretsmanager.GetSecretValue",
+            "--data",
+            r#"{"SecretId":"db/password"}"#,
+        ],
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (403, "Bad Token"));
+
     // A head larger than the bound is refused, not buffered.
     let huge = format!("X-Padding: {}", "a".repeat(64 * 1024));
     let (status, _) = curl(&get, &["-H", &header, "-H", &huge]).await;
@@ -729,5 +780,39 @@ async fn the_pool_bounds_requests_in_flight_and_the_wait_for_one() {
     assert_eq!(
         client.get("db/password").await.unwrap().expose(),
         b"fake-value"
+    );
+}
+
+/// boto3's `get_secret_value`, pointed at the agent with the token header
+/// added, reads the value. Runs when `BOTO3_PYTHON` names a Python with
+/// boto3 (e.g. `python3 -m venv v && v/bin/pip install boto3`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boto3_get_secret_value_reads_through_the_agent() {
+    let Ok(python) = std::env::var("BOTO3_PYTHON") else {
+        eprintln!("skipped: set BOTO3_PYTHON to a Python with boto3 installed");
+        return;
+    };
+    let dir = open_dir();
+    let (enclave, _stop_enclave) = real_enclave(dir.path()).await;
+    let agent = start_agent(dir.path(), enclave, "root").await;
+    let script = format!(
+        "import boto3\n\
+         c=boto3.client('secretsmanager',region_name='us-east-1',endpoint_url='{}',\
+         aws_access_key_id='unused',aws_secret_access_key='unused')\n\
+         c.meta.events.register('before-sign.secrets-manager.GetSecretValue',\
+         lambda request, **kw: request.headers.add_header('X-Aws-Parameters-Secrets-Token','{TOKEN}'))\n\
+         r=c.get_secret_value(SecretId='db/password')\n\
+         print(r['Name'], r['SecretString'], r['VersionStages'][0], r['CreatedDate'].year > 2000)\n\
+         try:\n    c.get_secret_value(SecretId='no/such')\n\
+         except c.exceptions.ResourceNotFoundException:\n    print('not found')\n",
+        agent.url("")
+    );
+    let mut command = Command::new(python);
+    command.args(["-c", &script]);
+    let out = blocking(command).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "db/password hunter2 AWSCURRENT True\nnot found\n"
     );
 }
