@@ -101,8 +101,7 @@ pub enum AgentError {
     Socket {
         /// The path.
         path: PathBuf,
-        /// The I/O error.
-        #[source]
+        /// The I/O error (in the message, not chained, so it is said once).
         source: std::io::Error,
     },
     /// The configuration cannot be served safely.

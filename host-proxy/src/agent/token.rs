@@ -59,8 +59,7 @@ pub enum TokenError {
     Io {
         /// The file or directory.
         path: PathBuf,
-        /// The I/O error.
-        #[source]
+        /// The I/O error (in the message, not chained, so it is said once).
         source: std::io::Error,
     },
     /// The file is not acceptable (mode, size, content).

@@ -71,7 +71,7 @@ pub fn run(enclave: Option<&Endpoint>, args: &AgentArgs) -> anyhow::Result<ExitC
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let agent = Agent::bind(config).await?;
+        let agent = Agent::bind(config).await.context("starting the agent")?;
         let shutdown = termination().context("installing signal handlers")?;
         agent.run(shutdown).await?;
         Ok(ExitCode::SUCCESS)

@@ -95,7 +95,11 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
             .context("the AWS SDK configured no credentials provider")?;
         let proxy = Proxy::bind(config, CredentialCache::new(provider)).await?;
         let agent = match agent_config {
-            Some(config) => Some(keystore_host::agent::Agent::bind(config).await?),
+            Some(config) => Some(
+                keystore_host::agent::Agent::bind(config)
+                    .await
+                    .context("starting the agent (--no-agent runs the proxy without it)")?,
+            ),
             None => None,
         };
         proxy
