@@ -105,7 +105,7 @@ say "Starting the host proxy: KMS forwarder (bytes only, TLS ends in the enclave
 RUST_LOG=info "$bin/keystore-host" proxy --region us-east-1 \
   --forward "unix://$work/kms.sock=127.0.0.1:$kms_port" \
   --credentials-listen "unix://$work/credentials.sock" \
-  --load-to "unix://$work/load.sock" --secrets "$work/secrets.env" 2> "$work/proxy.log" &
+  --load-to "unix://$work/load.sock" --secrets "$work/secrets.env" --no-agent 2> "$work/proxy.log" &
 pids+=($!)
 
 enclave=(--enclave "unix://$work/enclave.sock")

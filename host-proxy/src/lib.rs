@@ -4,6 +4,7 @@
 //! `keystore-host` binary's commands live in its own `cli` module.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod aws;
 pub mod policy;
 pub mod proxy;

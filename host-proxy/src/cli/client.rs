@@ -2,6 +2,12 @@
 //! operators on the parent instance ask the enclave, over the same
 //! [`keystore_shared::Client`] a Rust host app would use.
 //!
+//! By default they go through the agent's unix socket, which asks the
+//! enclave on the caller's behalf (the caller is who the kernel says runs
+//! the command). `--enclave ENDPOINT` talks to the enclave's secret port
+//! directly from a privileged source port: that works as root (the
+//! operator), and the enclave reads it as root.
+//!
 //! Output is made for scripts: `get` writes the secret's bytes to stdout and
 //! nothing else (no newline, no framing), `list` one name per line, and
 //! `status`/`attest` text or one JSON object. Every failure is one line on
@@ -15,7 +21,7 @@ use std::time::SystemTime;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use keystore_shared::attestation::{AttestationDocument, Verifier, VerifyAt, rfc3339};
-use keystore_shared::{Client, Endpoint, StatusReport};
+use keystore_shared::{Client, ClientConfig, Endpoint, StatusReport};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -68,28 +74,46 @@ pub struct AttestArgs {
     pub json: bool,
 }
 
-/// Runs one client command against `enclave`.
-pub fn run(enclave: &Endpoint, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
+/// Where a client command goes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The agent (default): reads as the caller the kernel reports.
+    Agent(Endpoint),
+    /// The enclave's secret port, from a privileged source port.
+    Enclave(Endpoint),
+}
+
+/// Runs one client command against `target`.
+pub fn run(target: &Target, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         match cmd {
-            ClientCommand::Get(args) => get(enclave, &args).await,
-            ClientCommand::List => list(enclave).await,
-            ClientCommand::Status(args) => status(enclave, &args).await,
-            ClientCommand::Attest(args) => attest(enclave, &args).await,
+            ClientCommand::Get(args) => get(target, &args).await,
+            ClientCommand::List => list(target).await,
+            ClientCommand::Status(args) => status(target, &args).await,
+            ClientCommand::Attest(args) => attest(target, &args).await,
         }
     })
 }
 
-async fn connect(enclave: &Endpoint) -> anyhow::Result<Client> {
-    Ok(Client::connect(enclave).await?)
+async fn connect(target: &Target) -> anyhow::Result<Client> {
+    Ok(match target {
+        Target::Agent(agent) => Client::connect(agent).await?,
+        Target::Enclave(enclave) => {
+            let config = ClientConfig {
+                privileged: true,
+                ..ClientConfig::default()
+            };
+            Client::connect_with(enclave, config).await?
+        }
+    })
 }
 
-async fn get(enclave: &Endpoint, args: &GetArgs) -> anyhow::Result<ExitCode> {
-    let value = connect(enclave).await?.get(&args.name).await?;
+async fn get(target: &Target, args: &GetArgs) -> anyhow::Result<ExitCode> {
+    let value = connect(target).await?.get(&args.name).await?;
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_all(value.expose())
@@ -98,8 +122,8 @@ async fn get(enclave: &Endpoint, args: &GetArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn list(enclave: &Endpoint) -> anyhow::Result<ExitCode> {
-    let names = connect(enclave).await?.list().await?;
+async fn list(target: &Target) -> anyhow::Result<ExitCode> {
+    let names = connect(target).await?.list().await?;
     let mut stdout = std::io::stdout().lock();
     for name in names {
         writeln!(stdout, "{name}").context("cannot write to stdout")?;
@@ -108,8 +132,8 @@ async fn list(enclave: &Endpoint) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn status(enclave: &Endpoint, args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let report = connect(enclave).await?.status().await?;
+async fn status(target: &Target, args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let report = connect(target).await?.status().await?;
     if args.json {
         println!("{}", status_json(&report));
     } else {
@@ -173,11 +197,11 @@ fn status_text(report: &StatusReport) -> String {
     out
 }
 
-async fn attest(enclave: &Endpoint, args: &AttestArgs) -> anyhow::Result<ExitCode> {
+async fn attest(target: &Target, args: &AttestArgs) -> anyhow::Result<ExitCode> {
     let root = attestation::load_root(&args.root)?;
     let mut nonce = [0u8; NONCE_LEN];
     rand::fill(&mut nonce);
-    let document = connect(enclave).await?.attest(&nonce, None).await?;
+    let document = connect(target).await?.attest(&nonce, None).await?;
     // Fix "now" once so the printed time is the one checked.
     let checked_at = SystemTime::now();
     let mut verifier = Verifier::new(root)

@@ -54,10 +54,19 @@ pub struct ProxyArgs {
     /// connection is closed.
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     pub idle_timeout: u64,
+    /// Do not run the agent (applications then have no way to read).
+    #[arg(long)]
+    pub no_agent: bool,
+    /// The agent's flags.
+    #[command(flatten)]
+    pub agent: super::agent::AgentArgs,
 }
 
 /// Runs the proxy until SIGTERM or SIGINT.
-pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
+pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCode> {
+    let agent_config = (!args.no_agent)
+        .then(|| args.agent.config(enclave))
+        .transpose()?;
     let forwards = if args.forwards.is_empty() {
         let Some(region) = &args.region else {
             bail!("give --region (or AWS_REGION) or at least one --forward");
@@ -90,10 +99,18 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
             .credentials_provider()
             .context("the AWS SDK configured no credentials provider")?;
         let proxy = Proxy::bind(config, CredentialCache::new(provider)).await?;
+        let agent = match agent_config {
+            Some(config) => Some(
+                keystore_host::agent::Agent::bind(config)
+                    .await
+                    .context("starting the agent (--no-agent runs the proxy without it)")?,
+            ),
+            None => None,
+        };
         proxy
             .install_signal_handlers()
             .context("installing signal handlers")?;
-        proxy.run().await?;
+        super::agent::run_with_proxy(proxy, agent).await?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -220,6 +220,8 @@ impl Stack {
         );
         let child = Command::new(env!("CARGO_BIN_EXE_keystore-host"))
             .args(["proxy", "--region", REGION, "--forward", &forward])
+            // These tests read the enclave directly; the agent has its own.
+            .arg("--no-agent")
             .args(["--credentials-listen", &self.unix("credentials.sock")])
             .args(["--load-to", &self.unix("load.sock")])
             .arg("--secrets")

@@ -8,6 +8,7 @@
 
 mod support;
 
+mod agent;
 mod attestation_cli;
 mod client_commands;
 mod credentials;

@@ -424,6 +424,80 @@ fn systemd_unit_verifies() {
     );
 }
 
+/// The unit's `Key=value` settings (continuation lines joined).
+fn unit_settings(unit: &str) -> Vec<(String, String)> {
+    unit.replace("\\\n", " ")
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn systemd_unit_reads_root_files_with_one_capability_and_has_the_agent_socket() {
+    let unit = fs::read_to_string(repo().join("deploy/keystore-host-proxy.service")).unwrap();
+    let settings = unit_settings(&unit);
+    let get = |key: &str| -> Vec<&str> {
+        settings
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    // The secrets file is root:root 0600 (README): a dynamic user cannot
+    // read it; uid 0 reads it as its owner without CAP_DAC_OVERRIDE.
+    assert!(get("DynamicUser").iter().all(|v| *v == "no"), "{unit}");
+    assert_eq!(get("User"), ["root"]);
+    // Privileged source ports and listening below 1024, and nothing more.
+    assert_eq!(get("CapabilityBoundingSet"), ["CAP_NET_BIND_SERVICE"]);
+    assert_eq!(get("AmbientCapabilities"), ["CAP_NET_BIND_SERVICE"]);
+    assert_eq!(get("NoNewPrivileges"), ["yes"]);
+    // The agent socket's directory, world-traversable.
+    assert_eq!(get("RuntimeDirectory"), ["nitro-keystore"]);
+    assert_eq!(get("RuntimeDirectoryMode"), ["0755"]);
+    let exec = get("ExecStart").concat();
+    assert!(
+        exec.contains("--secrets /etc/nitro-keystore/secrets.env"),
+        "{exec}"
+    );
+    assert!(
+        exec.contains("--tokens /etc/nitro-keystore/tokens"),
+        "{exec}"
+    );
+    assert!(
+        exec.contains("--enclave vsock://${KEYSTORE_ENCLAVE_CID}:5000"),
+        "{exec}"
+    );
+    assert!(!exec.contains("--no-agent"), "{exec}");
+    assert!(get("RestrictAddressFamilies").concat().contains("AF_UNIX"));
+}
+
+#[test]
+fn systemd_unit_flags_are_the_binarys() {
+    // Every `--flag` the unit passes must be one `keystore-host proxy`
+    // accepts (a renamed flag would only fail on the instance).
+    let unit = fs::read_to_string(repo().join("deploy/keystore-host-proxy.service")).unwrap();
+    let exec = unit_settings(&unit)
+        .into_iter()
+        .find(|(k, _)| k == "ExecStart")
+        .unwrap()
+        .1;
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_keystore-host"))
+        .args(["proxy", "--help"])
+        .output()
+        .unwrap();
+    let help = text(&help.stdout);
+    let flags: Vec<&str> = exec
+        .split_whitespace()
+        .filter(|w| w.starts_with("--"))
+        .collect();
+    assert!(flags.len() >= 5, "{exec}");
+    for flag in flags {
+        assert!(help.contains(flag), "`keystore-host proxy` has no {flag}");
+    }
+}
+
 #[test]
 fn key_policy_refuses_an_oversized_measurements_file() {
     let dir = tempfile::tempdir().unwrap();
