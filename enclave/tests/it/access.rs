@@ -10,7 +10,7 @@ use crate::support::server as server_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use emulator_support::{Emulator, PCR0};
+use emulator_support::Emulator;
 use keystore_enclave::access::PolicySource;
 use keystore_enclave::load::{LoadConfig, LoadError, Loader};
 use keystore_enclave::store::{SealKey, Store, StoreConfig, StoreError};
@@ -268,7 +268,7 @@ impl Loaded {
             ..LoadConfig::default()
         };
         let loader = Loader::new(em.kms(), em.recipient.clone(), store.clone(), config).unwrap();
-        let key = em.key(&PCR0);
+        let key = em.key_arn.clone();
         Loaded {
             em,
             store,
