@@ -42,6 +42,19 @@ async fn start(config: LoadConfig) -> E2e {
     E2e { em, store, loader }
 }
 
+/// [`start`], with a second key the loader also pins; returns its ARN.
+async fn start_with_second_key(config: LoadConfig) -> (E2e, String) {
+    let em = Emulator::start().await;
+    let second = em.key(&PCR0);
+    let store = Arc::new(Store::new(
+        SealKey::from_entropy(&[3; 32], &[4; 32]),
+        StoreConfig::default(),
+    ));
+    let kms = em.kms_pinned(&[&em.key_arn, &second]);
+    let loader = Arc::new(Loader::new(kms, em.recipient.clone(), store.clone(), config).unwrap());
+    (E2e { em, store, loader }, second)
+}
+
 fn fast() -> LoadConfig {
     LoadConfig {
         initial_backoff: Duration::from_millis(10),
@@ -341,7 +354,7 @@ async fn the_periodic_re_decrypt_keeps_the_secrets_when_kms_is_only_unavailable(
 #[tokio::test]
 async fn an_empty_load_is_refused_unless_the_enclave_allows_it() {
     let e = start(fast()).await;
-    let key = e.key(&PCR0);
+    let key = e.key_arn.clone();
     e.loader.load(e.entries(&key, "K", 2).await).await.unwrap();
     let err = e.loader.load(Vec::new()).await.unwrap_err();
     assert!(matches!(err, LoadError::Empty), "{err:?}");
@@ -355,7 +368,7 @@ async fn an_empty_load_is_refused_unless_the_enclave_allows_it() {
         ..fast()
     })
     .await;
-    let key = e.key(&PCR0);
+    let key = e.key_arn.clone();
     e.loader.load(e.entries(&key, "K", 2).await).await.unwrap();
     assert_eq!(e.loader.load(Vec::new()).await.unwrap().count, 0);
     assert!(e.store.names().is_empty());
@@ -374,9 +387,8 @@ async fn slow_decrypts(e: &E2e, n: u32, delay: Duration) -> impl Fn() -> bool + 
 
 #[tokio::test]
 async fn a_load_during_a_revoked_re_decrypt_runs_after_the_wipe_and_is_kept() {
-    let e = start(fast()).await;
-    let old_key = e.key(&PCR0);
-    let new_key = e.key(&PCR0);
+    let (e, new_key) = start_with_second_key(fast()).await;
+    let old_key = e.key_arn.clone();
     e.loader
         .load(e.entries(&old_key, "OLD", 3).await)
         .await
@@ -418,7 +430,7 @@ async fn a_load_during_a_revoked_re_decrypt_runs_after_the_wipe_and_is_kept() {
 #[tokio::test]
 async fn a_re_decrypt_queued_behind_a_load_decrypts_the_new_entries() {
     let e = start(fast()).await;
-    let key = e.key(&PCR0);
+    let key = e.key_arn.clone();
     e.loader
         .load(e.entries(&key, "OLD", 3).await)
         .await
@@ -449,7 +461,7 @@ async fn an_enclave_cut_off_from_kms_for_max_stale_wipes_its_secrets() {
         ..fast()
     })
     .await;
-    let key = e.key(&PCR0);
+    let key = e.key_arn.clone();
     e.loader.load(e.entries(&key, "S", 2).await).await.unwrap();
     assert!(e.loader.decrypt_age().is_some());
     // KMS unreachable from now on (HTTP 500 on every Decrypt).

@@ -31,6 +31,10 @@ impl Drop for Running {
     }
 }
 
+/// A well-formed key ARN for the enclave to pin (KMS is never reached).
+const PINNED_KEY: &str =
+    "arn:aws:kms:us-east-1:111122223333:key/0f2c2a5e-9f59-4a7e-8f0b-3c1d5a6b7c8d";
+
 /// A free loopback port (bound, then released for the enclave).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -51,6 +55,7 @@ fn start_enclave(dir: &std::path::Path, extra: &[&str]) -> (Running, Endpoint, E
         .args(["--listen", "tcp://127.0.0.1:0"])
         .args(["--load-listen", &load.to_string()])
         .args(["--region", "us-east-1", "--kms-proxy", &dead])
+        .args(["--kms-key-arn", PINNED_KEY])
         .args(["--credentials", &dead])
         .args(["--recipient-bits", "2048", "--log-level", "warn"])
         .args(extra)
