@@ -60,6 +60,12 @@ impl Stopper {
 
 /// A real secret server with two secrets, on a unix socket in `dir`.
 async fn real_enclave(dir: &Path) -> (Endpoint, Stopper) {
+    real_enclave_with_rules(dir, None).await
+}
+
+/// [`real_enclave`], with the operator's access rules (canonical JSON, as
+/// the `keystore:rules` entry decrypts to) in its set.
+async fn real_enclave_with_rules(dir: &Path, rules: Option<&str>) -> (Endpoint, Stopper) {
     let nsm: Arc<dyn Nsm> =
         Arc::new(MockNsm::open(dir.join("pki"), MockConfig::default()).unwrap());
     let (recipient, _refresher) = Recipient::start(
@@ -80,6 +86,13 @@ async fn real_enclave(dir: &Path) -> (Endpoint, Stopper) {
         .unwrap();
     set.insert("app/binary", Zeroizing::new(BINARY_VALUE.to_vec()))
         .unwrap();
+    if let Some(rules) = rules {
+        set.insert(
+            keystore_shared::name::RULES_NAME,
+            Zeroizing::new(rules.as_bytes().to_vec()),
+        )
+        .unwrap();
+    }
     store.replace(set.build());
     let service = Arc::new(KeystoreService::new(store, recipient, nsm));
     let endpoint = Endpoint::unix(dir.join("enclave.sock"));
@@ -815,4 +828,112 @@ async fn boto3_get_secret_value_reads_through_the_agent() {
         String::from_utf8(out.stdout).unwrap(),
         "db/password hunter2 AWSCURRENT True\nnot found\n"
     );
+}
+
+/// Sends `Get NAME` as `nobody` through the agent socket.
+async fn get_as_nobody(socket: &Path, name: &str) -> ResponseBody {
+    let request = Request::new(
+        1,
+        RequestOp::Get {
+            name: name.to_owned(),
+        },
+    );
+    as_nobody(socket, "65534", &request).await.result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_rules_only_root_reads_through_the_agent() {
+    let dir = open_dir();
+    let (enclave, _stop_enclave) = real_enclave(dir.path()).await;
+    let agent = start_agent(dir.path(), enclave, "daemon").await;
+
+    match get_as_nobody(&agent.socket, "db/password").await {
+        ResponseBody::Error { code, message } => {
+            assert_eq!(code, ErrorCode::Denied);
+            assert!(message.contains("db/password"), "{message}");
+            assert!(message.contains("uid 65534 (nobody)"), "{message}");
+        }
+        other => panic!("nobody read a secret without rules: {other:?}"),
+    }
+    let list = as_nobody(&agent.socket, "65534", &Request::new(2, RequestOp::List)).await;
+    assert!(
+        matches!(&list.result, ResponseBody::Names { names } if names.is_empty()),
+        "{list:?}"
+    );
+    // The HTTP token stands for `daemon` (uid 1), not root: refused too.
+    let header = token_header(TOKEN);
+    let (status, body) = curl(&agent.url("/v1/db/password"), &["-H", &header]).await;
+    assert_eq!(status, 400, "{body}");
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["__type"], "AccessDeniedException");
+    assert!(!body.contains("hunter2"));
+
+    // Root (the test process) reads.
+    let mut client = Client::connect(&agent.socket_endpoint()).await.unwrap();
+    assert_eq!(
+        client.get("db/password").await.unwrap().expose(),
+        b"hunter2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_rules_each_caller_reads_its_names_and_nothing_else() {
+    let dir = open_dir();
+    let rules = r#"{"rules":[
+        {"who":{"uid":65534},"read":["db/*"]},
+        {"who":{"token":"ci"},"read":["app/*"]},
+        {"who":{"uid":0},"read":["*"]}]}"#;
+    let (enclave, _stop_enclave) = real_enclave_with_rules(dir.path(), Some(rules)).await;
+    let agent = start_agent(dir.path(), enclave, "daemon").await;
+
+    // nobody, identified by the kernel through the socket: db/* only.
+    match get_as_nobody(&agent.socket, "db/password").await {
+        ResponseBody::Secret { value, .. } => assert_eq!(value.expose(), b"hunter2"),
+        other => panic!("nobody may read db/password: {other:?}"),
+    }
+    match get_as_nobody(&agent.socket, "app/binary").await {
+        ResponseBody::Error { code, message } => {
+            assert_eq!(code, ErrorCode::Denied);
+            assert!(message.contains("app/binary"), "{message}");
+            assert!(message.contains("uid 65534 (nobody)"), "{message}");
+        }
+        other => panic!("nobody read a secret no rule grants it: {other:?}"),
+    }
+    // The rules entry itself is never served, to anyone.
+    assert!(matches!(
+        get_as_nobody(&agent.socket, keystore_shared::name::RULES_NAME).await,
+        ResponseBody::Error {
+            code: ErrorCode::Denied,
+            ..
+        }
+    ));
+    let list = as_nobody(&agent.socket, "65534", &Request::new(2, RequestOp::List)).await;
+    assert!(
+        matches!(&list.result, ResponseBody::Names { names } if names == &["db/password"]),
+        "{list:?}"
+    );
+
+    // The HTTP token `ci`: app/* only, in the Secrets Manager Agent's shape.
+    let header = token_header(TOKEN);
+    let (status, body) = curl(
+        &agent.url("/secretsmanager/get?secretId=app/binary"),
+        &["-H", &header],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["Name"], "app/binary");
+    assert!(json["SecretBinary"].is_string(), "{json}");
+    let (status, body) = curl(&agent.url("/v1/db/password"), &["-H", &header]).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["__type"],
+        "AccessDeniedException"
+    );
+
+    // Root reads everything because a rule grants uid 0 everything.
+    let mut client = Client::connect(&agent.socket_endpoint()).await.unwrap();
+    let mut names = client.list().await.unwrap();
+    names.sort();
+    assert_eq!(names, ["app/binary", "db/password"]);
 }
