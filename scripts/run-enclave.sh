@@ -35,6 +35,11 @@ if [ "$cid" -lt 4 ]; then
   echo "run-enclave.sh: enclave CID must be 4 or more (0-3 are reserved; the parent is 3)" >&2
   exit 2
 fi
+if [ "$(id -u)" -ne 0 ]; then
+  # The enclave answers only privileged peers (a source port below 1024).
+  echo "run-enclave.sh: run as root (sudo): the readiness check reaches the enclave from a privileged port" >&2
+  exit 2
+fi
 [ -f "$eif" ] || { echo "run-enclave.sh: no EIF at $eif (run scripts/build-eif.sh)" >&2; exit 1; }
 keystore_host=${KEYSTORE_HOST:-keystore-host}
 command -v "$keystore_host" >/dev/null 2>&1 || {
