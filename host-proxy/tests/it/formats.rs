@@ -460,3 +460,41 @@ proptest::proptest! {
         }
     }
 }
+
+/// Odd but valid inputs: every string sealed, the result checked by
+/// `render` (layout between values and values read back) and idempotent.
+#[test]
+fn odd_inputs_seal_and_read_back() {
+    for (text, format) in [
+        ("\u{feff}a: x\r\nb: 'y'\r\nc: |-\r\n  z\r\n", Format::Yaml),
+        ("---\na: x\n...\n", Format::Yaml),
+        ("# only a comment\n", Format::Yaml),
+        ("---\n", Format::Yaml),
+        ("{a: x, b: [y, {c: z}]}\n", Format::Yaml),
+        ("a:\n- x\n- 'y'\n-   \"z\"\n", Format::Yaml),
+        ("a: |\n  x\n\n\n  y\n\n\nb: 1\n", Format::Yaml),
+        ("a: >+\n  kept\n\nb: 2\n", Format::Yaml),
+        ("a:\t x\nb : y\n? c\n: w\n", Format::Yaml),
+        ("a: \"multi\n  line\"\nb: 'also\n\n  this'\n", Format::Yaml),
+        ("k: x # c1\n# c2\nl: y#not a comment\n", Format::Yaml),
+        ("ключ: значение\n\"日本\": 語\n", Format::Yaml),
+        ("\u{feff}{\"a\":\"x\"}", Format::Json),
+        (
+            "{\r\n\t\"a\" : \"x\" ,\r\n\t\"b\":[ ]\r\n}\r\n",
+            Format::Json,
+        ),
+        ("{\"\\u00e9\\ud83d\\ude00\": \"\\/\"}", Format::Json),
+    ] {
+        let sealed = seal_all(text, format);
+        assert_eq!(seal_all(&sealed, format), sealed, "{text:?}");
+        let before = names_and_values(text, format);
+        let after = names_and_values(&sealed, format);
+        assert_eq!(
+            before.iter().map(|b| &b.0).collect::<Vec<_>>(),
+            after.iter().map(|a| &a.0).collect::<Vec<_>>(),
+            "{text:?}"
+        );
+    }
+    let v = names_and_values("l: y#not a comment\n", Format::Yaml);
+    assert_eq!(v[0].1, "y#not a comment");
+}
