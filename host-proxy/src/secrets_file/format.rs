@@ -203,9 +203,12 @@ pub enum FormatError {
     },
     /// After the changes, the file no longer reads back as intended
     /// (nothing is written).
-    #[error("after rewriting, {path} no longer reads back as written; nothing was changed")]
+    #[error(
+        "after rewriting, the file does not read back as intended (at {path}); nothing was \
+         changed"
+    )]
     Verify {
-        /// The first value that differs (or the parse error, shortened).
+        /// The first value that differs, or what failed (shortened).
         path: String,
     },
     /// [`SecretsFile::set_value`] was given an index past the last value.

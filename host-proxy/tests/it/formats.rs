@@ -341,6 +341,30 @@ fn errors_name_line_and_path_never_the_value() {
         SecretsFile::parse(b"{\"a\": \"\xff\"}", Format::Json),
         Err(FormatError::NotUtf8 { line: 1 })
     ));
+    // Counts: scalars per file, envelopes per load.
+    let many = format!(
+        "{{\"a\": [{}0]}}",
+        "0,".repeat(secrets_file::format::MAX_VALUES)
+    );
+    assert!(matches!(
+        SecretsFile::parse(many.as_bytes(), Format::Json),
+        Err(FormatError::TooManyValues { line: 1 })
+    ));
+    let max = keystore_shared::protocol::MAX_LOAD_ENTRIES;
+    let envelopes = |n: usize| {
+        let items: Vec<String> = (0..n).map(|_| "\"ENC[v1:kms:AA==]\"".to_owned()).collect();
+        format!("{{\"s\": [{}]}}", items.join(","))
+    };
+    assert_eq!(
+        secrets_file::entries(envelopes(max).as_bytes(), Format::Json)
+            .unwrap()
+            .len(),
+        max
+    );
+    assert!(matches!(
+        secrets_file::entries(envelopes(max + 1).as_bytes(), Format::Json),
+        Err(EntriesError::TooMany { count }) if count == max + 1
+    ));
     // A broken envelope is named by path and line.
     let err = secrets_file::entries(
         b"{\n\"db\": {\"pw\": \"ENC[v1:kms:hunter2!]\"}}",
