@@ -13,7 +13,8 @@
 //! anchors and aliases (one secret reachable under two names), tags
 //! (`!!binary`, custom types), several documents, and keys that are not
 //! scalars. A plain scalar is a string unless the YAML 1.2 core schema reads
-//! it as null, a boolean or a number; only strings are sealed.
+//! it as null, a boolean or a number (or it is a YAML 1.1 boolean such as
+//! `yes`); only strings are sealed.
 //!
 //! A replaced scalar keeps its quoting where the new text allows it: an
 //! envelope (`ENC[v1:...]`, only base64 and `:[]`) stays plain in block
@@ -363,12 +364,15 @@ fn block_span(text: &str, from: usize, start: usize, end: usize) -> Option<Range
 }
 
 /// Whether a plain scalar is a string under the YAML 1.2 core schema (not
-/// null, a boolean, an integer or a float).
+/// null, a boolean, an integer or a float). The YAML 1.1 booleans (`yes`,
+/// `no`, `on`, `off`) count as booleans too: many applications' YAML
+/// readers still take them so, and sealing one would turn a setting into a
+/// secret; quote a value to have it sealed.
 pub(crate) fn is_plain_string(s: &str) -> bool {
     const NOT_STRINGS: &[&str] = &[
         "", "~", "null", "Null", "NULL", "true", "True", "TRUE", "false", "False", "FALSE", ".inf",
         ".Inf", ".INF", "+.inf", "+.Inf", "+.INF", "-.inf", "-.Inf", "-.INF", ".nan", ".NaN",
-        ".NAN",
+        ".NAN", "yes", "Yes", "YES", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF",
     ];
     if NOT_STRINGS.contains(&s) {
         return false;

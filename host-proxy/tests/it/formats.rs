@@ -80,7 +80,7 @@ fn yaml_paths_types_styles_and_unicode() {
     let get = |name: &str| values.iter().find(|v| v.0 == name).unwrap().clone();
     assert_eq!(get("service").1, "billing");
     assert!(get("service").2);
-    for not_string in ["port", "debug", "timeout", "ratio", "db.pool.min"] {
+    for not_string in ["port", "debug", "timeout", "ratio", "db.pool.min", "legacy"] {
         assert!(!get(not_string).2, "{not_string}");
     }
     assert_eq!(get("db.password").1, "p@ss 'word' #1");
@@ -499,6 +499,10 @@ fn odd_inputs_seal_and_read_back() {
         ("a: |\n  x\n\n\n  y\n\n\nb: 1\n", Format::Yaml),
         ("a: >+\n  kept\n\nb: 2\n", Format::Yaml),
         ("a:\t x\nb : y\n? c\n: w\n", Format::Yaml),
+        (
+            "a: [0x1F, 0o7, 1e3, -.5, .inf, ~, Off, NULL, 1_0, 0x, x1]\n",
+            Format::Yaml,
+        ),
         ("a: \"multi\n  line\"\nb: 'also\n\n  this'\n", Format::Yaml),
         ("k: x # c1\n# c2\nl: y#not a comment\n", Format::Yaml),
         ("ключ: значение\n\"日本\": 語\n", Format::Yaml),
@@ -519,6 +523,19 @@ fn odd_inputs_seal_and_read_back() {
             "{text:?}"
         );
     }
+    let kinds: Vec<bool> = names_and_values(
+        "a: [0x1F, 0o7, 1e3, -.5, .inf, ~, Off, NULL, 1_0, 0x, x1]\n",
+        Format::Yaml,
+    )
+    .iter()
+    .map(|v| v.2)
+    .collect();
+    assert_eq!(
+        kinds,
+        [
+            false, false, false, false, false, false, false, false, true, true, true
+        ]
+    );
     let v = names_and_values("l: y#not a comment\n", Format::Yaml);
     assert_eq!(v[0].1, "y#not a comment");
 }
