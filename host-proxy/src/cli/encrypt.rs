@@ -1,12 +1,13 @@
 //! `keystore-host encrypt`: flags and AWS set-up around
-//! [`keystore_host::secrets_file::encrypt::encrypt_file`].
+//! [`keystore_host::secrets_file::encrypt::encrypt_file_as`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use keystore_host::secrets_file::encrypt::{RulesWritten, Selection, encrypt_file_with_rules};
+use keystore_host::secrets_file::Format;
+use keystore_host::secrets_file::encrypt::{RulesWritten, Selection, encrypt_file_as};
 use keystore_host::secrets_file::rules::read_rules;
 
 /// Arguments of `encrypt`.
@@ -15,10 +16,15 @@ pub struct EncryptArgs {
     /// KMS key id, ARN or `alias/NAME` to encrypt under.
     #[arg(long)]
     pub key_id: String,
-    /// The `.env` file to encrypt in place.
+    /// The secrets file to encrypt in place: `.env`, `.json` or
+    /// `.yaml`/`.yml` (by its name, or `--format`).
     pub file: PathBuf,
-    /// Encrypt only names matching this glob (`*`, `?`); repeatable.
-    /// Default: every plain value.
+    /// The file's format (`env`, `json`, `yaml`) when its name does not say.
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<Format>,
+    /// Encrypt only names matching this glob (`*`, `?`); repeatable. Names
+    /// are variables, or dotted key paths in JSON/YAML (`db.*`,
+    /// `servers.*.token`). Default: every plain string value.
     #[arg(long = "keys", value_name = "GLOB")]
     pub keys: Vec<String>,
     /// Access rules (YAML) to check, encrypt under the same key and write as
@@ -57,10 +63,11 @@ pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
         let client = aws_sdk_kms::Client::new(&sdk);
         let selection = Selection::patterns(args.keys);
         anyhow::Ok(
-            encrypt_file_with_rules(
+            encrypt_file_as(
                 &client,
                 &args.key_id,
                 &args.file,
+                args.format.unwrap_or_else(|| Format::from_path(&args.file)),
                 &selection,
                 rules.as_ref(),
             )

@@ -39,8 +39,9 @@ pub struct ProxyArgs {
         default_value = "vsock://16:5001"
     )]
     pub load_to: Endpoint,
-    /// The `.env` secrets file to load into the enclave (and reload on
-    /// change or SIGHUP). Without it, no loader runs.
+    /// The secrets file to load into the enclave (and reload on change or
+    /// SIGHUP): `.json`, `.yaml`/`.yml` by its name, otherwise `.env`.
+    /// Without it, no loader runs.
     #[arg(long, value_name = "FILE")]
     pub secrets: Option<PathBuf>,
     /// Connections each forwarder serves at once; more wait.

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use keystore_shared::endpoint::Endpoint;
-use keystore_shared::envelope::{Envelope, EnvelopeError};
 use keystore_shared::protocol::{
     DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_RESPONSE_FRAME, LoadEntry, RequestOp, ResponseBody,
 };
@@ -26,8 +25,7 @@ use keystore_shared::{Client, ClientConfig, ClientError};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
-use crate::secrets_file::dotenv::{DotEnv, DotEnvError};
-use crate::secrets_file::{self, ReadError};
+use crate::secrets_file::{self, EntriesError, Format, ReadError};
 
 /// Why one load attempt failed. Messages carry names and line numbers,
 /// never values.
@@ -36,27 +34,15 @@ pub enum LoadError {
     /// The secrets file could not be read.
     #[error(transparent)]
     Read(#[from] ReadError),
-    /// The secrets file is not valid `.env`.
+    /// The secrets file is not valid in its format, or holds an unreadable
+    /// envelope.
     #[error("{path}: {source}")]
-    Parse {
+    File {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
+        /// What is wrong (line and name, never a value).
         #[source]
-        source: DotEnvError,
-    },
-    /// A value looks like `ENC[...]` but is not a readable envelope.
-    #[error("{path} line {line} ({name}): {source}")]
-    Envelope {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// The entry's name.
-        name: String,
-        /// What is wrong.
-        #[source]
-        source: EnvelopeError,
+        source: EntriesError,
     },
     /// The enclave could not be reached, refused the load, or answered
     /// out of protocol.
@@ -65,28 +51,6 @@ pub enum LoadError {
     /// The attempt did not finish in time.
     #[error("no answer from the enclave within {0:?}")]
     Timeout(Duration),
-}
-
-/// The `Load` entries of a secrets file: every `ENC[...]` value, checked to
-/// be a readable envelope. Plain values stay on the parent.
-pub fn load_entries(path: &Path, file: &DotEnv) -> Result<Vec<LoadEntry>, LoadError> {
-    let mut entries = Vec::new();
-    for entry in file.entries() {
-        if !Envelope::is_envelope(entry.value) {
-            continue;
-        }
-        Envelope::parse(entry.value).map_err(|source| LoadError::Envelope {
-            path: path.to_owned(),
-            line: entry.line,
-            name: entry.name.to_owned(),
-            source,
-        })?;
-        entries.push(LoadEntry {
-            name: entry.name.to_owned(),
-            envelope: entry.value.trim().to_owned(),
-        });
-    }
-    Ok(entries)
 }
 
 /// Client settings for the load port: 16 MiB requests, every wait bounded
@@ -149,6 +113,8 @@ pub async fn enclave_ready(enclave: &Endpoint, timeout: Duration) -> Option<bool
 pub struct LoaderConfig {
     /// The secrets file.
     pub path: PathBuf,
+    /// Its format; `None`: from the file name ([`Format::from_path`]).
+    pub format: Option<Format>,
     /// The enclave's load port.
     pub load_to: Endpoint,
     /// How often the file is checked for changes.
@@ -167,6 +133,7 @@ impl LoaderConfig {
     pub fn new(path: PathBuf, load_to: Endpoint) -> Self {
         LoaderConfig {
             path,
+            format: None,
             load_to,
             poll_interval: Duration::from_secs(2),
             attempt_timeout: Duration::from_secs(60),
@@ -229,13 +196,15 @@ impl Loader {
         let path = &self.config.path;
         let bytes = secrets_file::read(path)?;
         let digest: [u8; 32] = Sha256::digest(&*bytes).into();
-        let file = DotEnv::parse(&bytes).map_err(|source| LoadError::Parse {
+        let format = self
+            .config
+            .format
+            .unwrap_or_else(|| Format::from_path(path));
+        let entries = secrets_file::entries(&bytes, format).map_err(|source| LoadError::File {
             path: path.clone(),
             source,
         })?;
         drop(bytes);
-        let entries = load_entries(path, &file)?;
-        drop(file);
         let count = send_load(&self.config.load_to, entries, self.config.attempt_timeout).await?;
         Ok((count, digest))
     }

@@ -1,5 +1,8 @@
-//! KMS encryption of a `.env` file's plain values into `ENC[v1:kms:...]`
-//! envelopes, in place (what `keystore-host encrypt` runs).
+//! KMS encryption of a secrets file's plain string values (`.env`, JSON or
+//! YAML; see [`super::format`]) into `ENC[v1:kms:...]` envelopes, in place
+//! (what `keystore-host encrypt` runs). Names are `.env` variables or
+//! dotted key paths (`db.password`, `servers.0.token`); numbers, booleans
+//! and null are never sealed.
 //!
 //! Each chosen value is encrypted by KMS `Encrypt` under the operator's key
 //! with the encryption context `{"keystore:name": NAME}`, which binds the
@@ -20,7 +23,8 @@
 //! enclave), and a digest kept beside it would be an unauthenticated second
 //! copy. Reserved entries are never selected as ordinary values, and a
 //! plain (unencrypted) `keystore:rules` line is refused rather than
-//! guessed at.
+//! guessed at. In JSON and YAML the rules entry is the top-level key
+//! `"keystore:rules"`, added as the mapping's last member.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,8 +35,7 @@ use keystore_shared::envelope::{Envelope, EnvelopeError, NAME_CONTEXT_KEY};
 use keystore_shared::name::{NameError, RULES_NAME, SecretName, is_reserved};
 use zeroize::Zeroizing;
 
-use crate::secrets_file::dotenv::{DotEnv, DotEnvError};
-use crate::secrets_file::{self, ReadError};
+use crate::secrets_file::{self, Format, FormatError, ReadError, SecretsFile};
 
 /// Largest value KMS `Encrypt` takes directly; larger values need the `dek`
 /// envelope kind.
@@ -44,14 +47,15 @@ pub enum EncryptError {
     /// The file could not be read.
     #[error(transparent)]
     Read(#[from] ReadError),
-    /// The file is not valid `.env`.
+    /// The file is not valid in its format, or cannot be rewritten as
+    /// asked; nothing was changed.
     #[error("{path}: {source}")]
     Parse {
         /// The file.
         path: PathBuf,
         /// What is wrong.
         #[source]
-        source: DotEnvError,
+        source: FormatError,
     },
     /// A chosen value is too large for KMS `Encrypt`; nothing was changed.
     #[error(
@@ -181,9 +185,9 @@ pub enum RulesWritten {
     },
 }
 
-/// Encrypts the selected plain values of the `.env` file at `path` under
-/// `key_id`, replacing the file atomically. Nothing is written unless every
-/// selected value was encrypted.
+/// Encrypts the selected plain values of the secrets file at `path` (its
+/// format from its name) under `key_id`, replacing the file atomically.
+/// Nothing is written unless every selected value was encrypted.
 pub async fn encrypt_file(
     client: &aws_sdk_kms::Client,
     key_id: &str,
@@ -203,8 +207,22 @@ pub async fn encrypt_file_with_rules(
     selection: &Selection,
     rules: Option<&AccessRules>,
 ) -> Result<EncryptReport, EncryptError> {
+    let format = Format::from_path(path);
+    encrypt_file_as(client, key_id, path, format, selection, rules).await
+}
+
+/// [`encrypt_file_with_rules`] for a file read as `format`, whatever its
+/// name.
+pub async fn encrypt_file_as(
+    client: &aws_sdk_kms::Client,
+    key_id: &str,
+    path: &Path,
+    format: Format,
+    selection: &Selection,
+    rules: Option<&AccessRules>,
+) -> Result<EncryptReport, EncryptError> {
     let bytes = secrets_file::read(path)?;
-    let mut file = DotEnv::parse(&bytes).map_err(|source| EncryptError::Parse {
+    let mut file = SecretsFile::parse(&bytes, format).map_err(|source| EncryptError::Parse {
         path: path.to_owned(),
         source,
     })?;
@@ -220,9 +238,9 @@ pub async fn encrypt_file_with_rules(
     let mut report = EncryptReport::default();
     let mut todo = Vec::new();
     let mut rules_index = None;
-    for (index, entry) in file.entries().enumerate() {
+    for (index, entry) in file.values().enumerate() {
         if is_reserved(entry.name) {
-            if !Envelope::is_envelope(entry.value) {
+            if !entry.is_string || !Envelope::is_envelope(entry.value) {
                 return Err(EncryptError::PlainReserved {
                     name: entry.name.to_owned(),
                     line: entry.line,
@@ -232,7 +250,8 @@ pub async fn encrypt_file_with_rules(
                 rules_index = Some(index);
             }
         }
-        if !selection.matches(entry.name) {
+        // Numbers, booleans and null stay readable settings.
+        if !entry.is_string || !selection.matches(entry.name) {
             continue;
         }
         SecretName::check(entry.name).map_err(|source| EncryptError::InvalidName {
@@ -255,7 +274,7 @@ pub async fn encrypt_file_with_rules(
     }
 
     for index in todo {
-        let (name, plaintext) = match file.entries().nth(index) {
+        let (name, plaintext) = match file.values().nth(index) {
             Some(entry) => (
                 entry.name.to_owned(),
                 Zeroizing::new(entry.value.as_bytes().to_vec()),
@@ -299,7 +318,11 @@ pub async fn encrypt_file_with_rules(
     }
 
     if !report.encrypted.is_empty() || report.rules.is_some() {
-        write_atomically(path, file.text().as_bytes())?;
+        let text = file.render().map_err(|source| EncryptError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        write_atomically(path, text.as_bytes())?;
     }
     Ok(report)
 }

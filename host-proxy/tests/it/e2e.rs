@@ -674,3 +674,173 @@ async fn an_unprivileged_user_cannot_read_load_wipe_or_roll_back() {
         Some("old-password")
     );
 }
+
+// Secrets-file formats (issue 13): JSON and YAML files, sealed by the
+// `encrypt` CLI and loaded by the proxy into the real enclave.
+impl Stack {
+    /// Runs `keystore-host encrypt` against the emulator with `args`.
+    fn encrypt_cli(&self, args: &[&str], file: &std::path::Path) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_keystore-host"))
+            .arg("encrypt")
+            .args(args)
+            .arg(file)
+            .args([
+                "--region",
+                REGION,
+                "--endpoint-url",
+                self.kms.endpoint_url(),
+            ])
+            .arg("--ca-bundle")
+            .arg(self.kms.ca_pem_path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("HOME", self.dir.path())
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_CONFIG_FILE", self.path("no-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", self.path("no-credentials"))
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap()
+    }
+
+    /// Starts the proxy loading `secrets` (its format from its name).
+    fn start_proxy_for(&mut self, secrets: &std::path::Path) {
+        let log = self.path("proxy.log");
+        let forward = format!(
+            "{}=127.0.0.1:{}",
+            self.unix("kms.sock"),
+            self.kms.local_addr().port()
+        );
+        let child = Command::new(env!("CARGO_BIN_EXE_keystore-host"))
+            .args(["proxy", "--region", REGION, "--forward", &forward])
+            .arg("--no-agent")
+            .args(["--credentials-listen", &self.unix("credentials.sock")])
+            .args(["--load-to", &self.unix("load.sock")])
+            .arg("--secrets")
+            .arg(secrets)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.proxy = Some(Running { child, log });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_and_yaml_files_are_sealed_by_path_and_loaded() {
+    let mut stack = Stack::start().await;
+    let key = stack.key_id.clone();
+    let yaml = stack.path("secrets.yaml");
+    let yaml_text = "# billing\nservice: billing   # stays plain (not selected)\nport: 8443\n\
+db:\n  password: 'p@ss word'\n  user: app\nservers:\n  - name: eu\n    token: tok-eu\n  \
+- name: us\n    token: \"tök-us\"\n";
+    std::fs::write(&yaml, yaml_text).unwrap();
+    let out = tokio::task::block_in_place(|| {
+        stack.encrypt_cli(
+            &[
+                "--key-id",
+                &key,
+                "--keys",
+                "db.*",
+                "--keys",
+                "servers.*.token",
+            ],
+            &yaml,
+        )
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("encrypted servers.1.token"), "{stdout}");
+    let sealed = std::fs::read_to_string(&yaml).unwrap();
+    assert!(
+        sealed.starts_with(
+            "# billing\nservice: billing   # stays plain (not selected)\nport: 8443\n"
+        )
+    );
+    assert!(sealed.contains("  password: 'ENC[v1:kms:"), "{sealed}");
+    assert!(sealed.contains("    token: \"ENC[v1:kms:"), "{sealed}");
+    assert!(
+        !sealed.contains("p@ss") && !sealed.contains("tök"),
+        "{sealed}"
+    );
+    // A second run without `--keys` seals the remaining strings and leaves
+    // the envelopes already there untouched (idempotent).
+    let again = tokio::task::block_in_place(|| stack.encrypt_cli(&["--key-id", &key], &yaml));
+    assert!(again.status.success());
+    let again_out = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert!(
+        again_out.contains("unchanged db.password (already ENC[...])"),
+        "{again_out}"
+    );
+    let after = std::fs::read_to_string(&yaml).unwrap();
+    let line_of = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(line_of(&after, "password:"), line_of(&sealed, "password:"));
+    assert!(line_of(&after, "service:").ends_with("   # stays plain (not selected)"));
+    assert!(line_of(&after, "service:").starts_with("service: ENC[v1:kms:"));
+    assert_eq!(line_of(&after, "port:"), "port: 8443");
+
+    // A JSON file under a name that does not say so: `--format json`.
+    let conf = stack.path("secrets.conf");
+    std::fs::write(
+        &conf,
+        "{\n  \"db\": {\"password\": \"json-pw\", \"port\": 5432},\n  \"list\": [\"zero\", \"one\"]\n}\n",
+    )
+    .unwrap();
+    let out = tokio::task::block_in_place(|| {
+        stack.encrypt_cli(&["--key-id", &key, "--format", "json"], &conf)
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json_text = std::fs::read_to_string(&conf).unwrap();
+    assert!(json_text.contains("\"port\": 5432}"), "{json_text}");
+    assert!(!json_text.contains("json-pw"), "{json_text}");
+    let json = stack.path("secrets.json");
+    std::fs::write(&json, &json_text).unwrap();
+
+    stack.start_enclave();
+    stack.start_proxy_for(&yaml);
+    stack.wait_for_value("db.password", "p@ss word").await;
+    assert_eq!(
+        stack.get("servers.0.token").await.as_deref(),
+        Some("tok-eu")
+    );
+    assert_eq!(
+        stack.get("servers.1.token").await.as_deref(),
+        Some("tök-us")
+    );
+    // The second run sealed the rest too (all string values by default).
+    assert_eq!(stack.get("service").await.as_deref(), Some("billing"));
+    assert_eq!(stack.get("port").await, None, "numbers stay plain");
+
+    if let Some(mut proxy) = stack.proxy.take() {
+        proxy.stop();
+    }
+    stack.start_proxy_for(&json);
+    stack.wait_for_value("db.password", "json-pw").await;
+    assert_eq!(stack.get("list.1").await.as_deref(), Some("one"));
+    assert_eq!(
+        stack.get("servers.0.token").await,
+        None,
+        "the YAML set is replaced"
+    );
+}

@@ -442,3 +442,121 @@ async fn bad_rules_and_reserved_names_are_refused_before_any_kms_call() {
     assert_eq!(kms.calls(Operation::Encrypt).calls, 0);
     kms.shutdown().await;
 }
+
+/// JSON and YAML through the CLI: values bound to their dotted paths, the
+/// rules entry as a top-level key (added, then replaced in place), plain
+/// settings and comments kept, and a plain reserved key or a bad file
+/// refused before any KMS call with the file, line and path named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_and_yaml_values_are_bound_to_their_paths_with_rules_at_the_top() {
+    use keystore_host::secrets_file::{Format, SecretsFile};
+    let dir = tempfile::tempdir().unwrap();
+    let kms = emulator(dir.path()).await;
+    let client = client(&kms).await;
+    let key_id = kms.create_key(None).unwrap().key_id;
+    let rules_path = dir.path().join("access.yaml");
+    std::fs::write(&rules_path, ACCESS_YAML).unwrap();
+
+    for (name, format, text) in [
+        (
+            "s.yaml",
+            Format::Yaml,
+            "# top\ndb:\n  password: hunter2 # inline\n  port: 5432\nlist: [\"x-1\"]\n",
+        ),
+        (
+            "s.json",
+            Format::Json,
+            "{\n  \"db\": {\"password\": \"hunter2\", \"port\": 5432},\n  \"list\": [\"x-1\"]\n}\n",
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let args = [path.as_os_str(), "--rules".as_ref(), rules_path.as_os_str()];
+        let out = tokio::task::block_in_place(|| encrypt_cli(&kms, dir.path(), &key_id, &args));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("encrypted db.password"), "{stdout}");
+        assert!(stdout.contains("encrypted list.0"), "{stdout}");
+        assert!(stdout.contains("(2 rule(s), added)"), "{stdout}");
+        let sealed = std::fs::read_to_string(&path).unwrap();
+        assert!(!sealed.contains("hunter2"), "{sealed}");
+        assert!(sealed.contains("5432"), "{sealed}");
+        let file = SecretsFile::parse(sealed.as_bytes(), format).unwrap();
+        let names: Vec<_> = file.values().map(|v| v.name.to_owned()).collect();
+        assert_eq!(
+            names,
+            ["db.password", "db.port", "list.0", "keystore:rules"]
+        );
+        // Bound to the path: decrypts under `db.password`, not elsewhere.
+        let envelope = file.get("db.password").unwrap();
+        assert_eq!(
+            decrypt(&client, envelope, "db.password").await.unwrap(),
+            b"hunter2"
+        );
+        assert!(decrypt(&client, envelope, "list.0").await.is_err());
+        assert!(
+            decrypt(
+                &client,
+                file.get("keystore:rules").unwrap(),
+                "keystore:rules"
+            )
+            .await
+            .is_ok()
+        );
+        if format == Format::Yaml {
+            assert!(
+                sealed.starts_with("# top\ndb:\n  password: ENC[v1:kms:"),
+                "{sealed}"
+            );
+            assert!(sealed.contains("] # inline\n  port: 5432\n"), "{sealed}");
+        }
+
+        // Re-run: the rules entry is replaced in place, the values stay.
+        let out = tokio::task::block_in_place(|| encrypt_cli(&kms, dir.path(), &key_id, &args));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(stdout.contains("(2 rule(s), replaced)"), "{stdout}");
+        let again = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(again.matches("keystore:rules").count(), 1, "{again}");
+        let file2 = SecretsFile::parse(again.as_bytes(), format).unwrap();
+        assert_eq!(file2.get("db.password"), file.get("db.password"));
+        assert_ne!(file2.get("keystore:rules"), file.get("keystore:rules"));
+    }
+
+    // Refusals name the file, line and path, never a value; nothing is
+    // written and KMS is not called.
+    let before = kms.calls(Operation::Encrypt).calls;
+    for (name, text, needle) in [
+        (
+            "dup.json",
+            "{\"a\": {\"pw\": \"hunter2\"},\n \"a\": 1}",
+            "dup.json: line 2: a is already defined on line 1",
+        ),
+        (
+            "alias.yaml",
+            "a: &pw hunter2\nb: *pw\n",
+            "alias.yaml: line 1: anchors (at a) are not supported",
+        ),
+        (
+            "plain-rules.json",
+            "{\"keystore:rules\": \"hunter2\"}",
+            "keystore:rules (line 1) is not encrypted",
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = tokio::task::block_in_place(|| {
+            encrypt_cli(&kms, dir.path(), &key_id, &[path.as_os_str()])
+        });
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success());
+        assert!(stderr.contains(needle), "{name}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{stderr}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    }
+    assert_eq!(kms.calls(Operation::Encrypt).calls, before);
+    kms.shutdown().await;
+}

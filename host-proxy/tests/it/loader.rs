@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keystore_host::proxy::loader::{Loader, LoaderConfig, load_entries, send_load};
-use keystore_host::secrets_file::dotenv::DotEnv;
+use keystore_host::proxy::loader::{Loader, LoaderConfig, send_load};
+use keystore_host::secrets_file::{self, Format};
 use keystore_shared::endpoint::{Endpoint, Listener};
 use keystore_shared::envelope::Envelope;
 use keystore_shared::frame::{Connection, FrameLimits};
@@ -199,9 +199,9 @@ async fn a_broken_file_is_not_sent_and_a_fixed_one_is() {
 
 #[tokio::test]
 async fn entry_errors_name_the_line_and_refusals_are_reported() {
-    let path = Path::new("/secrets/.env");
-    let file = DotEnv::parse(b"A=plain\nB=ENC[v1:kms:hunter2!]\n").unwrap();
-    let err = load_entries(path, &file).unwrap_err().to_string();
+    let err = secrets_file::entries(b"A=plain\nB=ENC[v1:kms:hunter2!]\n", Format::Env)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("line 2 (B)"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 
