@@ -5,6 +5,7 @@
 
 pub mod dotenv;
 pub mod encrypt;
+pub mod file_key;
 pub mod rules;
 
 use std::io::Read;
