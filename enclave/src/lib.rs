@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod enclave;
+pub mod file_key;
 pub mod kms;
 pub mod load;
 pub mod recipient;

@@ -29,6 +29,15 @@
 //!
 //! An empty `Load` is refused unless [`LoadConfig::allow_empty`]: it would
 //! wipe the set, which is never what a well-behaved loader means.
+//!
+//! A `Load` carrying the reserved `keystore:file` record is a file-key file
+//! ([`crate::file_key`]): its data key is unwrapped with exactly one
+//! `Decrypt` (retried like any value), the record's MAC, manifest and
+//! version are checked before any value is opened, and its `fk` values are
+//! opened locally; `kms` values in the same load still cost one `Decrypt`
+//! each. The highest file version served is kept for the life of the
+//! process (wipes included), so neither an older file nor a file without a
+//! record is accepted after it.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -36,13 +45,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
+use std::collections::BTreeMap;
+
 use keystore_shared::envelope::{Envelope, EnvelopeError, encryption_context};
-use keystore_shared::name::NameError;
+use keystore_shared::file_record::FileKey;
+use keystore_shared::name::{FILE_NAME, NameError};
 use keystore_shared::protocol::{ErrorCode, LoadEntry};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinSet;
 use zeroize::Zeroizing;
 
+use crate::file_key::{self, FileKeyError};
 use crate::kms::{Kms, KmsError, KmsErrorCode};
 use crate::recipient::{Recipient, RecipientError};
 use crate::store::{Store, StoreError, validate_name};
@@ -205,6 +218,10 @@ pub enum LoadError {
         #[source]
         source: StoreError,
     },
+    /// The file record refused the load (MAC, manifest, version), or an
+    /// `fk` value did not open.
+    #[error("load refused: {0}")]
+    FileKey(#[source] FileKeyError),
     /// The whole load took longer than allowed.
     #[error("load did not finish within {after:?}")]
     Deadline {
@@ -232,6 +249,7 @@ impl LoadError {
             | LoadError::Recipient { name, .. }
             | LoadError::Store { name, .. } => Some(name),
             LoadError::InvalidName(StoreError::InvalidName(NameError { name, .. })) => Some(name),
+            LoadError::FileKey(err) => err.name(),
             _ => None,
         }
     }
@@ -257,6 +275,7 @@ impl LoadError {
             }
             LoadError::Recipient { .. } => "nsm",
             LoadError::Store { .. } => "store",
+            LoadError::FileKey(_) => "file-key",
             LoadError::Deadline { .. } => "deadline",
             LoadError::NothingToReload => "request",
             LoadError::Internal(_) => "internal",
@@ -295,6 +314,8 @@ impl LoadError {
                 ..
             }
             | LoadError::NoPinnedKey(_) => ErrorCode::Denied,
+            LoadError::FileKey(err) if err.is_refusal() => ErrorCode::Denied,
+            LoadError::FileKey(_) => ErrorCode::BadRequest,
             LoadError::Deadline { .. } => ErrorCode::Unavailable,
             _ => ErrorCode::Internal,
         }
@@ -340,6 +361,9 @@ pub struct Loader {
     /// When a load or re-decrypt last succeeded (`None` before the first,
     /// and after a wipe).
     decrypted_at: std::sync::Mutex<Option<Instant>>,
+    /// The highest file-key version published since start (never lowered,
+    /// not even by a wipe): the rollback bound.
+    served_version: std::sync::Mutex<Option<u64>>,
 }
 
 /// What one periodic re-decrypt did.
@@ -392,6 +416,8 @@ struct Job {
     recipient: Recipient,
     config: LoadConfig,
     items: Vec<(String, Envelope)>,
+    /// The file's keys once the record checked out (file-key loads only).
+    file_key: std::sync::OnceLock<FileKey>,
     next: AtomicUsize,
     failed: AtomicBool,
     counters: Counters,
@@ -417,6 +443,7 @@ impl Loader {
             running: Mutex::new(None),
             last: ArcSwapOption::empty(),
             decrypted_at: std::sync::Mutex::new(None),
+            served_version: std::sync::Mutex::new(None),
         })
     }
 
@@ -427,6 +454,22 @@ impl Loader {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .map(|at| at.elapsed())
+    }
+
+    /// The highest file-key version this enclave has published, if any.
+    pub fn served_version(&self) -> Option<u64> {
+        *self
+            .served_version
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn raise_served_version(&self, version: u64) {
+        let mut served = self
+            .served_version
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *served = Some(served.map_or(version, |v| v.max(version)));
     }
 
     fn set_decrypted_at(&self, at: Option<Instant>) {
@@ -639,24 +682,55 @@ impl Loader {
         if self.kms.pinned_keys().is_empty() {
             return Err(LoadError::NoPinnedKey(KmsError::NoPinnedKey));
         }
-        let items = self.check(entries)?;
+        let mut items = self.check(entries)?;
+        let record = file_key::split(&mut items).map_err(LoadError::FileKey)?;
+        let served = self.served_version();
+        if record.is_none() {
+            file_key::check_without_record(served).map_err(LoadError::FileKey)?;
+        }
         let count = items.len();
         let job = Arc::new(Job {
             kms: self.kms.clone(),
             recipient: self.recipient.clone(),
             config: self.config.clone(),
             items,
+            file_key: std::sync::OnceLock::new(),
             next: AtomicUsize::new(0),
             failed: AtomicBool::new(false),
             counters: Counters::default(),
             deadline: started + self.config.max_duration,
         });
-        let set = tokio::time::timeout(self.config.max_duration, self.decrypt_all(&job))
+        // Boxed: the nested futures of the server would otherwise exceed
+        // the compiler's layout depth.
+        let work = Box::pin(async {
+            if let Some(record) = &record {
+                // The one KMS call of a file-key file.
+                let data_key = decrypt_blob(
+                    &job,
+                    FILE_NAME,
+                    &record.wrapped_key,
+                    &record.file_id.context(),
+                )
+                .await?;
+                let key = FileKey::derive(&data_key, record.file_id)
+                    .map_err(|e| LoadError::FileKey(FileKeyError::Record(e)))?;
+                drop(data_key);
+                file_key::check(&key, record, &job.items, served).map_err(LoadError::FileKey)?;
+                if job.file_key.set(key).is_err() {
+                    return Err(LoadError::Internal("file key set twice".into()));
+                }
+            }
+            self.decrypt_all(&job).await
+        });
+        let set = tokio::time::timeout(self.config.max_duration, work)
             .await
             .map_err(|_| LoadError::Deadline {
                 after: self.config.max_duration,
             })??;
         let generation = self.store.replace(set);
+        if let Some(record) = &record {
+            self.raise_served_version(record.version);
+        }
         Ok(LoadReport {
             count,
             kms_calls: job.counters.kms_calls.load(Ordering::Relaxed),
@@ -697,13 +771,16 @@ impl Loader {
     async fn decrypt_all(&self, job: &Arc<Job>) -> Result<crate::store::SecretSet, LoadError> {
         let count = job.items.len();
         let workers = self.config.concurrency.min(count);
+        let mut builder = self.store.builder();
+        if count == 0 {
+            return Ok(builder.build());
+        }
         let (tx, mut rx) = mpsc::channel::<WorkerResult>(workers.max(1) * 2);
         let mut tasks = JoinSet::new();
         for _ in 0..workers {
             tasks.spawn(worker(job.clone(), tx.clone()));
         }
         drop(tx);
-        let mut builder = self.store.builder();
         // Dropping `tasks` on an early return aborts the other workers.
         while let Some(result) = rx.recv().await {
             let (index, value) = match result {
@@ -754,14 +831,40 @@ async fn worker(job: Arc<Job>, tx: mpsc::Sender<WorkerResult>) {
     }
 }
 
-/// One value: retries on retryable failures, one invalidation on an
-/// attestation refusal.
+/// One value: `fk` values open under the file key; `kms` values go to KMS.
 async fn decrypt_entry(
     job: &Job,
     name: &str,
     envelope: &Envelope,
 ) -> Result<Zeroizing<Vec<u8>>, LoadError> {
-    let context = encryption_context(name);
+    match envelope {
+        Envelope::Kms { ciphertext } => {
+            decrypt_blob(job, name, ciphertext, &encryption_context(name)).await
+        }
+        Envelope::Fk { .. } => {
+            let key = job.file_key.get().ok_or_else(|| {
+                LoadError::FileKey(FileKeyError::NoRecord {
+                    name: name.to_owned(),
+                })
+            })?;
+            key.open(name, envelope)
+                .map_err(|e| LoadError::FileKey(FileKeyError::Open(e)))
+        }
+        Envelope::File { .. } => Err(LoadError::FileKey(FileKeyError::MisplacedRecord {
+            name: name.to_owned(),
+        })),
+    }
+}
+
+/// One KMS `Decrypt` of `ciphertext` with `context`, for the entry `name`:
+/// retries on retryable failures, one invalidation on an attestation
+/// refusal.
+async fn decrypt_blob(
+    job: &Job,
+    name: &str,
+    ciphertext: &[u8],
+    context: &BTreeMap<String, String>,
+) -> Result<Zeroizing<Vec<u8>>, LoadError> {
     let mut attempts: u32 = 0;
     let mut invalidated = false;
     let mut ceiling = job.config.initial_backoff;
@@ -771,7 +874,7 @@ async fn decrypt_entry(
         job.counters.kms_calls.fetch_add(1, Ordering::Relaxed);
         let error = match job
             .kms
-            .decrypt_for_recipient(envelope.ciphertext(), &context, &pair)
+            .decrypt_for_recipient(ciphertext, context, &pair)
             .await
         {
             Ok(value) => return Ok(value),

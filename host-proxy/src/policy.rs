@@ -242,7 +242,9 @@ pub fn key_policy(spec: &PolicySpec) -> Result<Value, PolicyError> {
             "Sid": "OperatorsEncrypt",
             "Effect": "Allow",
             "Principal": {"AWS": spec.encrypt_principals},
-            "Action": ["kms:Encrypt", "kms:DescribeKey"],
+            // GenerateDataKey: `encrypt --file-key` asks for one data key
+            // per file (the operator sees its plaintext, as it sees values).
+            "Action": ["kms:Encrypt", "kms:GenerateDataKey", "kms:DescribeKey"],
             "Resource": "*",
         }));
     }

@@ -14,6 +14,7 @@ pub mod caller;
 pub mod client;
 pub mod endpoint;
 pub mod envelope;
+pub mod file_record;
 pub mod frame;
 pub mod name;
 pub mod protocol;

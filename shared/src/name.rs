@@ -18,9 +18,13 @@ pub const RESERVED_PREFIX: &str = "keystore:";
 /// [`crate::access`]), written by `keystore-host encrypt --rules`.
 pub const RULES_NAME: &str = "keystore:rules";
 
+/// The reserved entry holding the file record of a file-key file (see
+/// [`crate::file_record`]), written by `keystore-host encrypt --file-key`.
+pub const FILE_NAME: &str = "keystore:file";
+
 /// Every reserved name a secrets file may hold. The enclave never serves
 /// their values and never lists them.
-pub const RESERVED_NAMES: &[&str] = &[RULES_NAME];
+pub const RESERVED_NAMES: &[&str] = &[RULES_NAME, FILE_NAME];
 
 /// Whether `name` is one of the keystore's own entries (or tries to look
 /// like one): it starts with [`RESERVED_PREFIX`].

@@ -102,9 +102,13 @@ pub enum RequestOp {
     GetCredentials,
 }
 
-/// Most entries one `Load` may carry: the decoder refuses the next one
+/// Most secrets one `Load` may carry.
+pub const MAX_LOAD_SECRETS: usize = 10_000;
+
+/// Most entries one `Load` may carry: [`MAX_LOAD_SECRETS`] plus the
+/// reserved entries (rules, file record). The decoder refuses the next one
 /// instead of building an unbounded vector from a 16 MiB frame.
-pub const MAX_LOAD_ENTRIES: usize = 10_000;
+pub const MAX_LOAD_ENTRIES: usize = MAX_LOAD_SECRETS + crate::name::RESERVED_NAMES.len();
 
 /// Deserializes a `Load`'s entries, refusing more than [`MAX_LOAD_ENTRIES`].
 fn bounded_entries<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<LoadEntry>, D::Error> {

@@ -220,9 +220,15 @@ async fn with_rules_each_caller_reads_what_is_granted_and_nothing_else() {
                 .any(|n| n.starts_with("keystore:"))
         );
     }
-    // Another `keystore:` name is not a name at all.
+    // The file record's name is reserved like the rules': never served.
     let err = client
         .get_as("keystore:file", Some(Caller::root()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Denied), "{err}");
+    // Another `keystore:` name is not a name at all.
+    let err = client
+        .get_as("keystore:other", Some(Caller::root()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::BadRequest), "{err}");

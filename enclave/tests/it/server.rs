@@ -585,7 +585,10 @@ async fn a_load_over_the_entry_limit_is_refused_while_decoding() {
     assert_eq!(response.id, 9);
     let (code, message) = error_of(&response);
     assert_eq!(code, ErrorCode::BadRequest, "{message}");
-    assert!(message.contains("at most 10000 entries"), "{message}");
+    assert!(
+        message.contains(&format!("at most {MAX_LOAD_ENTRIES} entries")),
+        "{message}"
+    );
     // At the limit the frame decodes; this harness has no KMS, so the load
     // is refused for that reason instead.
     let at = Request::new(

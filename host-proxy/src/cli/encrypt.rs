@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use keystore_host::secrets_file::Format;
 use keystore_host::secrets_file::encrypt::{RulesWritten, Selection, encrypt_file_as};
+use keystore_host::secrets_file::file_key::{self, KeyMode};
 use keystore_host::secrets_file::rules::read_rules;
 
 /// Arguments of `encrypt`.
@@ -32,6 +33,17 @@ pub struct EncryptArgs {
     /// Without a rules entry only uid 0 may read.
     #[arg(long, value_name = "YAML")]
     pub rules: Option<PathBuf>,
+    /// One KMS data key for the whole file (`GenerateDataKey`): values
+    /// sealed as ENC[v1:fk:...] and a `keystore:file` record (MAC, version)
+    /// so the enclave loads the file with one KMS call and refuses an
+    /// altered or older file. The default for a file without
+    /// ENC[v1:kms:...] values.
+    #[arg(long, conflicts_with = "per_value_kms")]
+    pub file_key: bool,
+    /// One KMS `Encrypt` per value (ENC[v1:kms:...], at most 4 KiB each),
+    /// the default for a file already written that way.
+    #[arg(long)]
+    pub per_value_kms: bool,
     /// AWS region (default: the SDK's region chain).
     #[arg(long)]
     pub region: Option<String>,
@@ -62,14 +74,41 @@ pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
         let sdk = keystore_host::aws::sdk_config(args.region, args.endpoint_url, ca).await?;
         let client = aws_sdk_kms::Client::new(&sdk);
         let selection = Selection::patterns(args.keys);
+        let mode = match (args.file_key, args.per_value_kms) {
+            (true, _) => KeyMode::FileKey,
+            (_, true) => KeyMode::PerValueKms,
+            _ => KeyMode::Auto,
+        };
+        let format = args.format.unwrap_or_else(|| Format::from_path(&args.file));
+        if format != Format::Env {
+            // The file key reads `.env` files only so far; JSON and YAML
+            // are sealed one KMS `Encrypt` per value.
+            if args.file_key {
+                anyhow::bail!(
+                    "--file-key supports .env files only so far; encrypt {} with --per-value-kms",
+                    args.file.display()
+                );
+            }
+            return anyhow::Ok(
+                encrypt_file_as(
+                    &client,
+                    &args.key_id,
+                    &args.file,
+                    format,
+                    &selection,
+                    rules.as_ref(),
+                )
+                .await?,
+            );
+        }
         anyhow::Ok(
-            encrypt_file_as(
+            file_key::encrypt(
                 &client,
                 &args.key_id,
                 &args.file,
-                args.format.unwrap_or_else(|| Format::from_path(&args.file)),
                 &selection,
                 rules.as_ref(),
+                mode,
             )
             .await?,
         )
@@ -91,6 +130,12 @@ pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
             println!("encrypted keystore:rules ({rules} rule(s), replaced)")
         }
         None => {}
+    }
+    if let Some(written) = &report.file_key {
+        println!(
+            "wrote keystore:file (file key {}, version {}, {} entries)",
+            written.file_id, written.version, written.entries
+        );
     }
     eprintln!(
         "{}: {} encrypted, {} already encrypted, {} empty",

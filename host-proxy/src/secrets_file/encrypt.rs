@@ -60,7 +60,7 @@ pub enum EncryptError {
     /// A chosen value is too large for KMS `Encrypt`; nothing was changed.
     #[error(
         "{name} (line {line}) is {len} bytes; KMS encrypts at most {MAX_KMS_PLAINTEXT} bytes \
-         directly (larger values need the `dek` kind, not yet supported); nothing was changed"
+         directly (larger values need the file key: `encrypt --file-key`); nothing was changed"
     )]
     TooLarge {
         /// The entry.
@@ -118,6 +118,10 @@ pub enum EncryptError {
         #[source]
         source: EnvelopeError,
     },
+    /// The file-key write was refused (see
+    /// [`file_key`](crate::secrets_file::file_key)).
+    #[error(transparent)]
+    FileKey(#[from] crate::secrets_file::file_key::FileKeyEncryptError),
     /// Writing the new file failed; the old file is untouched.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -168,6 +172,8 @@ pub struct EncryptReport {
     pub skipped_empty: Vec<String>,
     /// What happened to the rules entry, if rules were given.
     pub rules: Option<RulesWritten>,
+    /// The file-key record written, if the file key was used.
+    pub file_key: Option<crate::secrets_file::file_key::FileKeyWritten>,
 }
 
 /// How the `keystore:rules` entry was written.

@@ -6,6 +6,7 @@
 
 pub mod dotenv;
 pub mod encrypt;
+pub mod file_key;
 pub mod format;
 pub mod json;
 pub mod rules;

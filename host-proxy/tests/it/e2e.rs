@@ -844,3 +844,78 @@ db:\n  password: 'p@ss word'\n  user: app\nservers:\n  - name: eu\n    token: to
         "the YAML set is replaced"
     );
 }
+
+impl Stack {
+    /// `keystore-host encrypt FILE` with its defaults (a file key for a
+    /// file without `kms` values), as an operator runs it.
+    fn encrypt_default_cli(&self, key: &str, file: &std::path::Path) {
+        let out = Command::new(env!("CARGO_BIN_EXE_keystore-host"))
+            .args(["encrypt", "--key-id", key])
+            .arg(file)
+            .args([
+                "--region",
+                REGION,
+                "--endpoint-url",
+                self.kms.endpoint_url(),
+            ])
+            .arg("--ca-bundle")
+            .arg(self.kms.ca_pem_path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("HOME", self.dir.path())
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_CONFIG_FILE", self.path("no-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", self.path("no-credentials"))
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_key_file_loads_with_one_decrypt_and_an_older_copy_is_refused() {
+    let mut stack = Stack::start().await;
+    let key = stack.key_id.clone();
+    let secrets = stack.path("secrets.env");
+    let big = "x".repeat(100_000);
+    stack.write_secrets(&["DB_PASSWORD=v1".into(), format!("BIG={big}")]);
+    stack.encrypt_default_cli(&key, &secrets);
+    let v1 = std::fs::read_to_string(&secrets).unwrap();
+    assert!(v1.contains("DB_PASSWORD=ENC[v1:fk:"), "{v1}");
+    assert!(v1.contains("\nkeystore:file=ENC[v1:file:"), "{v1}");
+
+    stack.kms.reset_calls();
+    stack.start_enclave();
+    stack.start_proxy();
+    stack.wait_for_value("DB_PASSWORD", "v1").await;
+    assert_eq!(stack.get("BIG").await.as_deref(), Some(big.as_str()));
+    assert_eq!(stack.status().await.unwrap().secret_count, 3);
+    // PLAIN, DB_PASSWORD and BIG: one attested Decrypt for the whole file.
+    let decrypts = stack.kms.calls(Operation::Decrypt);
+    assert_eq!((decrypts.calls, decrypts.with_recipient), (1, 1));
+
+    // Version 2: new values, the old record kept so the version goes on.
+    let record = v1
+        .lines()
+        .find(|l| l.starts_with("keystore:file="))
+        .unwrap()
+        .to_owned();
+    stack.write_secrets(&["DB_PASSWORD=v2".into(), record]);
+    stack.encrypt_default_cli(&key, &secrets);
+    stack.wait_for_value("DB_PASSWORD", "v2").await;
+
+    // The host puts the whole, valid version-1 file back: refused, and
+    // version 2 keeps being served.
+    let tmp = stack.path("secrets.env.tmp");
+    std::fs::write(&tmp, &v1).unwrap();
+    std::fs::rename(tmp, &secrets).unwrap();
+    let error = stack.wait_for_error("no rollback").await;
+    assert!(error.contains("version 1"), "{error}");
+    assert_eq!(stack.get("DB_PASSWORD").await.as_deref(), Some("v2"));
+}

@@ -87,7 +87,7 @@ async fn the_cli_encrypts_every_plain_value_in_place() {
 
     let run = || {
         Command::new(env!("CARGO_BIN_EXE_keystore-host"))
-            .args(["encrypt", "--key-id", &key_id])
+            .args(["encrypt", "--per-value-kms", "--key-id", &key_id])
             .arg(&path)
             .args([
                 "--region",
@@ -237,6 +237,13 @@ fn encrypt_cli(
 ) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_keystore-host"))
         .args(["encrypt", "--key-id", key_id])
+        // These tests are about per-value KMS envelopes; the file key has
+        // its own (file_key.rs).
+        .args(if args.iter().any(|a| *a == "--file-key") {
+            &[][..]
+        } else {
+            &["--per-value-kms"][..]
+        })
         .args(args)
         .args([
             "--region",

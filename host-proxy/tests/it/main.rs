@@ -15,6 +15,7 @@ mod credentials;
 mod dotenv;
 mod e2e;
 mod encrypt;
+mod file_key;
 mod formats;
 mod forwarder;
 mod key_policy_denies;

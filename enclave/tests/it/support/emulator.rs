@@ -209,7 +209,7 @@ pub fn pcr0_policy(pcr0: &[u8]) -> String {
     format!(
         r#"{{"Version":"2012-10-17","Statement":[
         {{"Sid":"Admin","Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::111122223333:root"}},
-          "Action":["kms:Encrypt","kms:DescribeKey","kms:PutKeyPolicy"],"Resource":"*"}},
+          "Action":["kms:Encrypt","kms:GenerateDataKey","kms:DescribeKey","kms:PutKeyPolicy"],"Resource":"*"}},
         {{"Sid":"EnclaveOnly","Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::111122223333:root"}},
           "Action":["kms:Decrypt"],"Resource":"*",
           "Condition":{{"StringEqualsIgnoreCase":{{"kms:RecipientAttestation:ImageSha384":"{}"}}}}}}]}}"#,
