@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use aws_sdk_kms::config::Credentials;
 use aws_sdk_kms::primitives::Blob;
+use keystore_host::secrets_file::dotenv::MAX_FILE_SIZE;
 use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
 use keystore_tests::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle};
 
@@ -179,6 +180,14 @@ async fn secrets_from_s3_are_loaded_followed_by_etag_and_kept_on_failure() {
     s.upload(&format!("DB_PASSWORD={v2}\n"));
     s.stack.wait_for_value("DB_PASSWORD", "from-s3-two").await;
 
+    // Unchanged polls were not failures (a 304 is not an error).
+    assert_eq!(
+        s.stack.proxy_log_count("cannot fetch"),
+        0,
+        "{}",
+        s.stack.logs()
+    );
+
     // The object disappears (as a denied GetObject would): named, and the
     // enclave keeps its set.
     let fetch_error = format!("cannot fetch {}: NoSuchKey", url());
@@ -222,10 +231,23 @@ async fn sighup_fetches_the_object_now_and_unreachable_s3_keeps_the_set() {
         .await;
     s.stack.wait_for_value("API_TOKEN", "tok-two").await;
 
+    // An object over the local file's bound is refused unread; the set
+    // stays.
+    let mut huge = format!("API_TOKEN={v2}\n");
+    huge.push_str(&"#".repeat(MAX_FILE_SIZE));
+    s.upload(&huge);
+    let too_large = format!(
+        "cannot fetch {}: object larger than {MAX_FILE_SIZE} bytes",
+        url()
+    );
+    s.stack.proxy.as_ref().unwrap().signal("-HUP");
+    s.stack.wait_for_proxy_log(&too_large, 0).await;
+    still_serves(&s.stack, "API_TOKEN", "tok-two").await;
+
     // S3 unreachable: SIGHUP's fetch fails naming the URL, within the
     // bound, and the enclave keeps its set.
     s.moto.stop();
-    let fetch_error = format!("cannot fetch {}", url());
+    let fetch_error = format!("cannot fetch {}: connecting to S3", url());
     let before = s.stack.proxy_log_count(&fetch_error);
     s.stack.proxy.as_ref().unwrap().signal("-HUP");
     s.stack.wait_for_proxy_log(&fetch_error, before).await;
