@@ -59,3 +59,20 @@ pub async fn sdk_config(
     }
     Ok(loader.load().await)
 }
+
+/// The S3 client of `proxy --secrets s3://...`: the standard chain (the
+/// instance role on EC2) like [`sdk_config`]. With an endpoint override
+/// (an S3-compatible or test server) addressing is path-style, since such
+/// servers rarely resolve `BUCKET.host` names.
+pub async fn s3_client(
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    extra_ca_pem: Option<Vec<u8>>,
+) -> Result<aws_sdk_s3::Client, AwsSetupError> {
+    let path_style = endpoint_url.is_some();
+    let sdk = sdk_config(region, endpoint_url, extra_ca_pem).await?;
+    let config = aws_sdk_s3::config::Builder::from(&sdk)
+        .force_path_style(path_style)
+        .build();
+    Ok(aws_sdk_s3::Client::from_conf(config))
+}

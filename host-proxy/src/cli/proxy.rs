@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use keystore_host::proxy::credentials::{self, CredentialCache, ServiceLimits};
 use keystore_host::proxy::forwarder::{Forward, ForwarderLimits};
+use keystore_host::proxy::source::{S3Source, SecretsLocation, SecretsSource};
 use keystore_host::proxy::{Proxy, ProxyConfig};
 use keystore_shared::Endpoint;
 
@@ -40,10 +41,25 @@ pub struct ProxyArgs {
     )]
     pub load_to: Endpoint,
     /// The secrets file to load into the enclave (and reload on change or
-    /// SIGHUP): `.json`, `.yaml`/`.yml` by its name, otherwise `.env`.
-    /// Without it, no loader runs.
-    #[arg(long, value_name = "FILE")]
-    pub secrets: Option<PathBuf>,
+    /// SIGHUP): a path, or `s3://BUCKET/KEY` (fetched with the instance
+    /// role, polled by ETag); `.json`, `.yaml`/`.yml` by its name, otherwise
+    /// `.env`. Without it, no loader runs.
+    #[arg(long, value_name = "FILE|s3://BUCKET/KEY")]
+    pub secrets: Option<SecretsLocation>,
+    /// An S3-compatible endpoint for `--secrets s3://...` (path-style
+    /// addressing), e.g. a test server.
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint_url: Option<String>,
+    /// Extra trusted CA certificates (PEM) for `--s3-endpoint-url`.
+    #[arg(long, value_name = "PEM")]
+    pub s3_ca_bundle: Option<PathBuf>,
+    /// Seconds allowed for one fetch of the S3 object.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub s3_timeout: u64,
+    /// Seconds between two checks of the secrets file (an S3 check is one
+    /// conditional GetObject).
+    #[arg(long, value_name = "SECONDS", default_value_t = 2)]
+    pub secrets_poll: u64,
     /// Connections each forwarder serves at once; more wait.
     #[arg(long, default_value_t = 256)]
     pub max_connections: usize,
@@ -76,7 +92,14 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
     } else {
         args.forwards
     };
-    let config = ProxyConfig {
+    let s3_ca = args
+        .s3_ca_bundle
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
+        })
+        .transpose()?;
+    let mut config = ProxyConfig {
         forwards,
         forwarder_limits: ForwarderLimits {
             max_connections: args.max_connections.max(1),
@@ -87,7 +110,8 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
         credentials_listen: args.credentials_listen,
         credentials_limits: ServiceLimits::default(),
         load_to: args.load_to,
-        secrets: args.secrets,
+        secrets: None,
+        secrets_poll: Duration::from_secs(args.secrets_poll.max(1)),
         enclave_cid: args.enclave_cid,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -95,7 +119,17 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let sdk = keystore_host::aws::sdk_config(args.region, None, None).await?;
+        let sdk = keystore_host::aws::sdk_config(args.region.clone(), None, None).await?;
+        config.secrets = match args.secrets {
+            None => None,
+            Some(SecretsLocation::File(path)) => Some(SecretsSource::File(path)),
+            Some(SecretsLocation::S3(url)) => {
+                let client =
+                    keystore_host::aws::s3_client(args.region, args.s3_endpoint_url, s3_ca).await?;
+                let timeout = Duration::from_secs(args.s3_timeout.max(1));
+                Some(SecretsSource::S3(S3Source::new(url, client, timeout)))
+            }
+        };
         let provider = sdk
             .credentials_provider()
             .context("the AWS SDK configured no credentials provider")?;

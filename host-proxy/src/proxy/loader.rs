@@ -7,15 +7,16 @@
 //! the old set if anything fails. The enclave may start after the proxy or
 //! KMS may be briefly unreachable, so a load is retried with capped
 //! exponential backoff until the enclave accepts it, each attempt bounded in
-//! time. The file is polled (size, mtime, and a SHA-256 of the contents when
-//! those change) so an edit is picked up without a restart; a
-//! [`ReloadTrigger`] (wired to SIGHUP by the proxy) forces a reload even when
-//! the file looks unchanged, e.g. after the enclave restarted.
+//! time. The file is polled (a local file by size and mtime, an S3 object
+//! by ETag, see [`super::source`]; then a SHA-256 of the contents) so an
+//! edit or upload is picked up without a restart; a [`ReloadTrigger`]
+//! (wired to SIGHUP by the proxy) forces a fetch and reload even when the
+//! file looks unchanged, e.g. after the enclave restarted.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use keystore_shared::endpoint::Endpoint;
 use keystore_shared::protocol::{
@@ -24,16 +25,18 @@ use keystore_shared::protocol::{
 use keystore_shared::{Client, ClientConfig, ClientError};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
+use zeroize::Zeroizing;
 
-use crate::secrets_file::{self, EntriesError, Format, ReadError};
+use super::source::{SecretsSource, Seen, SourceError};
+use crate::secrets_file::{self, EntriesError, Format};
 
 /// Why one load attempt failed. Messages carry names and line numbers,
 /// never values.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// The secrets file could not be read.
+    /// The secrets file could not be read or fetched.
     #[error(transparent)]
-    Read(#[from] ReadError),
+    Source(#[from] SourceError),
     /// The secrets file is not valid in its format, or holds an unreadable
     /// envelope.
     #[error("{path}: {source}")]
@@ -111,13 +114,13 @@ pub async fn enclave_ready(enclave: &Endpoint, timeout: Duration) -> Option<bool
 /// Settings of a [`Loader`].
 #[derive(Debug, Clone)]
 pub struct LoaderConfig {
-    /// The secrets file.
-    pub path: PathBuf,
-    /// Its format; `None`: from the file name ([`Format::from_path`]).
+    /// Where the secrets file is read: a local path or an S3 object.
+    pub source: SecretsSource,
+    /// Its format; `None`: from the file or object name ([`Format::from_path`]).
     pub format: Option<Format>,
     /// The enclave's load port.
     pub load_to: Endpoint,
-    /// How often the file is checked for changes.
+    /// How often the source is checked for changes.
     pub poll_interval: Duration,
     /// Bound on one load attempt (connect, send, decrypt, answer).
     pub attempt_timeout: Duration,
@@ -130,9 +133,9 @@ pub struct LoaderConfig {
 impl LoaderConfig {
     /// Defaults: poll every 2 s, 60 s per attempt (the enclave decrypts
     /// every value through KMS before answering), backoff 0.5 s to 30 s.
-    pub fn new(path: PathBuf, load_to: Endpoint) -> Self {
+    pub fn new(source: impl Into<SecretsSource>, load_to: Endpoint) -> Self {
         LoaderConfig {
-            path,
+            source: source.into(),
             format: None,
             load_to,
             poll_interval: Duration::from_secs(2),
@@ -155,18 +158,17 @@ impl ReloadTrigger {
     }
 }
 
-/// What the loader last saw of the file, to detect changes cheaply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    len: u64,
-    modified: Option<SystemTime>,
-}
-
-fn stamp(path: &Path) -> Option<FileStamp> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some(FileStamp {
-        len: meta.len(),
-        modified: meta.modified().ok(),
+/// The `Load` entries of a secrets file's contents. `origin` (the path or
+/// URL it came from) names the file in errors. The one place where bytes
+/// become entries.
+pub fn entries_from_bytes(
+    origin: &Path,
+    format: Format,
+    bytes: &[u8],
+) -> Result<Vec<LoadEntry>, LoadError> {
+    secrets_file::entries(bytes, format).map_err(|source| LoadError::File {
+        path: origin.to_owned(),
+        source,
     })
 }
 
@@ -193,17 +195,20 @@ impl Loader {
 
     /// Reads, checks and sends the file once.
     pub async fn load_once(&mut self) -> Result<(u64, [u8; 32]), LoadError> {
-        let path = &self.config.path;
-        let bytes = secrets_file::read(path)?;
+        let bytes = self.config.source.read().await?;
+        self.load_bytes(bytes).await
+    }
+
+    /// Checks and sends contents already read; returns the enclave's count
+    /// and the contents' SHA-256.
+    async fn load_bytes(&self, bytes: Zeroizing<Vec<u8>>) -> Result<(u64, [u8; 32]), LoadError> {
         let digest: [u8; 32] = Sha256::digest(&*bytes).into();
+        let origin = self.config.source.origin();
         let format = self
             .config
             .format
-            .unwrap_or_else(|| Format::from_path(path));
-        let entries = secrets_file::entries(&bytes, format).map_err(|source| LoadError::File {
-            path: path.clone(),
-            source,
-        })?;
+            .unwrap_or_else(|| Format::from_path(&origin));
+        let entries = entries_from_bytes(&origin, format, &bytes)?;
         drop(bytes);
         let count = send_load(&self.config.load_to, entries, self.config.attempt_timeout).await?;
         Ok((count, digest))
@@ -212,24 +217,22 @@ impl Loader {
     /// Loads the file, then keeps it loaded until `shutdown` completes:
     /// reloads when its contents change or a reload is triggered, and
     /// retries failures with backoff. The enclave keeps its previous set
-    /// while a reload fails.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+    /// while a fetch or a reload fails.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut loaded: Option<[u8; 32]> = None;
-        let mut seen: Option<FileStamp> = None;
+        let mut seen = Seen::Nothing;
         let mut failing = false;
         let mut forced = true;
         let mut backoff = self.config.backoff_initial;
         let mut last_enclave_check = std::time::Instant::now();
+        let source = self.config.source.to_string();
         loop {
-            let now_stamp = stamp(&self.config.path);
-            let changed = now_stamp != seen;
             // A restarted enclave comes back empty: give it the file again.
             // Checked on its own, slower clock: each check is a connection
             // the enclave logs.
             let check_enclave = !forced
                 && !failing
-                && !changed
                 && loaded.is_some()
                 && last_enclave_check.elapsed() >= ENCLAVE_CHECK_INTERVAL;
             if check_enclave {
@@ -245,35 +248,44 @@ impl Loader {
                 );
                 forced = true;
             }
-            if forced || failing || changed {
-                seen = now_stamp;
-                let unchanged = !forced && loaded.is_some() && self.digest() == loaded;
-                if unchanged {
-                    failing = false;
-                } else {
-                    match self.load_once().await {
-                        Ok((count, digest)) => {
-                            tracing::info!(
-                                path = %self.config.path.display(),
-                                enclave = %self.config.load_to,
-                                count,
-                                "secrets loaded"
-                            );
-                            loaded = Some(digest);
-                            failing = false;
-                            backoff = self.config.backoff_initial;
-                        }
-                        Err(err) => {
-                            tracing::warn!(
-                                path = %self.config.path.display(),
-                                enclave = %self.config.load_to,
-                                error = %err,
-                                retry_in = ?backoff,
-                                "loading secrets failed; the enclave keeps its previous set"
-                            );
-                            failing = true;
-                        }
+            // A forced or failing round reads the contents whatever was
+            // seen; otherwise only a changed stamp or ETag reads them.
+            let outcome = match self.config.source.poll(&mut seen, forced || failing).await {
+                Ok(None) => Ok(None),
+                Ok(Some(bytes)) => {
+                    let digest: [u8; 32] = Sha256::digest(&*bytes).into();
+                    if !forced && loaded == Some(digest) {
+                        // Touched or re-uploaded, same contents.
+                        Ok(None)
+                    } else {
+                        self.load_bytes(bytes).await.map(Some)
                     }
+                }
+                Err(err) => Err(LoadError::from(err)),
+            };
+            match outcome {
+                Ok(None) => failing = false,
+                Ok(Some((count, digest))) => {
+                    tracing::info!(
+                        source = %source,
+                        enclave = %self.config.load_to,
+                        count,
+                        "secrets loaded"
+                    );
+                    loaded = Some(digest);
+                    failing = false;
+                    forced = false;
+                    backoff = self.config.backoff_initial;
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        source = %source,
+                        enclave = %self.config.load_to,
+                        error = %err,
+                        retry_in = ?backoff,
+                        "loading secrets failed; the enclave keeps its previous set"
+                    );
+                    failing = true;
                 }
             }
             let wait = if failing {
@@ -283,21 +295,17 @@ impl Loader {
             } else {
                 self.config.poll_interval
             };
-            forced = tokio::select! {
+            // A forced reload stays forced until it succeeds: after an
+            // enclave restart the same contents must still be sent.
+            forced |= tokio::select! {
                 () = tokio::time::sleep(wait) => false,
                 () = self.trigger.notified() => {
-                    tracing::info!(path = %self.config.path.display(), "reload requested");
+                    tracing::info!(source = %source, "reload requested");
                     backoff = self.config.backoff_initial;
                     true
                 },
                 () = &mut shutdown => return,
             };
         }
-    }
-
-    /// SHA-256 of the file as it is now, if readable.
-    fn digest(&self) -> Option<[u8; 32]> {
-        let bytes = secrets_file::read(&self.config.path).ok()?;
-        Some(Sha256::digest(&*bytes).into())
     }
 }

@@ -8,7 +8,6 @@
 //! (a supervisor restarts it); a failing connection never does.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 
 use keystore_shared::endpoint::{Endpoint, EndpointError};
@@ -19,10 +18,12 @@ use tokio::task::JoinSet;
 pub mod credentials;
 pub mod forwarder;
 pub mod loader;
+pub mod source;
 
 use credentials::{CredentialCache, CredentialsService, ServiceLimits};
 use forwarder::{Forward, Forwarder, ForwarderLimits};
 use loader::{Loader, LoaderConfig, ReloadTrigger};
+use source::SecretsSource;
 
 /// The enclave's CID when `nitro-cli run-enclave --enclave-cid 16` is used,
 /// as every default endpoint (`vsock://16:5000`) assumes.
@@ -42,8 +43,11 @@ pub struct ProxyConfig {
     /// The enclave's load port, where the loader sends the secrets file
     /// (the secret server refuses `Load`).
     pub load_to: Endpoint,
-    /// The secrets file; without one, no loader runs.
-    pub secrets: Option<PathBuf>,
+    /// Where the secrets file is read (a path or an S3 object); without
+    /// one, no loader runs.
+    pub secrets: Option<SecretsSource>,
+    /// How often the loader checks the secrets file for changes.
+    pub secrets_poll: std::time::Duration,
     /// The only vsock CID the forwarders and the credentials service serve.
     pub enclave_cid: u32,
 }
@@ -105,9 +109,12 @@ impl Proxy {
             ));
         }
         let credentials_listener = config.credentials_listen.bind().await?;
-        let loader = config
-            .secrets
-            .map(|path| Loader::new(LoaderConfig::new(path, config.load_to.clone())));
+        let loader = config.secrets.map(|source| {
+            Loader::new(LoaderConfig {
+                poll_interval: config.secrets_poll,
+                ..LoaderConfig::new(source, config.load_to.clone())
+            })
+        });
         Ok(Proxy {
             forwarders,
             credentials: (

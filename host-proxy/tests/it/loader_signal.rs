@@ -47,7 +47,8 @@ async fn sighup_reloads_and_sigterm_stops() {
         credentials_listen: Endpoint::tcp("127.0.0.1", 0),
         credentials_limits: ServiceLimits::default(),
         load_to: enclave,
-        secrets: Some(path),
+        secrets: Some(path.into()),
+        secrets_poll: Duration::from_secs(2),
         enclave_cid: keystore_host::proxy::DEFAULT_ENCLAVE_CID,
     };
     let creds = aws_credential_types::Credentials::new("AKID", "SECRET", None, None, "test");

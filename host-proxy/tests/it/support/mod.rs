@@ -1,3 +1,5 @@
 //! Test support shared by the areas of this crate's test binary.
 
 pub mod common;
+pub mod moto;
+pub mod stack;

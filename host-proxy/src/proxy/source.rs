@@ -1,0 +1,418 @@
+//! Where the loader reads the secrets file: a local path, or an S3 object
+//! (`s3://BUCKET/KEY`) fetched with the instance role.
+//!
+//! Both are polled cheaply: a local file by size and mtime, an S3 object by
+//! ETag (a conditional `GetObject` with `If-None-Match`, so an unchanged
+//! object costs one small request and no body). Both are bounded to the
+//! same size as a local file ([`MAX_FILE_SIZE`]) and every S3 call to a
+//! timeout. Errors name the path or URL, never a value: the object holds
+//! only ciphertext envelopes and plain settings, but its contents are still
+//! kept out of messages.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_s3::error::SdkError;
+use zeroize::Zeroizing;
+
+use crate::secrets_file::dotenv::MAX_FILE_SIZE;
+use crate::secrets_file::{self, ReadError};
+
+/// A `s3://BUCKET/KEY` location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Url {
+    /// The bucket.
+    pub bucket: String,
+    /// The object key (may contain `/`).
+    pub key: String,
+}
+
+impl fmt::Display for S3Url {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.key)
+    }
+}
+
+/// A `s3://` URL that cannot name an object.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid S3 URL {url:?}: {reason} (expected s3://BUCKET/KEY)")]
+pub struct S3UrlError {
+    /// The URL as given.
+    pub url: String,
+    /// What is wrong.
+    pub reason: &'static str,
+}
+
+impl FromStr for S3Url {
+    type Err = S3UrlError;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        let err = |reason| S3UrlError {
+            url: url.to_owned(),
+            reason,
+        };
+        let rest = url.strip_prefix("s3://").ok_or_else(|| err("not s3://"))?;
+        let (bucket, key) = rest.split_once('/').ok_or_else(|| err("no object key"))?;
+        // S3 bucket names: 3 to 63 of lowercase letters, digits, '.', '-'.
+        let bucket_ok = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        if !bucket_ok {
+            return Err(err("bad bucket name"));
+        }
+        // Object keys are at most 1024 bytes of UTF-8.
+        if key.is_empty() || key.len() > 1024 {
+            return Err(err("empty or over-long object key"));
+        }
+        if key.chars().any(char::is_control) {
+            return Err(err("control character in the object key"));
+        }
+        Ok(S3Url {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+        })
+    }
+}
+
+/// Where the secrets file lives, as given on the command line: a path, or
+/// a `s3://BUCKET/KEY` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretsLocation {
+    /// A file on the parent instance.
+    File(PathBuf),
+    /// An S3 object.
+    S3(S3Url),
+}
+
+impl FromStr for SecretsLocation {
+    type Err = S3UrlError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.starts_with("s3://") {
+            s.parse().map(SecretsLocation::S3)
+        } else {
+            Ok(SecretsLocation::File(PathBuf::from(s)))
+        }
+    }
+}
+
+impl fmt::Display for SecretsLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretsLocation::File(path) => path.display().fmt(f),
+            SecretsLocation::S3(url) => url.fmt(f),
+        }
+    }
+}
+
+/// Bound on one S3 fetch (request and body) unless configured otherwise.
+pub const DEFAULT_S3_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An S3 object polled by ETag.
+#[derive(Debug, Clone)]
+pub struct S3Source {
+    url: S3Url,
+    client: aws_sdk_s3::Client,
+    timeout: Duration,
+}
+
+impl S3Source {
+    /// A source for `url` read through `client` (the standard credential
+    /// chain: the instance role on EC2), each fetch bounded by `timeout`.
+    pub fn new(url: S3Url, client: aws_sdk_s3::Client, timeout: Duration) -> Self {
+        S3Source {
+            url,
+            client,
+            timeout,
+        }
+    }
+
+    /// The object's URL.
+    pub fn url(&self) -> &S3Url {
+        &self.url
+    }
+
+    /// Fetches the object unless its ETag is still `etag`: `Ok(None)` when
+    /// unchanged, else its bytes and ETag.
+    pub async fn fetch(
+        &self,
+        etag: Option<&str>,
+    ) -> Result<Option<(Zeroizing<Vec<u8>>, String)>, SourceError> {
+        tokio::time::timeout(self.timeout, self.fetch_unbounded(etag))
+            .await
+            .map_err(|_| SourceError::S3 {
+                url: self.url.to_string(),
+                reason: format!("no answer within {:?}", self.timeout),
+            })?
+    }
+
+    async fn fetch_unbounded(
+        &self,
+        etag: Option<&str>,
+    ) -> Result<Option<(Zeroizing<Vec<u8>>, String)>, SourceError> {
+        let fail = |reason: String| SourceError::S3 {
+            url: self.url.to_string(),
+            reason,
+        };
+        let mut request = self
+            .client
+            .get_object()
+            .bucket(&self.url.bucket)
+            .key(&self.url.key);
+        if let Some(etag) = etag {
+            request = request.if_none_match(etag);
+        }
+        let output = match request.send().await {
+            Ok(output) => output,
+            Err(err) => {
+                if let Some(raw) = err.raw_response()
+                    && raw.status().as_u16() == 304
+                {
+                    return Ok(None);
+                }
+                return Err(fail(describe(&err)));
+            }
+        };
+        let too_large = || fail(format!("object larger than {MAX_FILE_SIZE} bytes"));
+        if output
+            .content_length()
+            .is_some_and(|len| len < 0 || len as u64 > MAX_FILE_SIZE as u64)
+        {
+            return Err(too_large());
+        }
+        let new_etag = output
+            .e_tag()
+            .ok_or_else(|| fail("the answer carries no ETag".to_owned()))?
+            .to_owned();
+        let mut body = output.body;
+        let mut bytes = Zeroizing::new(Vec::new());
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| fail(format!("reading the object failed: {e}")))?
+        {
+            if bytes.len() + chunk.len() > MAX_FILE_SIZE {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Some((bytes, new_etag)))
+    }
+}
+
+/// A short, value-free description of an SDK error: the service's error
+/// code and HTTP status, or the transport failure.
+fn describe<E, R>(err: &SdkError<E, R>) -> String
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: fmt::Debug,
+{
+    match err {
+        SdkError::ServiceError(service) => {
+            let inner = service.err();
+            let code = inner.code().unwrap_or("unknown error");
+            match inner.message() {
+                Some(message) => format!("{code}: {message}"),
+                None => code.to_owned(),
+            }
+        }
+        SdkError::TimeoutError(_) => "the request timed out".to_owned(),
+        SdkError::DispatchFailure(failure) => {
+            let what = if failure.is_timeout() {
+                "timed out"
+            } else if failure.is_io() {
+                "I/O error"
+            } else {
+                "failed"
+            };
+            format!("connecting to S3 {what}: {}", error_chain(err))
+        }
+        other => error_chain(other),
+    }
+}
+
+/// An error and its sources, joined by ": ".
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(next) = source {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        source = next.source();
+    }
+    text
+}
+
+/// The secrets file could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The local file could not be read.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The S3 object could not be fetched.
+    #[error("cannot fetch {url}: {reason}")]
+    S3 {
+        /// The object's URL.
+        url: String,
+        /// What went wrong (no value of the file).
+        reason: String,
+    },
+}
+
+/// The secrets file's source, with what was last seen of it.
+#[derive(Debug, Clone)]
+pub enum SecretsSource {
+    /// A local file.
+    File(PathBuf),
+    /// An S3 object.
+    S3(S3Source),
+}
+
+impl From<PathBuf> for SecretsSource {
+    fn from(path: PathBuf) -> Self {
+        SecretsSource::File(path)
+    }
+}
+
+impl From<S3Source> for SecretsSource {
+    fn from(source: S3Source) -> Self {
+        SecretsSource::S3(source)
+    }
+}
+
+impl fmt::Display for SecretsSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretsSource::File(path) => path.display().fmt(f),
+            SecretsSource::S3(source) => source.url.fmt(f),
+        }
+    }
+}
+
+impl SecretsSource {
+    /// The path or URL, as errors name it.
+    pub fn origin(&self) -> PathBuf {
+        match self {
+            SecretsSource::File(path) => path.clone(),
+            SecretsSource::S3(source) => PathBuf::from(source.url.to_string()),
+        }
+    }
+}
+
+/// What a poll last saw, to tell a change without reading the contents.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Seen {
+    /// Nothing yet (or the last read failed).
+    #[default]
+    Nothing,
+    /// A local file's size and mtime.
+    File {
+        /// Size in bytes.
+        len: u64,
+        /// Last modification.
+        modified: Option<SystemTime>,
+    },
+    /// An S3 object's ETag.
+    ETag(String),
+}
+
+fn file_stamp(path: &Path) -> Seen {
+    match std::fs::metadata(path) {
+        Ok(meta) => Seen::File {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        },
+        Err(_) => Seen::Nothing,
+    }
+}
+
+impl SecretsSource {
+    /// Reads the contents if they may have changed since `seen` (always
+    /// when `force`): `Ok(None)` when unchanged. `seen` is updated only
+    /// when contents were read, so a failure is retried.
+    pub async fn poll(
+        &self,
+        seen: &mut Seen,
+        force: bool,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, SourceError> {
+        match self {
+            SecretsSource::File(path) => {
+                let stamp = file_stamp(path);
+                if !force && stamp != Seen::Nothing && stamp == *seen {
+                    return Ok(None);
+                }
+                let bytes = secrets_file::read(path)?;
+                *seen = stamp;
+                Ok(Some(bytes))
+            }
+            SecretsSource::S3(source) => {
+                let etag = match (&*seen, force) {
+                    (Seen::ETag(etag), false) => Some(etag.as_str()),
+                    _ => None,
+                };
+                match source.fetch(etag).await? {
+                    None => Ok(None),
+                    Some((bytes, etag)) => {
+                        *seen = Seen::ETag(etag);
+                        Ok(Some(bytes))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the contents now, whatever was seen before.
+    pub async fn read(&self) -> Result<Zeroizing<Vec<u8>>, SourceError> {
+        let mut seen = Seen::Nothing;
+        match self.poll(&mut seen, true).await? {
+            Some(bytes) => Ok(bytes),
+            // A forced poll always reads; an empty answer cannot happen.
+            None => Err(SourceError::S3 {
+                url: self.to_string(),
+                reason: "no contents returned".to_owned(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_urls() {
+        let url: S3Url = "s3://my-bucket/dir/secrets.env".parse().unwrap();
+        assert_eq!(url.bucket, "my-bucket");
+        assert_eq!(url.key, "dir/secrets.env");
+        assert_eq!(url.to_string(), "s3://my-bucket/dir/secrets.env");
+        for bad in [
+            "s3://",
+            "s3://bucket",
+            "s3://bucket/",
+            "s3://Bucket/key",
+            "s3://b/key",
+            "s3://bucket/a\nb",
+            "https://bucket/key",
+        ] {
+            assert!(bad.parse::<S3Url>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn locations() {
+        assert_eq!(
+            "/etc/keystore/secrets.env"
+                .parse::<SecretsLocation>()
+                .unwrap(),
+            SecretsLocation::File("/etc/keystore/secrets.env".into())
+        );
+        assert!(matches!(
+            "s3://bucket/key".parse::<SecretsLocation>().unwrap(),
+            SecretsLocation::S3(_)
+        ));
+        assert!("s3://x".parse::<SecretsLocation>().is_err());
+    }
+}
