@@ -199,7 +199,7 @@ async fn secrets_from_s3_are_loaded_followed_by_etag_and_kept_on_failure() {
     // A malformed object: refused naming the URL and the entry, old set
     // kept.
     s.upload("DB_PASSWORD=ENC[v1:kms:not base64!]\n");
-    let malformed = format!("{} line 1 (DB_PASSWORD)", url());
+    let malformed = format!("{}: line 1 (DB_PASSWORD)", url());
     s.stack.wait_for_proxy_log(&malformed, 0).await;
     still_serves(&s.stack, "DB_PASSWORD", "from-s3-two").await;
 
