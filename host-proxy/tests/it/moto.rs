@@ -41,7 +41,14 @@ fn create_key(moto: &Moto) -> String {
 fn encrypt(moto: &Moto, key_arn: &str, file: &std::path::Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_keystore-host"))
         // One KMS `Encrypt` per value: what this test checks moto opens.
-        .args(["encrypt", "--per-value-kms", "--key-id", key_arn, "--region", REGION])
+        .args([
+            "encrypt",
+            "--per-value-kms",
+            "--key-id",
+            key_arn,
+            "--region",
+            REGION,
+        ])
         .args(["--endpoint-url", &moto.endpoint_url()])
         .arg("--ca-bundle")
         .arg(moto.ca_pem_path())
