@@ -10,6 +10,7 @@
 
 pub mod access;
 pub mod attestation;
+pub mod audit;
 pub mod caller;
 pub mod client;
 pub mod endpoint;
