@@ -80,8 +80,10 @@ mod tests {
         let first = a.append(&start(0)).unwrap();
         assert_ne!(first, GENESIS_HASH);
         let second = a.append(&start(1)).unwrap();
-        let mut b = ChainState::default();
-        b.hash = [1; 32];
+        let mut b = ChainState {
+            hash: [1; 32],
+            ..ChainState::default()
+        };
         assert_ne!(b.append(&start(0)).unwrap(), first);
         assert_ne!(first, second);
         assert_eq!(a.next_seq(), 2);

@@ -32,8 +32,8 @@ pub enum LineError {
 pub enum LogLine {
     /// A record and the chain hash after it.
     Record {
-        /// The record.
-        record: AuditRecord,
+        /// The record (boxed: far larger than a continuation).
+        record: Box<AuditRecord>,
         /// The chain hash after it, as the writer computed it.
         hash: ChainHash,
     },
@@ -105,11 +105,11 @@ impl LogLine {
         }
         let line: RecordLine = serde_json::from_str(line)?;
         Ok(LogLine::Record {
-            record: AuditRecord {
+            record: Box::new(AuditRecord {
                 seq: line.seq,
                 time_ms: line.time_ms,
                 event: line.event,
-            },
+            }),
             hash: line.hash,
         })
     }
@@ -124,13 +124,13 @@ mod tests {
     fn both_kinds_round_trip() {
         let lines = [
             LogLine::Record {
-                record: AuditRecord {
+                record: Box::new(AuditRecord {
                     seq: 0,
                     time_ms: 5,
                     event: AuditEvent::Start {
                         run: RunId([1; 16]),
                     },
-                },
+                }),
                 hash: [2; 32],
             },
             LogLine::Continues {
