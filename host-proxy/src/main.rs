@@ -3,13 +3,16 @@
 
 mod cli;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 
+use cli::LogFormat;
+
 fn main() -> ExitCode {
-    init_tracing();
     let cli = cli::Cli::parse();
+    init_tracing(cli.log_format);
     match cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -21,12 +24,17 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr, `warn` unless `RUST_LOG` says otherwise, so stdout
-/// stays machine-readable.
-fn init_tracing() {
+/// stays machine-readable. Colour only on a terminal: journald and log
+/// files get plain text (or JSON with stable field names).
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }

@@ -10,7 +10,7 @@ pub mod proxy;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use keystore_shared::Endpoint;
 
 /// nitro-keystore on the parent instance.
@@ -34,8 +34,28 @@ pub struct Cli {
     /// the agent forwards to (default vsock://16:5000).
     #[arg(long, global = true, env = "KEYSTORE_ENCLAVE", value_name = "ENDPOINT")]
     pub enclave: Option<Endpoint>,
+    /// How log lines on stderr are written: `text` (colour only on a
+    /// terminal) or `json` (one object per line: `timestamp`, `level`,
+    /// `target`, `fields`).
+    #[arg(
+        long,
+        global = true,
+        env = "KEYSTORE_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Top-level commands.
