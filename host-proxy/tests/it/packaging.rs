@@ -424,6 +424,31 @@ fn systemd_unit_verifies() {
     );
 }
 
+/// `systemd-analyze security` rates the unit as the README says it does
+/// (the README quotes the figure; this keeps the quote true).
+#[test]
+fn systemd_unit_exposure_is_what_the_readme_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keystore-host-proxy.service");
+    fs::copy(repo().join("deploy/keystore-host-proxy.service"), &path).unwrap();
+    let run = linter(
+        "systemd-analyze",
+        &["security", "--offline=true", path.to_str().unwrap()],
+    );
+    let out = text(&run.stdout);
+    let measured = out
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for keystore-host-proxy.service: "))
+        .map(|(_, rest)| rest.split_whitespace().next().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no exposure line in {out}"));
+    let readme = fs::read_to_string(repo().join("README.md")).unwrap();
+    let quoted = format!("`systemd-analyze security` exposure {measured} ");
+    assert!(
+        readme.contains(&quoted),
+        "README must quote the measured exposure: {quoted:?}"
+    );
+}
+
 /// The unit's `Key=value` settings (continuation lines joined).
 fn unit_settings(unit: &str) -> Vec<(String, String)> {
     unit.replace("\\\n", " ")
