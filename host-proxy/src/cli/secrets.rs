@@ -117,6 +117,15 @@ pub fn decrypt(args: DecryptArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(2));
     }
+    if let Some(out) = &args.out
+        && let (Ok(a), Ok(b)) = (args.file.canonicalize(), out.canonicalize())
+        && a == b
+    {
+        anyhow::bail!(
+            "-o {} is the sealed file itself; refusing to replace it with plaintext",
+            out.display()
+        );
+    }
     let format = args.format.unwrap_or_else(|| Format::from_path(&args.file));
     let file = args.file.clone();
     let plaintext = args

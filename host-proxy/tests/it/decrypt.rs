@@ -94,6 +94,23 @@ async fn decrypt_needs_the_flag_and_a_rotator_and_prints_the_file_in_its_format(
     assert_eq!(std::fs::read_to_string(&out_path).unwrap(), text);
     let mode = std::fs::metadata(&out_path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+    // -o naming the sealed file itself is refused before any KMS call.
+    ops.kms.reset_calls();
+    let args = [
+        path.as_os_str(),
+        OsStr::new("--yes-print-secrets"),
+        OsStr::new("-o"),
+        path.as_os_str(),
+    ];
+    let out = ops.cli(ROTATOR, "decrypt", &args, &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the sealed file itself"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), sealed);
+    assert_eq!(ops.kms.calls(Operation::Decrypt).calls, 0);
     // A new file is 0600 too, and no temporary file is left behind.
     let fresh = dir.path().join("fresh.json");
     let args = [

@@ -751,11 +751,14 @@ async fn json_and_yaml_files_are_sealed_by_path_and_loaded() {
 db:\n  password: 'p@ss word'\n  user: app\nservers:\n  - name: eu\n    token: tok-eu\n  \
 - name: us\n    token: \"tök-us\"\n";
     std::fs::write(&yaml, yaml_text).unwrap();
+    // One KMS Encrypt per value (a new file would get a file key, tested
+    // in `json_and_yaml_file_key_files_load_with_one_decrypt_and_rotate`).
     let out = tokio::task::block_in_place(|| {
         stack.encrypt_cli(
             &[
                 "--key-id",
                 &key,
+                "--per-value-kms",
                 "--keys",
                 "db.*",
                 "--keys",
