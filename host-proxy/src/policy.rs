@@ -118,6 +118,13 @@ pub enum PolicyError {
     /// A principal that is not an ARN.
     #[error("`{0}` is not an ARN (expected arn:PARTITION:iam::ACCOUNT:role/NAME or similar)")]
     BadPrincipal(String),
+    /// A rotation principal that is also an enclave role: the parent
+    /// instance could then decrypt without attestation.
+    #[error(
+        "`{0}` is both an enclave role and a rotator; the parent instance would get plaintext \
+         without attestation. Use a separate role for rotation"
+    )]
+    RotatorIsEnclaveRole(String),
     /// A required principal list is empty.
     #[error("at least one {0} is required")]
     MissingPrincipal(&'static str),
@@ -245,6 +252,13 @@ pub fn key_policy(spec: &PolicySpec) -> Result<Value, PolicyError> {
         .chain(&spec.rotator_principals)
     {
         check_arn(arn)?;
+    }
+    if let Some(both) = spec
+        .rotator_principals
+        .iter()
+        .find(|r| spec.enclave_principals.contains(r))
+    {
+        return Err(PolicyError::RotatorIsEnclaveRole(both.clone()));
     }
     for index in &spec.extra_pcrs {
         if !PINNABLE_PCRS.contains(index) {
@@ -552,6 +566,11 @@ mod tests {
         assert!(grants.get("Condition").is_none());
         // Without --rotator nothing mentions principals in conditions.
         assert!(!plain.to_string().contains(PRINCIPAL_ARN));
+        s.rotator_principals = vec!["arn:aws:iam::111122223333:role/parent".into()];
+        assert!(matches!(
+            key_policy(&s),
+            Err(PolicyError::RotatorIsEnclaveRole(_))
+        ));
         s.rotator_principals = vec!["not-an-arn".into()];
         assert!(matches!(key_policy(&s), Err(PolicyError::BadPrincipal(_))));
     }
