@@ -66,6 +66,23 @@ pub const ADMIN_ACTIONS: [&str; 23] = [
 /// Condition key of PCR0 (the enclave image).
 const IMAGE_SHA384: &str = "kms:RecipientAttestation:ImageSha384";
 
+/// Global condition key: the caller's principal ARN (for a role session,
+/// the role's ARN).
+const PRINCIPAL_ARN: &str = "aws:PrincipalArn";
+
+/// What a rotation principal (`--rotator`) may do without attestation:
+/// unwrap a file's data key and `kms` values (`decrypt`, `edit`, `rotate`),
+/// move `kms` values to another key (`rotate --key-id`), and make new data
+/// keys and values.
+pub const ROTATOR_ACTIONS: [&str; 6] = [
+    "kms:Decrypt",
+    "kms:ReEncryptFrom",
+    "kms:ReEncryptTo",
+    "kms:GenerateDataKey",
+    "kms:Encrypt",
+    "kms:DescribeKey",
+];
+
 /// Actions no principal may take on the key, whatever else allows them.
 const DENIED_ACTIONS: [&str; 2] = ["kms:ReEncryptFrom", "kms:CreateGrant"];
 
@@ -101,6 +118,13 @@ pub enum PolicyError {
     /// A principal that is not an ARN.
     #[error("`{0}` is not an ARN (expected arn:PARTITION:iam::ACCOUNT:role/NAME or similar)")]
     BadPrincipal(String),
+    /// A rotation principal that is also an enclave role: the parent
+    /// instance could then decrypt without attestation.
+    #[error(
+        "`{0}` is both an enclave role and a rotator; the parent instance would get plaintext \
+         without attestation. Use a separate role for rotation"
+    )]
+    RotatorIsEnclaveRole(String),
     /// A required principal list is empty.
     #[error("at least one {0} is required")]
     MissingPrincipal(&'static str),
@@ -196,6 +220,10 @@ pub struct PolicySpec {
     pub admin_principals: Vec<String>,
     /// Operators allowed to `Encrypt` secrets files.
     pub encrypt_principals: Vec<String>,
+    /// Rotation principals (`--rotator`, opt-in): may `Decrypt` and
+    /// `ReEncrypt` without attestation, for `rotate`, `decrypt` and `edit`.
+    /// Empty: nobody off the enclave ever gets plaintext.
+    pub rotator_principals: Vec<String>,
     /// PCRs pinned besides PCR0 (from [`PINNABLE_PCRS`]).
     pub extra_pcrs: Vec<u8>,
     /// Accept all-zero (debug-mode) measurements.
@@ -221,8 +249,16 @@ pub fn key_policy(spec: &PolicySpec) -> Result<Value, PolicyError> {
         .iter()
         .chain(&spec.admin_principals)
         .chain(&spec.encrypt_principals)
+        .chain(&spec.rotator_principals)
     {
         check_arn(arn)?;
+    }
+    if let Some(both) = spec
+        .rotator_principals
+        .iter()
+        .find(|r| spec.enclave_principals.contains(r))
+    {
+        return Err(PolicyError::RotatorIsEnclaveRole(both.clone()));
     }
     for index in &spec.extra_pcrs {
         if !PINNABLE_PCRS.contains(index) {
@@ -245,6 +281,15 @@ pub fn key_policy(spec: &PolicySpec) -> Result<Value, PolicyError> {
             // GenerateDataKey: `encrypt --file-key` asks for one data key
             // per file (the operator sees its plaintext, as it sees values).
             "Action": ["kms:Encrypt", "kms:GenerateDataKey", "kms:DescribeKey"],
+            "Resource": "*",
+        }));
+    }
+    if !spec.rotator_principals.is_empty() {
+        statements.push(json!({
+            "Sid": "RotatorsDecryptAndReEncrypt",
+            "Effect": "Allow",
+            "Principal": {"AWS": spec.rotator_principals},
+            "Action": ROTATOR_ACTIONS,
             "Resource": "*",
         }));
     }
@@ -291,35 +336,82 @@ pub fn key_policy(spec: &PolicySpec) -> Result<Value, PolicyError> {
             "Condition": {"StringEqualsIgnoreCase": condition},
         }));
     }
-    statements.push(json!({
-        "Sid": "DenyDecryptWithoutAttestation",
-        "Effect": "Deny",
-        "Principal": {"AWS": "*"},
-        "Action": "kms:Decrypt",
-        "Resource": "*",
-        "Condition": {"Null": {IMAGE_SHA384: "true"}},
-    }));
-    // One statement per key: a deny's conditions are ANDed, and each
-    // mismatch on its own must deny.
-    for (key, values) in &allowed_values {
-        let what = key.rsplit(':').next().unwrap_or(key);
-        statements.push(json!({
-            "Sid": format!("DenyDecryptUnless{what}"),
+    statements.push(with_exemption(
+        json!({
+            "Sid": "DenyDecryptWithoutAttestation",
             "Effect": "Deny",
             "Principal": {"AWS": "*"},
             "Action": "kms:Decrypt",
             "Resource": "*",
-            "Condition": {"StringNotEqualsIgnoreCase": {key.as_str(): values}},
+            "Condition": {"Null": {IMAGE_SHA384: "true"}},
+        }),
+        &spec.rotator_principals,
+    ));
+    // One statement per key: a deny's conditions are ANDed, and each
+    // mismatch on its own must deny.
+    for (key, values) in &allowed_values {
+        let what = key.rsplit(':').next().unwrap_or(key);
+        statements.push(with_exemption(
+            json!({
+                "Sid": format!("DenyDecryptUnless{what}"),
+                "Effect": "Deny",
+                "Principal": {"AWS": "*"},
+                "Action": "kms:Decrypt",
+                "Resource": "*",
+                "Condition": {"StringNotEqualsIgnoreCase": {key.as_str(): values}},
+            }),
+            &spec.rotator_principals,
+        ));
+    }
+    if spec.rotator_principals.is_empty() {
+        statements.push(json!({
+            "Sid": "DenyReEncryptFromAndGrants",
+            "Effect": "Deny",
+            "Principal": {"AWS": "*"},
+            "Action": DENIED_ACTIONS,
+            "Resource": "*",
+        }));
+    } else {
+        // Grants stay denied to everyone; ReEncrypt out of the key only to
+        // whoever is not a rotator.
+        statements.push(with_exemption(
+            json!({
+                "Sid": "DenyReEncryptFrom",
+                "Effect": "Deny",
+                "Principal": {"AWS": "*"},
+                "Action": "kms:ReEncryptFrom",
+                "Resource": "*",
+            }),
+            &spec.rotator_principals,
+        ));
+        statements.push(json!({
+            "Sid": "DenyGrants",
+            "Effect": "Deny",
+            "Principal": {"AWS": "*"},
+            "Action": "kms:CreateGrant",
+            "Resource": "*",
         }));
     }
-    statements.push(json!({
-        "Sid": "DenyReEncryptFromAndGrants",
-        "Effect": "Deny",
-        "Principal": {"AWS": "*"},
-        "Action": DENIED_ACTIONS,
-        "Resource": "*",
-    }));
     Ok(json!({"Version": "2012-10-17", "Statement": statements}))
+}
+
+/// A deny statement that no longer applies to `exempt` principals: an
+/// `ArnNotEquals` on `aws:PrincipalArn` beside its other conditions (a
+/// statement's conditions are ANDed, so it denies exactly as before to
+/// everyone else). Unchanged when `exempt` is empty.
+fn with_exemption(mut statement: Value, exempt: &[String]) -> Value {
+    if exempt.is_empty() {
+        return statement;
+    }
+    if let Some(object) = statement.as_object_mut() {
+        let condition = object
+            .entry("Condition")
+            .or_insert_with(|| Value::Object(serde_json::Map::new()));
+        if let Some(condition) = condition.as_object_mut() {
+            condition.insert("ArnNotEquals".into(), json!({PRINCIPAL_ARN: exempt}));
+        }
+    }
+    statement
 }
 
 #[cfg(test)]
@@ -432,6 +524,55 @@ mod tests {
             assert!(cond.contains_key(IMAGE_SHA384));
             assert!(cond.contains_key("kms:RecipientAttestation:PCR1"));
         }
+    }
+
+    #[test]
+    fn a_rotator_is_allowed_and_exempted_from_the_decrypt_denies_only() {
+        let rotator = "arn:aws:iam::111122223333:role/rotator";
+        let plain = key_policy(&spec(&build_output(&pcr('A'), None))).unwrap();
+        let mut s = spec(&build_output(&pcr('A'), None));
+        s.rotator_principals = vec![rotator.into()];
+        let policy = key_policy(&s).unwrap();
+        let allow = statement(&policy, "RotatorsDecryptAndReEncrypt");
+        assert_eq!(allow["Principal"]["AWS"], json!([rotator]));
+        assert_eq!(allow["Action"], json!(ROTATOR_ACTIONS));
+        assert!(allow.get("Condition").is_none());
+        // Each Decrypt deny is the default one plus the exemption.
+        for sid in [
+            "DenyDecryptWithoutAttestation",
+            "DenyDecryptUnlessImageSha384",
+        ] {
+            let mut st = statement(&policy, sid).clone();
+            assert_eq!(
+                st["Condition"]["ArnNotEquals"][PRINCIPAL_ARN],
+                json!([rotator]),
+                "{st}"
+            );
+            st["Condition"]
+                .as_object_mut()
+                .unwrap()
+                .remove("ArnNotEquals");
+            assert_eq!(&st, statement(&plain, sid));
+        }
+        let reencrypt = statement(&policy, "DenyReEncryptFrom");
+        assert_eq!(reencrypt["Action"], "kms:ReEncryptFrom");
+        assert_eq!(
+            reencrypt["Condition"]["ArnNotEquals"][PRINCIPAL_ARN],
+            json!([rotator])
+        );
+        // Grants stay denied to everyone, rotators included.
+        let grants = statement(&policy, "DenyGrants");
+        assert_eq!(grants["Action"], "kms:CreateGrant");
+        assert!(grants.get("Condition").is_none());
+        // Without --rotator nothing mentions principals in conditions.
+        assert!(!plain.to_string().contains(PRINCIPAL_ARN));
+        s.rotator_principals = vec!["arn:aws:iam::111122223333:role/parent".into()];
+        assert!(matches!(
+            key_policy(&s),
+            Err(PolicyError::RotatorIsEnclaveRole(_))
+        ));
+        s.rotator_principals = vec!["not-an-arn".into()];
+        assert!(matches!(key_policy(&s), Err(PolicyError::BadPrincipal(_))));
     }
 
     #[test]

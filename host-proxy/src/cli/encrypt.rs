@@ -1,5 +1,5 @@
 //! `keystore-host encrypt`: flags and AWS set-up around
-//! [`keystore_host::secrets_file::encrypt::encrypt_file_as`].
+//! [`keystore_host::secrets_file::file_key::encrypt`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use keystore_host::secrets_file::Format;
-use keystore_host::secrets_file::encrypt::{RulesWritten, Selection, encrypt_file_as};
+use keystore_host::secrets_file::encrypt::{RulesWritten, Selection};
 use keystore_host::secrets_file::file_key::{self, KeyMode};
 use keystore_host::secrets_file::rules::read_rules;
 
@@ -80,32 +80,12 @@ pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
             _ => KeyMode::Auto,
         };
         let format = args.format.unwrap_or_else(|| Format::from_path(&args.file));
-        if format != Format::Env {
-            // The file key reads `.env` files only so far; JSON and YAML
-            // are sealed one KMS `Encrypt` per value.
-            if args.file_key {
-                anyhow::bail!(
-                    "--file-key supports .env files only so far; encrypt {} with --per-value-kms",
-                    args.file.display()
-                );
-            }
-            return anyhow::Ok(
-                encrypt_file_as(
-                    &client,
-                    &args.key_id,
-                    &args.file,
-                    format,
-                    &selection,
-                    rules.as_ref(),
-                )
-                .await?,
-            );
-        }
         anyhow::Ok(
             file_key::encrypt(
                 &client,
                 &args.key_id,
                 &args.file,
+                format,
                 &selection,
                 rules.as_ref(),
                 mode,

@@ -7,6 +7,7 @@ pub mod client;
 pub mod encrypt;
 pub mod policy;
 pub mod proxy;
+pub mod secrets;
 
 use std::process::ExitCode;
 
@@ -75,8 +76,17 @@ pub enum Command {
     /// Run the agent alone: the unix socket and HTTP fronts applications
     /// read secrets from.
     Agent(agent::AgentArgs),
-    /// Encrypt plain values of a `.env` file in place with KMS.
+    /// Encrypt plain values of a secrets file (.env, JSON, YAML) in place.
     Encrypt(encrypt::EncryptArgs),
+    /// Break-glass: print a secrets file with its values in plaintext
+    /// (needs a `--rotator` principal and `--yes-print-secrets`).
+    Decrypt(secrets::DecryptArgs),
+    /// New data key for a file-key file (and with --key-id, a new KMS key);
+    /// version + 1. Needs a `--rotator` principal.
+    Rotate(secrets::RotateArgs),
+    /// Edit a sealed file's values in $EDITOR (plaintext only on tmpfs),
+    /// then seal it again; version + 1. Needs a `--rotator` principal.
+    Edit(secrets::EditArgs),
 }
 
 /// Runs the chosen command.
@@ -94,6 +104,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Proxy(args) => proxy::run(cli.enclave.as_ref(), args),
         Command::Agent(args) => agent::run(cli.enclave.as_ref(), &args),
         Command::Encrypt(args) => encrypt::run(args),
+        Command::Decrypt(args) => secrets::decrypt(args),
+        Command::Rotate(args) => secrets::rotate(args),
+        Command::Edit(args) => secrets::edit(args),
     }
 }
 

@@ -28,6 +28,12 @@ pub struct PolicyArgs {
     /// Operator allowed to encrypt secrets files (repeatable).
     #[arg(long = "encrypt-principal", value_name = "ARN")]
     encrypt_principals: Vec<String>,
+    /// Rotation principal (opt-in, repeatable): may Decrypt and ReEncrypt
+    /// without attestation, for `rotate`, `decrypt` and `edit`. Whoever holds
+    /// it can read every secret under the key: keep it for break-glass and
+    /// rotation. Without it, plaintext is released only to the enclave.
+    #[arg(long = "rotator", value_name = "ARN")]
+    rotators: Vec<String>,
     /// Also pin PCR N (1, 2, 3 or 8); PCR0 is always pinned.
     #[arg(long = "pcr", value_name = "N")]
     pcrs: Vec<u8>,
@@ -79,6 +85,7 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
         enclave_principals: args.enclave_roles,
         admin_principals: args.admins,
         encrypt_principals: args.encrypt_principals,
+        rotator_principals: args.rotators,
         extra_pcrs,
         allow_debug: args.allow_debug,
     };

@@ -241,43 +241,13 @@ pub async fn encrypt_file_as(
     {
         return Err(EncryptError::RulesTooLarge { len: json.len() });
     }
-    let mut report = EncryptReport::default();
-    let mut todo = Vec::new();
-    let mut rules_index = None;
-    for (index, entry) in file.values().enumerate() {
-        if is_reserved(entry.name) {
-            if !entry.is_string || !Envelope::is_envelope(entry.value) {
-                return Err(EncryptError::PlainReserved {
-                    name: entry.name.to_owned(),
-                    line: entry.line,
-                });
-            }
-            if entry.name == RULES_NAME {
-                rules_index = Some(index);
-            }
-        }
-        // Numbers, booleans and null stay readable settings.
-        if !entry.is_string || !selection.matches(entry.name) {
-            continue;
-        }
-        SecretName::check(entry.name).map_err(|source| EncryptError::InvalidName {
-            line: entry.line,
-            source,
-        })?;
-        if Envelope::is_envelope(entry.value) {
-            report.already_encrypted.push(entry.name.to_owned());
-        } else if entry.value.is_empty() {
-            report.skipped_empty.push(entry.name.to_owned());
-        } else if entry.value.len() > MAX_KMS_PLAINTEXT {
-            return Err(EncryptError::TooLarge {
-                name: entry.name.to_owned(),
-                line: entry.line,
-                len: entry.value.len(),
-            });
-        } else {
-            todo.push(index);
-        }
-    }
+    let Plan {
+        mut report,
+        todo,
+        rules_index,
+    } = plan(&file, selection, MAX_KMS_PLAINTEXT, |name, line, len| {
+        EncryptError::TooLarge { name, line, len }
+    })?;
 
     for index in todo {
         let (name, plaintext) = match file.values().nth(index) {
@@ -299,27 +269,15 @@ pub async fn encrypt_file_as(
 
     if let Some((rules, json)) = rules.zip(rules_json) {
         let envelope = encrypt_value(client, key_id, RULES_NAME, &json).await?;
-        let parse_err = |source| EncryptError::Parse {
-            path: path.to_owned(),
-            source,
-        };
         let count = rules.rules().len();
-        report.rules = Some(match rules_index {
-            Some(index) => {
-                file.set_value(index, &envelope.to_string())
-                    .map_err(parse_err)?;
-                RulesWritten::Replaced { rules: count }
-            }
-            None => {
-                file.append(
-                    Some("access rules: written by `keystore-host encrypt --rules`"),
-                    RULES_NAME,
-                    &envelope.to_string(),
-                )
-                .map_err(parse_err)?;
-                RulesWritten::Added { rules: count }
-            }
-        });
+        report.rules = Some(
+            put_rules(&mut file, rules_index, &envelope.to_string(), count).map_err(|source| {
+                EncryptError::Parse {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?,
+        );
         tracing::info!(rules = count, "access rules encrypted");
     }
 
@@ -331,6 +289,93 @@ pub async fn encrypt_file_as(
         write_atomically(path, text.as_bytes())?;
     }
     Ok(report)
+}
+
+/// What `encrypt` will do to a file, worked out before any KMS call.
+pub(crate) struct Plan {
+    /// The selected values that are already `ENC[...]` or empty.
+    pub(crate) report: EncryptReport,
+    /// Indexes (as numbered by [`SecretsFile::values`]) of the plain
+    /// values to seal.
+    pub(crate) todo: Vec<usize>,
+    /// Index of the existing `keystore:rules` entry.
+    pub(crate) rules_index: Option<usize>,
+}
+
+/// Classifies the values of `file` for `encrypt`, whichever way values are
+/// sealed: reserved entries must be sealed already, numbers/booleans/null
+/// stay settings, selected names must be valid secret names, and a value
+/// over `limit` bytes is refused through `too_large(name, line, len)`.
+pub(crate) fn plan(
+    file: &SecretsFile,
+    selection: &Selection,
+    limit: usize,
+    too_large: impl Fn(String, usize, usize) -> EncryptError,
+) -> Result<Plan, EncryptError> {
+    let mut plan = Plan {
+        report: EncryptReport::default(),
+        todo: Vec::new(),
+        rules_index: None,
+    };
+    for (index, entry) in file.values().enumerate() {
+        if is_reserved(entry.name) {
+            if !entry.is_string || !Envelope::is_envelope(entry.value) {
+                return Err(EncryptError::PlainReserved {
+                    name: entry.name.to_owned(),
+                    line: entry.line,
+                });
+            }
+            if entry.name == RULES_NAME {
+                plan.rules_index = Some(index);
+            }
+        }
+        // Numbers, booleans and null stay readable settings.
+        if !entry.is_string || !selection.matches(entry.name) {
+            continue;
+        }
+        SecretName::check(entry.name).map_err(|source| EncryptError::InvalidName {
+            line: entry.line,
+            source,
+        })?;
+        if Envelope::is_envelope(entry.value) {
+            plan.report.already_encrypted.push(entry.name.to_owned());
+        } else if entry.value.is_empty() {
+            plan.report.skipped_empty.push(entry.name.to_owned());
+        } else if entry.value.len() > limit {
+            return Err(too_large(
+                entry.name.to_owned(),
+                entry.line,
+                entry.value.len(),
+            ));
+        } else {
+            plan.todo.push(index);
+        }
+    }
+    Ok(plan)
+}
+
+/// Writes the sealed rules `envelope` over the existing entry at
+/// `rules_index`, or appends it as a new top-level entry.
+pub(crate) fn put_rules(
+    file: &mut SecretsFile,
+    rules_index: Option<usize>,
+    envelope: &str,
+    count: usize,
+) -> Result<RulesWritten, FormatError> {
+    Ok(match rules_index {
+        Some(index) => {
+            file.set_value(index, envelope)?;
+            RulesWritten::Replaced { rules: count }
+        }
+        None => {
+            file.append(
+                Some("access rules: written by `keystore-host encrypt --rules`"),
+                RULES_NAME,
+                envelope,
+            )?;
+            RulesWritten::Added { rules: count }
+        }
+    })
 }
 
 /// One KMS `Encrypt` with the name-binding encryption context.
@@ -365,6 +410,32 @@ async fn encrypt_value(
 /// `rename` is atomic) with the old file's permissions, synced, renamed
 /// over the old one, and the directory synced.
 pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), EncryptError> {
+    let permissions = std::fs::metadata(path)
+        .map_err(|source| EncryptError::Write {
+            path: path.to_owned(),
+            source,
+        })?
+        .permissions();
+    write_via_temp(path, contents, permissions)
+}
+
+/// Writes `contents` to `path` (new or replaced) atomically with mode 0600,
+/// whatever the old file's mode: for plaintext (`decrypt -o`).
+pub fn write_private_atomically(path: &Path, contents: &[u8]) -> Result<(), EncryptError> {
+    use std::os::unix::fs::PermissionsExt;
+    write_via_temp(path, contents, std::fs::Permissions::from_mode(0o600))
+}
+
+/// A temporary file beside `path`, created 0600 (never wider while it is
+/// written), given `permissions`, filled, synced and renamed over `path`;
+/// then the directory is synced. On any failure the temporary file is
+/// removed and `path` is untouched.
+fn write_via_temp(
+    path: &Path,
+    contents: &[u8],
+    permissions: std::fs::Permissions,
+) -> Result<(), EncryptError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let write_err = |path: &Path| {
         let path = path.to_owned();
         move |source| EncryptError::Write { path, source }
@@ -373,9 +444,6 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), EncryptError
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
         _ => PathBuf::from("."),
     };
-    let permissions = std::fs::metadata(path)
-        .map_err(write_err(path))?
-        .permissions();
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -389,6 +457,7 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), EncryptError
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&candidate)
         {
             Ok(file) => break (candidate, file),

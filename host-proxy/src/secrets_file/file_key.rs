@@ -41,16 +41,16 @@ use keystore_shared::file_record::{
     FILE_CONTEXT_KEY, FILE_ID_LEN, FileId, FileKey, FileRecord, FileRecordError, MAX_FK_PLAINTEXT,
     NONCE_LEN,
 };
-use keystore_shared::name::{FILE_NAME, RULES_NAME, SecretName, is_reserved};
+use keystore_shared::name::{FILE_NAME, RULES_NAME, is_reserved};
 use rand::TryRng;
 use zeroize::Zeroizing;
 
-use crate::secrets_file;
-use crate::secrets_file::dotenv::DotEnv;
 use crate::secrets_file::encrypt::{
-    EncryptError, EncryptReport, RulesWritten, Selection, encrypt_file_with_rules, write_atomically,
+    EncryptError, EncryptReport, Plan, Selection, encrypt_file_as, plan, put_rules,
+    write_atomically,
 };
 use crate::secrets_file::format::FormatError;
+use crate::secrets_file::{self, Format, SecretsFile};
 
 /// How `encrypt` protects values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -155,33 +155,44 @@ pub enum FileKeyEncryptError {
     Random(String),
 }
 
-/// A file's key facts as read from it.
-struct Survey {
-    /// Index and line of the existing record entry, and its version.
-    record: Option<(usize, usize, u64)>,
-    /// Index of the rules entry.
-    rules: Option<usize>,
-    /// (name, line) of every `fk` value.
-    fk: Vec<(String, usize)>,
-    /// Whether any `kms` value is present.
-    has_kms: bool,
+/// The `keystore:file` record of a file, where it is.
+pub(crate) struct RecordAt {
+    /// Index as numbered by [`SecretsFile::values`].
+    pub(crate) index: usize,
+    /// 1-based line.
+    pub(crate) line: usize,
+    /// The decoded record.
+    pub(crate) record: FileRecord,
 }
 
-fn survey(file: &DotEnv) -> Result<Survey, EncryptError> {
+/// A file's key facts as read from it.
+pub(crate) struct Survey {
+    /// The existing record entry.
+    pub(crate) record: Option<RecordAt>,
+    /// (name, line) of every `fk` value.
+    pub(crate) fk: Vec<(String, usize)>,
+    /// Whether any `kms` value is present.
+    pub(crate) has_kms: bool,
+}
+
+/// Reads the record and the kinds of envelopes in `file`: a reserved entry
+/// must be sealed, the record must be `keystore:file` and of kind `file`,
+/// and every `ENC[...]` string must parse.
+pub(crate) fn survey(file: &SecretsFile) -> Result<Survey, EncryptError> {
     let mut out = Survey {
         record: None,
-        rules: None,
         fk: Vec::new(),
         has_kms: false,
     };
-    for (index, entry) in file.entries().enumerate() {
-        if is_reserved(entry.name) && !Envelope::is_envelope(entry.value) {
+    for (index, entry) in file.values().enumerate() {
+        let sealed = entry.is_string && Envelope::is_envelope(entry.value);
+        if is_reserved(entry.name) && !sealed {
             return Err(EncryptError::PlainReserved {
                 name: entry.name.to_owned(),
                 line: entry.line,
             });
         }
-        if !Envelope::is_envelope(entry.value) {
+        if !sealed {
             continue;
         }
         let envelope =
@@ -197,7 +208,11 @@ fn survey(file: &DotEnv) -> Result<Survey, EncryptError> {
                         line: entry.line,
                         source,
                     })?;
-                out.record = Some((index, entry.line, record.version));
+                out.record = Some(RecordAt {
+                    index,
+                    line: entry.line,
+                    record,
+                });
             }
             (FILE_NAME, _) | (_, Envelope::File { .. }) => {
                 return Err(FileKeyEncryptError::Record {
@@ -214,67 +229,67 @@ fn survey(file: &DotEnv) -> Result<Survey, EncryptError> {
             (_, Envelope::Fk { .. }) => out.fk.push((entry.name.to_owned(), entry.line)),
             (_, Envelope::Kms { .. }) => out.has_kms = true,
         }
-        if entry.name == RULES_NAME {
-            out.rules = Some(index);
-        }
     }
     Ok(out)
 }
 
 /// `encrypt` with the [`KeyMode`] choice: a file key, or one KMS `Encrypt`
-/// per value ([`encrypt_file_with_rules`]). Nothing is written unless
-/// everything succeeded.
+/// per value ([`encrypt_file_as`]), for a file read as `format`. Nothing is
+/// written unless everything succeeded.
 pub async fn encrypt(
     client: &aws_sdk_kms::Client,
     key_id: &str,
     path: &Path,
+    format: Format,
     selection: &Selection,
     rules: Option<&AccessRules>,
     mode: KeyMode,
 ) -> Result<EncryptReport, EncryptError> {
-    let file = read(path)?;
+    let file = read(path, format)?;
     let facts = survey(&file)?;
     drop(file);
     let file_key = match mode {
         KeyMode::FileKey => true,
         KeyMode::PerValueKms => {
-            if let Some((_, line, _)) = facts.record {
-                return Err(FileKeyEncryptError::PerValueOnFileKeyFile { line }.into());
+            if let Some(at) = &facts.record {
+                return Err(FileKeyEncryptError::PerValueOnFileKeyFile { line: at.line }.into());
             }
             false
         }
         KeyMode::Auto => facts.record.is_some() || !facts.has_kms,
     };
     if file_key {
-        encrypt_file_key(client, key_id, path, selection, rules).await
+        encrypt_file_key(client, key_id, path, format, selection, rules).await
     } else {
-        encrypt_file_with_rules(client, key_id, path, selection, rules).await
+        encrypt_file_as(client, key_id, path, format, selection, rules).await
     }
 }
 
-fn read(path: &Path) -> Result<DotEnv, EncryptError> {
+/// Reads and parses the file at `path` as `format`.
+pub(crate) fn read(path: &Path, format: Format) -> Result<SecretsFile, EncryptError> {
     let bytes = secrets_file::read(path).map_err(EncryptError::Read)?;
-    DotEnv::parse(&bytes).map_err(|source| EncryptError::Parse {
+    SecretsFile::parse(&bytes, format).map_err(|source| EncryptError::Parse {
         path: path.to_owned(),
-        source: FormatError::Env(source),
+        source,
     })
 }
 
-/// Seals the selected plain values (and `rules`) of the `.env` file at
-/// `path` under a new data key from `key_id`, and writes the record. See
-/// the module documentation for which files qualify.
+/// Seals the selected plain values (and `rules`) of the file at `path`,
+/// read as `format`, under a new data key from `key_id`, and writes the
+/// record. See the module documentation for which files qualify.
 pub async fn encrypt_file_key(
     client: &aws_sdk_kms::Client,
     key_id: &str,
     path: &Path,
+    format: Format,
     selection: &Selection,
     rules: Option<&AccessRules>,
 ) -> Result<EncryptReport, EncryptError> {
-    let mut file = read(path)?;
+    let mut file = read(path, format)?;
     let facts = survey(&file)?;
     let parse_err = |source| EncryptError::Parse {
         path: path.to_owned(),
-        source: FormatError::Env(source),
+        source,
     };
 
     // Every check before the KMS call.
@@ -289,31 +304,13 @@ pub async fn encrypt_file_key(
         }
         .into());
     }
-    let mut report = EncryptReport::default();
-    let mut todo = Vec::new();
-    for (index, entry) in file.entries().enumerate() {
-        if !selection.matches(entry.name) {
-            continue;
-        }
-        SecretName::check(entry.name).map_err(|source| EncryptError::InvalidName {
-            line: entry.line,
-            source,
-        })?;
-        if Envelope::is_envelope(entry.value) {
-            report.already_encrypted.push(entry.name.to_owned());
-        } else if entry.value.is_empty() {
-            report.skipped_empty.push(entry.name.to_owned());
-        } else if entry.value.len() > MAX_FK_PLAINTEXT {
-            return Err(FileKeyEncryptError::TooLarge {
-                name: entry.name.to_owned(),
-                line: entry.line,
-                len: entry.value.len(),
-            }
-            .into());
-        } else {
-            todo.push(index);
-        }
-    }
+    let Plan {
+        mut report,
+        todo,
+        rules_index,
+    } = plan(&file, selection, MAX_FK_PLAINTEXT, |name, line, len| {
+        FileKeyEncryptError::TooLarge { name, line, len }.into()
+    })?;
     // Idempotent: with nothing to seal, a file with a record stays as it
     // is, and so does one with no ENC[...] value at all. (A file of `kms`
     // values only, given `--file-key`, gets a record naming them.)
@@ -331,125 +328,208 @@ pub async fn encrypt_file_key(
         }
         .into());
     }
-    let version = match facts.record {
-        Some((_, _, previous)) => previous
-            .checked_add(1)
-            .ok_or(FileKeyEncryptError::VersionExhausted(previous))?,
-        None => 1,
-    };
+    let version = next_version(facts.record.as_ref().map(|at| at.record.version))?;
 
     // The one KMS call.
-    let file_id = FileId(random::<FILE_ID_LEN>()?);
-    let output = client
-        .generate_data_key()
-        .key_id(key_id)
-        .key_spec(DataKeySpec::Aes256)
-        .encryption_context(FILE_CONTEXT_KEY, file_id.to_hex())
-        .send()
-        .await
-        .map_err(|err| {
-            FileKeyEncryptError::Kms(
-                aws_smithy_types::error::display::DisplayErrorContext(&err).to_string(),
-            )
-        })?;
-    let wrapped = output
-        .ciphertext_blob
-        .map(|b| b.into_inner())
-        .ok_or_else(|| FileKeyEncryptError::BadDataKey("no CiphertextBlob".into()))?;
-    let data_key = Zeroizing::new(
-        output
-            .plaintext
-            .map(|b| b.into_inner())
-            .ok_or_else(|| FileKeyEncryptError::BadDataKey("no Plaintext".into()))?,
-    );
-    let key = FileKey::derive(&data_key, file_id)
-        .map_err(|e| FileKeyEncryptError::BadDataKey(e.to_string()))?;
-    drop(data_key);
-
+    let key = DataKey::generate(client, key_id).await?;
+    let mut plaintexts = Vec::with_capacity(todo.len());
     for index in todo {
-        let (name, plaintext) = match file.entries().nth(index) {
-            Some(entry) => (
-                entry.name.to_owned(),
-                Zeroizing::new(entry.value.as_bytes().to_vec()),
-            ),
-            None => continue,
-        };
-        let envelope = key
-            .seal(&name, &plaintext, random::<NONCE_LEN>()?)
-            .map_err(FileKeyEncryptError::Seal)?;
-        file.set_value(index, &envelope.to_string())
-            .map_err(parse_err)?;
-        tracing::info!(name = %name, "sealed under the file key");
-        report.encrypted.push(name);
+        if let Some(entry) = file.values().nth(index) {
+            plaintexts.push((index, Zeroizing::new(entry.value.as_bytes().to_vec())));
+        }
     }
+    report.encrypted = key
+        .seal_values(&mut file, plaintexts)
+        .map_err(|e| e.at(path))?;
     if let Some((rules, json)) = rules.zip(rules_json) {
-        let envelope = key
-            .seal(RULES_NAME, &json, random::<NONCE_LEN>()?)
-            .map_err(FileKeyEncryptError::Seal)?;
+        let envelope = key.seal(RULES_NAME, &json)?;
         let count = rules.rules().len();
-        report.rules = Some(match facts.rules {
-            Some(index) => {
-                file.set_value(index, &envelope.to_string())
-                    .map_err(parse_err)?;
-                RulesWritten::Replaced { rules: count }
-            }
-            None => {
-                file.append(
-                    Some("access rules: written by `keystore-host encrypt --rules`"),
-                    RULES_NAME,
-                    &envelope.to_string(),
+        report.rules = Some(
+            put_rules(&mut file, rules_index, &envelope.to_string(), count).map_err(parse_err)?,
+        );
+    }
+    let written = key
+        .write_record(&mut file, version, facts.record.as_ref().map(|at| at.index))
+        .map_err(|e| e.at(path))?;
+    report.file_key = Some(written);
+    let text = file.render().map_err(parse_err)?;
+    write_atomically(path, text.as_bytes())?;
+    Ok(report)
+}
+
+/// The version after `previous` (1 for a file without a record).
+pub(crate) fn next_version(previous: Option<u64>) -> Result<u64, FileKeyEncryptError> {
+    match previous {
+        Some(previous) => previous
+            .checked_add(1)
+            .ok_or(FileKeyEncryptError::VersionExhausted(previous)),
+        None => Ok(1),
+    }
+}
+
+/// A fresh data key for a file: its new file id, the key wrapped by KMS,
+/// and the value and MAC keys derived from it (the plaintext data key
+/// itself is wiped as soon as they are derived).
+pub(crate) struct DataKey {
+    file_id: FileId,
+    wrapped: Vec<u8>,
+    key: FileKey,
+}
+
+/// Why [`DataKey::write_record`] failed.
+pub(crate) enum RecordWriteError {
+    /// Building or signing the record.
+    Key(FileKeyEncryptError),
+    /// Putting it into the file.
+    Format(FormatError),
+}
+
+impl RecordWriteError {
+    /// As an [`EncryptError`] naming `path`.
+    pub(crate) fn at(self, path: &Path) -> EncryptError {
+        match self {
+            RecordWriteError::Key(e) => e.into(),
+            RecordWriteError::Format(source) => EncryptError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+        }
+    }
+}
+
+impl From<FileKeyEncryptError> for RecordWriteError {
+    fn from(e: FileKeyEncryptError) -> Self {
+        RecordWriteError::Key(e)
+    }
+}
+
+impl From<FormatError> for RecordWriteError {
+    fn from(e: FormatError) -> Self {
+        RecordWriteError::Format(e)
+    }
+}
+
+impl DataKey {
+    /// One KMS `GenerateDataKey` (AES-256) under `key_id`, bound to a new
+    /// random file id by the context `{"keystore:file": ID}`.
+    pub(crate) async fn generate(
+        client: &aws_sdk_kms::Client,
+        key_id: &str,
+    ) -> Result<DataKey, FileKeyEncryptError> {
+        let file_id = FileId(random::<FILE_ID_LEN>()?);
+        let output = client
+            .generate_data_key()
+            .key_id(key_id)
+            .key_spec(DataKeySpec::Aes256)
+            .encryption_context(FILE_CONTEXT_KEY, file_id.to_hex())
+            .send()
+            .await
+            .map_err(|err| {
+                FileKeyEncryptError::Kms(
+                    aws_smithy_types::error::display::DisplayErrorContext(&err).to_string(),
                 )
-                .map_err(parse_err)?;
-                RulesWritten::Added { rules: count }
-            }
-        });
+            })?;
+        let wrapped = output
+            .ciphertext_blob
+            .map(|b| b.into_inner())
+            .ok_or_else(|| FileKeyEncryptError::BadDataKey("no CiphertextBlob".into()))?;
+        let data_key = Zeroizing::new(
+            output
+                .plaintext
+                .map(|b| b.into_inner())
+                .ok_or_else(|| FileKeyEncryptError::BadDataKey("no Plaintext".into()))?,
+        );
+        let key = FileKey::derive(&data_key, file_id)
+            .map_err(|e| FileKeyEncryptError::BadDataKey(e.to_string()))?;
+        Ok(DataKey {
+            file_id,
+            wrapped,
+            key,
+        })
     }
 
-    // The record names every ENC[...] entry the loader will send.
-    let mut named: BTreeMap<String, Envelope> = BTreeMap::new();
-    for entry in file.entries() {
-        if entry.name == FILE_NAME || !Envelope::is_envelope(entry.value) {
-            continue;
-        }
-        let envelope =
-            Envelope::parse(entry.value).map_err(|source| FileKeyEncryptError::Envelope {
-                name: entry.name.to_owned(),
-                line: entry.line,
-                source,
-            })?;
-        named.insert(entry.name.to_owned(), envelope);
+    /// Seals `value` as the `fk` value of `name` under a fresh nonce.
+    pub(crate) fn seal(&self, name: &str, value: &[u8]) -> Result<Envelope, FileKeyEncryptError> {
+        self.key
+            .seal(name, value, random::<NONCE_LEN>()?)
+            .map_err(FileKeyEncryptError::Seal)
     }
-    let mut record = FileRecord::new(
-        file_id,
-        version,
-        wrapped,
-        named.iter().map(|(n, e)| (n.as_str(), e)),
-    )
-    .map_err(FileKeyEncryptError::Seal)?;
-    key.sign(&mut record).map_err(FileKeyEncryptError::Seal)?;
-    let record_text = record
-        .to_envelope()
-        .map_err(|e| FileKeyEncryptError::BadDataKey(e.to_string()))?
-        .to_string();
-    match facts.record {
-        Some((index, _, _)) => file.set_value(index, &record_text).map_err(parse_err)?,
-        None => file
-            .append(
+
+    /// Seals each (index, plaintext) into `file` under the value's own
+    /// name; returns the names sealed, in order.
+    pub(crate) fn seal_values(
+        &self,
+        file: &mut SecretsFile,
+        values: Vec<(usize, Zeroizing<Vec<u8>>)>,
+    ) -> Result<Vec<String>, SealValuesError> {
+        let mut sealed = Vec::with_capacity(values.len());
+        for (index, plaintext) in values {
+            let Some(name) = file.values().nth(index).map(|v| v.name.to_owned()) else {
+                return Err(FormatError::NoSuchEntry(index).into());
+            };
+            let envelope = self.seal(&name, &plaintext)?;
+            file.set_value(index, &envelope.to_string())?;
+            tracing::info!(name = %name, "sealed under the file key");
+            sealed.push(name);
+        }
+        Ok(sealed)
+    }
+
+    /// Writes the `keystore:file` record for `file` as it now is: every
+    /// `ENC[...]` string but the record, at `version`, MACed, over the
+    /// entry at `record_index` or appended.
+    pub(crate) fn write_record(
+        &self,
+        file: &mut SecretsFile,
+        version: u64,
+        record_index: Option<usize>,
+    ) -> Result<FileKeyWritten, RecordWriteError> {
+        let mut named: BTreeMap<String, Envelope> = BTreeMap::new();
+        for entry in file.values() {
+            if entry.name == FILE_NAME || !entry.is_string || !Envelope::is_envelope(entry.value) {
+                continue;
+            }
+            let envelope =
+                Envelope::parse(entry.value).map_err(|source| FileKeyEncryptError::Envelope {
+                    name: entry.name.to_owned(),
+                    line: entry.line,
+                    source,
+                })?;
+            named.insert(entry.name.to_owned(), envelope);
+        }
+        let mut record = FileRecord::new(
+            self.file_id,
+            version,
+            self.wrapped.clone(),
+            named.iter().map(|(n, e)| (n.as_str(), e)),
+        )
+        .map_err(FileKeyEncryptError::Seal)?;
+        self.key
+            .sign(&mut record)
+            .map_err(FileKeyEncryptError::Seal)?;
+        let record_text = record
+            .to_envelope()
+            .map_err(|e| FileKeyEncryptError::BadDataKey(e.to_string()))?
+            .to_string();
+        match record_index {
+            Some(index) => file.set_value(index, &record_text)?,
+            None => file.append(
                 Some("file key record: written by `keystore-host encrypt`; do not edit"),
                 FILE_NAME,
                 &record_text,
-            )
-            .map_err(parse_err)?,
+            )?,
+        }
+        tracing::info!(file_id = %self.file_id, version, entries = record.manifest.len(), "file key record written");
+        Ok(FileKeyWritten {
+            file_id: self.file_id.to_hex(),
+            version,
+            entries: record.manifest.len(),
+        })
     }
-    report.file_key = Some(FileKeyWritten {
-        file_id: file_id.to_hex(),
-        version,
-        entries: record.manifest.len(),
-    });
-    tracing::info!(file_id = %file_id, version, entries = record.manifest.len(), "file key record written");
-    write_atomically(path, file.text().as_bytes())?;
-    Ok(report)
 }
+
+/// Why [`DataKey::seal_values`] failed.
+pub(crate) type SealValuesError = RecordWriteError;
 
 /// `N` bytes from the OS random source.
 fn random<const N: usize>() -> Result<[u8; N], FileKeyEncryptError> {

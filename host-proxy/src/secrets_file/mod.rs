@@ -1,15 +1,20 @@
 //! The secrets file on the parent: reading and rewriting it without
 //! disturbing its layout, in any of its formats ([`format`]: `.env` in
 //! [`dotenv`], [`json`], [`yaml`]), turning its plain values into KMS
-//! envelopes ([`encrypt`]), the operator's access rules that go with them
-//! ([`rules`]), and the envelopes the loader sends ([`entries`]).
+//! envelopes ([`encrypt`], [`file_key`]), the operator's access rules that
+//! go with them ([`rules`]), the envelopes the loader sends ([`entries`]),
+//! and the commands that need plaintext back through KMS: [`unseal`]
+//! (`decrypt`), [`rotate`], [`edit`].
 
 pub mod dotenv;
+pub mod edit;
 pub mod encrypt;
 pub mod file_key;
 pub mod format;
 pub mod json;
+pub mod rotate;
 pub mod rules;
+pub mod unseal;
 pub mod yaml;
 
 pub use format::{Format, FormatError, SecretsFile};

@@ -25,6 +25,10 @@ use support::enclave_binary;
 const ACCESS_KEY: &str = "AKIAE2ETESTE2ETEST01";
 const SECRET_KEY: &str = "e2e-secret-access-key";
 const REGION: &str = "us-east-1";
+/// The rotation principal (`keystore-host policy --rotator`) of the pinned
+/// keys: may Decrypt without attestation, for `rotate`/`decrypt`.
+const ROTATOR_KEY: &str = "AKIAE2EROTATOR000001";
+const ROTATOR_SECRET: &str = "e2e-rotator-secret";
 
 /// A child process killed when dropped, its stderr kept in a file.
 struct Running {
@@ -87,7 +91,10 @@ impl Stack {
         let kms = MockKms::start(
             MockKmsConfig::new(
                 dir.path().join("kms-tls"),
-                vec![Credential::new(ACCESS_KEY, SECRET_KEY)],
+                vec![
+                    Credential::new(ACCESS_KEY, SECRET_KEY),
+                    Credential::new(ROTATOR_KEY, ROTATOR_SECRET),
+                ],
             )
             .with_attestation_root(dir.path().join("pki/root.pem")),
         )
@@ -139,6 +146,7 @@ impl Stack {
             enclave_principals: vec!["arn:aws:iam::111122223333:role/parent".into()],
             admin_principals: vec!["arn:aws:iam::111122223333:role/admin".into()],
             encrypt_principals: vec!["arn:aws:iam::111122223333:role/operator".into()],
+            rotator_principals: vec![format!("arn:aws:iam::111122223333:user/{ROTATOR_KEY}")],
             ..PolicySpec::default()
         };
         let policy = key_policy(&spec).unwrap().to_string();
@@ -743,11 +751,14 @@ async fn json_and_yaml_files_are_sealed_by_path_and_loaded() {
 db:\n  password: 'p@ss word'\n  user: app\nservers:\n  - name: eu\n    token: tok-eu\n  \
 - name: us\n    token: \"tök-us\"\n";
     std::fs::write(&yaml, yaml_text).unwrap();
+    // One KMS Encrypt per value (a new file would get a file key, tested
+    // in `json_and_yaml_file_key_files_load_with_one_decrypt_and_rotate`).
     let out = tokio::task::block_in_place(|| {
         stack.encrypt_cli(
             &[
                 "--key-id",
                 &key,
+                "--per-value-kms",
                 "--keys",
                 "db.*",
                 "--keys",
@@ -918,4 +929,138 @@ async fn a_file_key_file_loads_with_one_decrypt_and_an_older_copy_is_refused() {
     let error = stack.wait_for_error("no rollback").await;
     assert!(error.contains("version 1"), "{error}");
     assert_eq!(stack.get("DB_PASSWORD").await.as_deref(), Some("v2"));
+}
+
+impl Stack {
+    /// `keystore-host COMMAND ARGS...` against the emulator as the
+    /// rotation principal.
+    fn rotator_cli(&self, command: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_keystore-host"))
+            .arg(command)
+            .args(args)
+            .args([
+                "--region",
+                REGION,
+                "--endpoint-url",
+                self.kms.endpoint_url(),
+            ])
+            .arg("--ca-bundle")
+            .arg(self.kms.ca_pem_path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("HOME", self.dir.path())
+            .env("AWS_ACCESS_KEY_ID", ROTATOR_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", ROTATOR_SECRET)
+            .env("AWS_CONFIG_FILE", self.path("no-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", self.path("no-credentials"))
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_and_yaml_file_key_files_load_with_one_decrypt_and_rotate() {
+    let mut stack = Stack::start().await;
+    let key = stack.key_id.clone();
+    let json = stack.path("secrets.json");
+    std::fs::write(
+        &json,
+        "{\"db\": {\"password\": \"j-pw\"}, \"list\": [\"a\", \"b\"], \"port\": 1}\n",
+    )
+    .unwrap();
+    let out =
+        tokio::task::block_in_place(|| stack.encrypt_cli(&["--key-id", &key, "--file-key"], &json));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json_text = std::fs::read_to_string(&json).unwrap();
+    assert!(
+        json_text.contains("\"password\": \"ENC[v1:fk:"),
+        "{json_text}"
+    );
+    assert!(
+        json_text.contains("\"keystore:file\": \"ENC[v1:file:"),
+        "{json_text}"
+    );
+    assert!(json_text.contains("\"port\": 1,"), "{json_text}");
+    let yaml = stack.path("secrets.yaml");
+    std::fs::write(&yaml, "# yaml\ndb:\n  password: y-pw\ntoken: 'tök'\n").unwrap();
+    // The default for a new file, whatever its format.
+    tokio::task::block_in_place(|| stack.encrypt_default_cli(&key, &yaml));
+    let v1 = std::fs::read_to_string(&yaml).unwrap();
+    assert!(
+        v1.starts_with("# yaml\ndb:\n  password: ENC[v1:fk:"),
+        "{v1}"
+    );
+    assert!(v1.contains("\nkeystore:file: ENC[v1:file:"), "{v1}");
+
+    stack.kms.reset_calls();
+    stack.start_enclave();
+    stack.start_proxy_for(&json);
+    stack.wait_for_value("db.password", "j-pw").await;
+    assert_eq!(stack.get("list.1").await.as_deref(), Some("b"));
+    let decrypts = stack.kms.calls(Operation::Decrypt);
+    assert_eq!((decrypts.calls, decrypts.with_recipient), (1, 1));
+
+    if let Some(mut proxy) = stack.proxy.take() {
+        proxy.stop();
+    }
+    stack.kms.reset_calls();
+    stack.start_proxy_for(&yaml);
+    stack.wait_for_value("db.password", "y-pw").await;
+    assert_eq!(stack.get("token").await.as_deref(), Some("tök"));
+    let decrypts = stack.kms.calls(Operation::Decrypt);
+    assert_eq!((decrypts.calls, decrypts.with_recipient), (1, 1));
+
+    // Rotated by the rotation principal: the daemon loads version 2 (one
+    // more attested Decrypt), the same values are served.
+    let out = tokio::task::block_in_place(|| stack.rotator_cli("rotate", &[yaml.as_os_str()]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("version 2"));
+    stack
+        .until("the rotated file to load", || async {
+            stack.kms.calls(Operation::Decrypt).with_recipient >= 2
+        })
+        .await;
+    stack
+        .until("the rotated file to be served", || async {
+            stack.status().await.is_some_and(|s| s.last_error.is_none())
+                && stack.get("db.password").await.as_deref() == Some("y-pw")
+        })
+        .await;
+    assert_eq!(stack.get("token").await.as_deref(), Some("tök"));
+    // The rotation principal decrypts the rotated file (break-glass).
+    let out = tokio::task::block_in_place(|| {
+        stack.rotator_cli(
+            "decrypt",
+            &[
+                yaml.as_os_str(),
+                std::ffi::OsStr::new("--yes-print-secrets"),
+            ],
+        )
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with("# yaml\ndb:\n  password: y-pw\ntoken: 'tök'\n")
+    );
+
+    // Version 1 put back: refused as a rollback, version 2 still served.
+    let tmp = stack.path("secrets.yaml.tmp");
+    std::fs::write(&tmp, &v1).unwrap();
+    std::fs::rename(tmp, &yaml).unwrap();
+    let error = stack.wait_for_error("no rollback").await;
+    assert!(error.contains("version 1"), "{error}");
+    assert_eq!(stack.get("db.password").await.as_deref(), Some("y-pw"));
 }

@@ -6,7 +6,9 @@
 //! `*`/`?` wildcards, case-insensitive), `Principal` (`"*"` or `{"AWS": ...}`
 //! naming the account), `Resource` (wildcards), and `Condition` blocks with
 //! `StringEquals` / `StringEqualsIgnoreCase`, their negations
-//! `StringNotEquals` / `StringNotEqualsIgnoreCase`, and `Null`. As in IAM, a
+//! `StringNotEquals` / `StringNotEqualsIgnoreCase`, `ArnEquals`/`ArnLike`
+//! and their negations (wildcards, case-sensitive; `aws:PrincipalArn` is the
+//! caller's `arn:aws:iam::ACCOUNT:user/ACCESS_KEY_ID`), and `Null`. As in IAM, a
 //! positive condition on a key the request does not carry (for example
 //! `kms:RecipientAttestation:ImageSha384` without a `Recipient`) is not
 //! satisfied, a negated one is, and `Null: {KEY: "true"}` holds exactly when
@@ -25,6 +27,9 @@ use super::protocol::{ErrorKind, KmsError};
 pub const MAX_POLICY_LEN: usize = 32 * 1024;
 /// Most statements the emulator parses in one policy.
 pub const MAX_STATEMENTS: usize = 100;
+
+/// Global condition key: the caller's ARN (set on every request).
+pub const PRINCIPAL_ARN: &str = "aws:PrincipalArn";
 
 /// Condition key for the SHA-384 of the enclave image (PCR0).
 pub const IMAGE_SHA384: &str = "kms:RecipientAttestation:ImageSha384";
@@ -77,6 +82,8 @@ enum Operator {
     StringEqualsIgnoreCase,
     StringNotEquals,
     StringNotEqualsIgnoreCase,
+    ArnEquals,
+    ArnNotEquals,
     Null,
 }
 
@@ -87,6 +94,8 @@ impl Operator {
             Operator::StringEqualsIgnoreCase => "StringEqualsIgnoreCase",
             Operator::StringNotEquals => "StringNotEquals",
             Operator::StringNotEqualsIgnoreCase => "StringNotEqualsIgnoreCase",
+            Operator::ArnEquals => "ArnEquals",
+            Operator::ArnNotEquals => "ArnNotEquals",
             Operator::Null => "Null",
         }
     }
@@ -98,12 +107,16 @@ impl Operator {
             |eq: fn(&str, &str) -> bool| actual.is_some_and(|a| values.iter().any(|v| eq(v, a)));
         let exact = |v: &str, a: &str| v == a;
         let ignore_case = |v: &str, a: &str| v.eq_ignore_ascii_case(a);
+        let arn_match = |v: &str, a: &str| wildcard_match(v, a);
         match self {
             Operator::StringEquals => any(exact),
             Operator::StringEqualsIgnoreCase => any(ignore_case),
             // Negations hold when the key is absent, as in IAM.
             Operator::StringNotEquals => !any(exact),
             Operator::StringNotEqualsIgnoreCase => !any(ignore_case),
+            // IAM compares ARNs case-sensitively, with `*`/`?` wildcards.
+            Operator::ArnEquals => any(arn_match),
+            Operator::ArnNotEquals => !any(arn_match),
             // Values are checked at parse time to be "true" or "false".
             Operator::Null => values.iter().any(|v| (v == "true") == actual.is_none()),
         }
@@ -145,6 +158,7 @@ impl RequestContext {
             condition_keys: BTreeMap::new(),
         };
         ctx.set("kms:CallerAccount", caller_account);
+        ctx.set(PRINCIPAL_ARN, caller_arn);
         ctx
     }
 
@@ -322,12 +336,15 @@ impl Statement {
                         "StringEqualsIgnoreCase" => Operator::StringEqualsIgnoreCase,
                         "StringNotEquals" => Operator::StringNotEquals,
                         "StringNotEqualsIgnoreCase" => Operator::StringNotEqualsIgnoreCase,
+                        "ArnEquals" | "ArnLike" => Operator::ArnEquals,
+                        "ArnNotEquals" | "ArnNotLike" => Operator::ArnNotEquals,
                         "Null" => Operator::Null,
                         other => {
                             return Err(malformed(format!(
                                 "statement {index}: condition operator {other:?} is not supported \
                                  by the emulator (StringEquals, StringEqualsIgnoreCase, \
-                                 StringNotEquals, StringNotEqualsIgnoreCase, Null)"
+                                 StringNotEquals, StringNotEqualsIgnoreCase, ArnEquals, ArnLike, \
+                                 ArnNotEquals, ArnNotLike, Null)"
                             )));
                         }
                     };
@@ -611,6 +628,39 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn principal_arn_exempts_one_caller_from_a_deny() {
+        let policy = Policy::parse(&format!(
+            r#"{{"Statement":[
+              {{"Effect":"Allow","Principal":"*","Action":"kms:*","Resource":"*"}},
+              {{"Sid":"NoDocument","Effect":"Deny","Principal":{{"AWS":"*"}},"Action":"kms:Decrypt","Resource":"*",
+                "Condition":{{"Null":{{"{IMAGE_SHA384}":"true"}},
+                              "ArnNotEquals":{{"{PRINCIPAL_ARN}":["arn:aws:iam::{ACCOUNT}:user/ROTATOR"]}}}}}}]}}"#
+        ))
+        .unwrap();
+        let as_user = |user: &str| {
+            RequestContext::new(
+                "kms:Decrypt",
+                &format!("arn:aws:iam::{ACCOUNT}:user/{user}"),
+                ACCOUNT,
+                KEY,
+            )
+        };
+        let err = policy.authorize(&as_user("OPERATOR")).unwrap_err();
+        assert!(err.message.contains("NoDocument"), "{err}");
+        policy.authorize(&as_user("ROTATOR")).unwrap();
+        // Case-sensitive, as IAM compares ARNs.
+        assert!(policy.authorize(&as_user("rotator")).is_err());
+        // ArnLike with a wildcard, and ArnEquals on its own.
+        let like = Policy::parse(&format!(
+            r#"{{"Statement":{{"Effect":"Allow","Principal":"*","Action":"kms:*","Resource":"*",
+               "Condition":{{"ArnLike":{{"{PRINCIPAL_ARN}":"arn:aws:iam::{ACCOUNT}:user/ROT*"}}}}}}}}"#
+        ))
+        .unwrap();
+        like.authorize(&as_user("ROTATOR")).unwrap();
+        assert!(like.authorize(&as_user("OPERATOR")).is_err());
     }
 
     #[test]

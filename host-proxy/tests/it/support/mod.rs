@@ -2,4 +2,5 @@
 
 pub mod common;
 pub mod moto;
+pub mod ops;
 pub mod stack;

@@ -1,0 +1,209 @@
+//! `keystore-host decrypt`, `rotate` and `edit`: the commands that need a
+//! file's plaintext back from KMS, which the key policy grants only to a
+//! rotation principal (`keystore-host policy --rotator ARN`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use keystore_host::secrets_file::Format;
+use keystore_host::secrets_file::edit::{EditOptions, EditOutcome, default_editor, edit_file};
+use keystore_host::secrets_file::encrypt::{Selection, write_private_atomically};
+use keystore_host::secrets_file::rotate::rotate_file;
+use keystore_host::secrets_file::unseal::decrypt_file;
+
+/// Where KMS is and how to reach it (as for `encrypt`).
+#[derive(Debug, Args)]
+pub struct KmsArgs {
+    /// AWS region (default: the SDK's region chain).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// KMS endpoint URL, e.g. a KMS emulator.
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// Extra trusted CA certificates (PEM), for an emulator's test CA.
+    #[arg(long, value_name = "PEM")]
+    pub ca_bundle: Option<PathBuf>,
+}
+
+impl KmsArgs {
+    /// A KMS client on a new single-threaded runtime, running `f`.
+    fn run<T>(
+        self,
+        f: impl AsyncFnOnce(aws_sdk_kms::Client) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let ca = self
+            .ca_bundle
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
+            })
+            .transpose()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        runtime.block_on(async {
+            let sdk = keystore_host::aws::sdk_config(self.region, self.endpoint_url, ca).await?;
+            f(aws_sdk_kms::Client::new(&sdk)).await
+        })
+    }
+}
+
+/// Arguments of `decrypt`.
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// The secrets file (`.env`, `.json`, `.yaml`/`.yml`).
+    pub file: PathBuf,
+    /// The file's format when its name does not say.
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<Format>,
+    /// Required: this prints every secret of the file in plaintext.
+    #[arg(long)]
+    pub yes_print_secrets: bool,
+    /// Write the plaintext here (mode 0600, atomically) instead of stdout.
+    #[arg(short = 'o', long = "out", value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub kms: KmsArgs,
+}
+
+/// Arguments of `rotate`.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// The secrets file, rewritten in place.
+    pub file: PathBuf,
+    /// The file's format when its name does not say.
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<Format>,
+    /// Move the file to this KMS key: the new data key is made under it
+    /// and ENC[v1:kms:...] values are moved with ReEncrypt. Default: the
+    /// file's current key.
+    #[arg(long, value_name = "KEY")]
+    pub key_id: Option<String>,
+    #[command(flatten)]
+    pub kms: KmsArgs,
+}
+
+/// Arguments of `edit`.
+#[derive(Debug, Args)]
+pub struct EditArgs {
+    /// The secrets file, rewritten in place.
+    pub file: PathBuf,
+    /// The file's format when its name does not say.
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<Format>,
+    /// Also seal new plain strings matching this glob (repeatable;
+    /// default: every plain string). Values sealed before are always
+    /// sealed again.
+    #[arg(long = "keys", value_name = "GLOB")]
+    pub keys: Vec<String>,
+    /// KMS key for a file without a data key yet (default: the file's).
+    #[arg(long, value_name = "KEY")]
+    pub key_id: Option<String>,
+    #[command(flatten)]
+    pub kms: KmsArgs,
+}
+
+/// Runs `decrypt`.
+pub fn decrypt(args: DecryptArgs) -> anyhow::Result<ExitCode> {
+    if !args.yes_print_secrets {
+        eprintln!(
+            "keystore-host decrypt prints every secret of {} in plaintext; add \
+             --yes-print-secrets if that is what you want (nothing was read)",
+            args.file.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    if let Some(out) = &args.out
+        && let (Ok(a), Ok(b)) = (args.file.canonicalize(), out.canonicalize())
+        && a == b
+    {
+        anyhow::bail!(
+            "-o {} is the sealed file itself; refusing to replace it with plaintext",
+            out.display()
+        );
+    }
+    let format = args.format.unwrap_or_else(|| Format::from_path(&args.file));
+    let file = args.file.clone();
+    let plaintext = args
+        .kms
+        .run(async |client| Ok(decrypt_file(&client, &file, format).await?))?;
+    match &args.out {
+        Some(out) => write_private_atomically(out, plaintext.text.as_bytes())?,
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(plaintext.text.as_bytes())
+                .and_then(|()| stdout.flush())
+                .context("writing to stdout")?;
+        }
+    }
+    eprintln!(
+        "WARNING: {} secret value(s) of {} printed in plaintext{}",
+        plaintext.revealed.len(),
+        args.file.display(),
+        args.out
+            .as_ref()
+            .map(|o| format!(" to {} (mode 0600)", o.display()))
+            .unwrap_or_default()
+    );
+    tracing::warn!(
+        values = plaintext.revealed.len(),
+        "break-glass decrypt printed plaintext"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `rotate`.
+pub fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
+    let format = args.format.unwrap_or_else(|| Format::from_path(&args.file));
+    let file = args.file.clone();
+    let new_key = args.key_id.clone();
+    let report = args
+        .kms
+        .run(async |client| Ok(rotate_file(&client, &file, format, new_key.as_deref()).await?))?;
+    for name in &report.resealed {
+        println!("resealed {name}");
+    }
+    for name in &report.moved {
+        println!("moved {name} (ReEncrypt)");
+    }
+    println!(
+        "wrote keystore:file (file key {}, version {}, {} entries) under {}",
+        report.written.file_id, report.written.version, report.written.entries, report.key_id
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `edit`.
+pub fn edit(args: EditArgs) -> anyhow::Result<ExitCode> {
+    let format = args.format.unwrap_or_else(|| Format::from_path(&args.file));
+    let file = args.file.clone();
+    let options = EditOptions {
+        selection: Selection::patterns(args.keys),
+        editor: default_editor(),
+        base: None,
+        key_id: args.key_id,
+    };
+    let outcome = args
+        .kms
+        .run(async |client| Ok(edit_file(&client, &file, format, &options).await?))?;
+    match outcome {
+        EditOutcome::Unchanged => println!("{}: unchanged", args.file.display()),
+        EditOutcome::Written { written, sealed } => {
+            println!(
+                "{}: {} value(s) sealed; wrote keystore:file (file key {}, version {}, {} \
+                 entries)",
+                args.file.display(),
+                sealed.len(),
+                written.file_id,
+                written.version,
+                written.entries
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
