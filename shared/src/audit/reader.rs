@@ -48,6 +48,7 @@ pub struct LineReader<R> {
     inner: BufReader<R>,
     buf: Vec<u8>,
     number: u64,
+    position: u64,
 }
 
 impl<R: Read> LineReader<R> {
@@ -57,12 +58,19 @@ impl<R: Read> LineReader<R> {
             inner: BufReader::with_capacity(64 * 1024, inner),
             buf: Vec::new(),
             number: 0,
+            position: 0,
         }
     }
 
     /// The number of the last line handed out (0 before the first).
     pub fn line_number(&self) -> u64 {
         self.number
+    }
+
+    /// Bytes consumed so far, newlines included: where the next line
+    /// starts (for `tail -f`, which re-reads from there as the file grows).
+    pub fn position(&self) -> u64 {
+        self.position
     }
 
     /// The next line, `None` at the end. After [`ReadError::TooLong`] or
@@ -96,6 +104,7 @@ impl<R: Read> LineReader<R> {
                 self.buf.extend_from_slice(chunk);
             }
             self.inner.consume(used);
+            self.position = self.position.saturating_add(used as u64);
             if done {
                 break true;
             }
