@@ -24,6 +24,7 @@
 //! checkpoint are reported as not covered ([`RunSummary::uncovered`]);
 //! `strict` makes any such record a failure.
 
+use std::collections::HashSet;
 use std::io::Read;
 
 use serde::Serialize;
@@ -35,6 +36,10 @@ use super::checkpoint::CheckpointClaim;
 use super::line::LogLine;
 use super::reader::{LineReader, ReadError};
 use super::record::{AuditEvent, AuditRecord, RecordError, RunId};
+
+/// Most enclave runs one verification follows (each costs a few hundred
+/// bytes of memory; a real log has a handful).
+pub const MAX_RUNS: usize = 100_000;
 
 /// Why a log does not verify.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -134,6 +139,13 @@ pub enum Problem {
         /// How many.
         count: u64,
     },
+    /// A run id seen before: a copy of an earlier run replayed as a
+    /// restart.
+    #[error("run {0} already appeared earlier in the log: replayed records")]
+    ReplayedRun(String),
+    /// More than [`MAX_RUNS`] runs.
+    #[error("more than {MAX_RUNS} enclave runs")]
+    TooManyRuns,
     /// Not a single record.
     #[error("no audit records")]
     Empty,
@@ -164,6 +176,8 @@ impl Problem {
             Problem::CheckpointClaim(_) => "checkpoint_claim",
             Problem::CheckpointMismatch { .. } => "checkpoint_mismatch",
             Problem::Uncovered { .. } => "uncovered",
+            Problem::ReplayedRun(_) => "replayed_run",
+            Problem::TooManyRuns => "too_many_runs",
             Problem::Empty => "empty",
             Problem::Stopped => "stopped",
         }
@@ -287,6 +301,7 @@ pub struct LogVerifier {
     run: Option<Run>,
     runs: Vec<Run>,
     began_after: Option<u64>,
+    seen_runs: HashSet<RunId>,
     jump: Option<Jump>,
     failed: bool,
 }
@@ -305,6 +320,7 @@ impl LogVerifier {
             run: None,
             runs: Vec::new(),
             began_after: None,
+            seen_runs: HashSet::new(),
             jump: None,
             failed: false,
         }
@@ -486,11 +502,33 @@ impl LogVerifier {
     }
 
     /// Closes the current run and opens another.
-    fn begin_run(&mut self, number: u64, id: Option<RunId>, started: bool, first_seq: u64) {
+    fn begin_run(
+        &mut self,
+        number: u64,
+        id: Option<RunId>,
+        started: bool,
+        first_seq: u64,
+    ) -> Result<(), VerifyError> {
+        if self.runs.len() >= MAX_RUNS {
+            return Err(self.invalid(number, Some(first_seq), Problem::TooManyRuns));
+        }
+        if let Some(id) = id {
+            self.see_run(number, first_seq, id)?;
+        }
         let run = self.new_run(number, id, started, first_seq);
         if let Some(old) = self.run.replace(run) {
             self.runs.push(old);
         }
+        Ok(())
+    }
+
+    /// A run id may appear once: a second start (or first checkpoint) of
+    /// the same run is a replayed copy.
+    fn see_run(&mut self, number: u64, seq: u64, id: RunId) -> Result<(), VerifyError> {
+        if !self.seen_runs.insert(id) {
+            return Err(self.invalid(number, Some(seq), Problem::ReplayedRun(hex::encode(id.0))));
+        }
+        Ok(())
     }
 
     /// Checks that `found` is the sequence number due; a forward jump is
@@ -533,7 +571,7 @@ impl LogVerifier {
                 if seq != 0 {
                     return Err(self.invalid(number, Some(seq), Problem::BadStart { found: seq }));
                 }
-                self.begin_run(number, Some(*run), true, 0);
+                self.begin_run(number, Some(*run), true, 0)?;
                 GENESIS_HASH
             }
             AuditEvent::Gap {
@@ -550,7 +588,7 @@ impl LogVerifier {
                 }
                 if *first_seq == 0 {
                     // A run whose start record was lost in the gap.
-                    self.begin_run(number, None, false, 0);
+                    self.begin_run(number, None, false, 0)?;
                 } else if !self.expect_seq(number, *first_seq)? {
                     return Ok(());
                 }
@@ -647,6 +685,9 @@ impl LogVerifier {
         }
         if claim.hash != last_hash {
             return mismatch("hash", hex::encode(claim.hash), hex::encode(last_hash));
+        }
+        if run_id.is_none() {
+            self.see_run(number, seq, claim.run)?;
         }
         if let Some(run) = self.run.as_mut()
             && run.id.is_none()
