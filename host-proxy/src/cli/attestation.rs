@@ -76,7 +76,7 @@ pub enum At {
     Time(SystemTime),
 }
 
-fn parse_at(s: &str) -> Result<At, String> {
+pub(crate) fn parse_at(s: &str) -> Result<At, String> {
     match s {
         "doc" => Ok(At::Doc),
         "now" => Ok(At::Now),

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod attestation;
+pub mod audit;
 pub mod client;
 pub mod encrypt;
 pub mod policy;
@@ -69,6 +70,9 @@ pub enum Command {
     /// Inspect and verify Nitro attestation documents.
     #[command(subcommand)]
     Attestation(attestation::AttestationCommand),
+    /// Verify and read the enclave's audit log (verify, tail, grep).
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Write the KMS key policy that pins this enclave build's measurements.
     Policy(policy::PolicyArgs),
     /// Run the KMS forwarder, credentials service, secrets loader and agent.
@@ -100,6 +104,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             client::run(&target, cmd)
         }
         Command::Attestation(cmd) => attestation::run(cmd),
+        Command::Audit(cmd) => audit::run(cmd),
         Command::Policy(args) => policy::run(args),
         Command::Proxy(args) => proxy::run(cli.enclave.as_ref(), args),
         Command::Agent(args) => agent::run(cli.enclave.as_ref(), &args),

@@ -1,5 +1,6 @@
 //! Test support shared by the areas of this crate's test binary.
 
+pub mod audit_log;
 pub mod common;
 pub mod moto;
 pub mod ops;
