@@ -1,13 +1,17 @@
 //! The operator path and the enclave against moto's KMS, an implementation
 //! nobody on this project wrote: `keystore-host encrypt` writes envelopes
-//! moto itself opens (only with the `keystore:name` context), and an
-//! enclave pointed at moto refuses its `Plaintext` answer to a `Recipient`
-//! request, serving nothing.
+//! moto itself opens (per value: only with the `keystore:name` context;
+//! file key: the data key only with the `keystore:file` context, and that
+//! key opens every value and the record's MAC), and an enclave pointed at
+//! moto refuses its `Plaintext` answer to a `Recipient` request, serving
+//! nothing, for a per-value file and for a file-key file alike.
 
 use std::process::Command;
 
 use keystore_host::secrets_file::dotenv::DotEnv;
 use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
+use keystore_shared::file_record::{FileKey, FileRecord};
+use keystore_shared::name::FILE_NAME;
 
 use crate::support::moto::{ACCESS_KEY, Moto, REGION, SECRET_KEY};
 use crate::support::stack::{KmsUpstream, Stack};
@@ -33,17 +37,48 @@ except botocore.exceptions.ClientError as e:
     print("ERR", e.response["Error"]["Code"])
 "#;
 
+/// Decrypts hex ciphertext `argv[3]` with context `keystore:file` =
+/// `argv[4]`; prints the plaintext (hex) and the key it was under, or the
+/// error code.
+const DECRYPT_DATA_KEY: &str = r#"
+import sys, binascii, boto3, botocore
+kms = boto3.client("kms", endpoint_url=sys.argv[1], verify=sys.argv[2])
+try:
+    out = kms.decrypt(CiphertextBlob=binascii.unhexlify(sys.argv[3]),
+                      EncryptionContext={"keystore:file": sys.argv[4]})
+    print("OK", binascii.hexlify(out["Plaintext"]).decode(), out["KeyId"])
+except botocore.exceptions.ClientError as e:
+    print("ERR", e.response["Error"]["Code"])
+"#;
+
+/// How `encrypt` protects the values.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// One KMS `Encrypt` per value (`--per-value-kms`).
+    PerValue,
+    /// One `GenerateDataKey` for the file (`--file-key`).
+    FileKey,
+}
+
+impl Mode {
+    fn flag(self) -> &'static str {
+        match self {
+            Mode::PerValue => "--per-value-kms",
+            Mode::FileKey => "--file-key",
+        }
+    }
+}
+
 fn create_key(moto: &Moto) -> String {
     moto.boto3(CREATE_KEY, &[]).trim().to_owned()
 }
 
 /// Runs `keystore-host encrypt` against moto.
-fn encrypt(moto: &Moto, key_arn: &str, file: &std::path::Path) -> std::process::Output {
+fn encrypt(moto: &Moto, key_arn: &str, file: &std::path::Path, mode: Mode) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_keystore-host"))
-        // One KMS `Encrypt` per value: what this test checks moto opens.
         .args([
             "encrypt",
-            "--per-value-kms",
+            mode.flag(),
             "--key-id",
             key_arn,
             "--region",
@@ -84,7 +119,7 @@ fn encrypt_against_moto_kms_is_opened_by_moto_only_with_the_name_context() {
     )
     .unwrap();
 
-    let out = encrypt(&moto, &key_arn, &file);
+    let out = encrypt(&moto, &key_arn, &file, Mode::PerValue);
     assert!(
         out.status.success(),
         "encrypt failed:\n{}\n--- moto log\n{}",
@@ -112,24 +147,124 @@ fn encrypt_against_moto_kms_is_opened_by_moto_only_with_the_name_context() {
     }
 
     // Idempotent: a second run leaves the envelopes alone.
-    let out = encrypt(&moto, &key_arn, &file);
+    let out = encrypt(&moto, &key_arn, &file, Mode::PerValue);
     assert!(out.status.success());
     assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_enclave_pointed_at_moto_refuses_its_plaintext_answer() {
+#[test]
+fn encrypt_with_a_file_key_against_moto_makes_one_data_key_moto_unwraps_only_for_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let moto = Moto::start(dir.path());
     let key_arn = create_key(&moto);
-    let file = dir.path().join("secrets.env");
-    std::fs::write(&file, "DB_PASSWORD=hunter2\n").unwrap();
-    let out = encrypt(&moto, &key_arn, &file);
+    let file = dir.path().join("app.env");
+    let large = "L".repeat(8 * 1024); // over KMS Encrypt's 4 KiB: only the file key takes it
+    std::fs::write(
+        &file,
+        format!("# app\nDB_PASSWORD=hunter2\nAPI_TOKEN='tok with spaces'\nBIG={large}\n"),
+    )
+    .unwrap();
+
+    let out = encrypt(&moto, &key_arn, &file, Mode::FileKey);
+    assert!(
+        out.status.success(),
+        "encrypt --file-key failed:\n{}\n--- moto log\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        moto.log()
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with("# app\n"), "layout kept:\n{text}");
+    for plain in ["hunter2", "tok with spaces", &large] {
+        assert!(!text.contains(plain), "a plain value is left:\n{text}");
+    }
+    // moto answered exactly one KMS call: the GenerateDataKey.
+    let kms_calls = moto
+        .log()
+        .lines()
+        .filter(|line| line.contains("POST / HTTP/1.1"))
+        .count();
+    // (CreateKey went through the same endpoint.)
+    assert_eq!(kms_calls, 2, "{}", moto.log());
+
+    let Envelope::File { record } = Envelope::parse(&value_of(&text, FILE_NAME)).unwrap() else {
+        panic!("{FILE_NAME} is not a record:\n{text}");
+    };
+    let record = FileRecord::decode(&record).unwrap();
+    assert_eq!(record.version, 1);
+    let wrapped = hex::encode(&record.wrapped_key);
+    let file_id = record.file_id.to_hex();
+
+    // moto unwraps the data key only with the file's context...
+    let other_id = "00".repeat(16);
+    let refused = moto.boto3(DECRYPT_DATA_KEY, &[&wrapped, &other_id]);
+    assert_eq!(refused.trim(), "ERR InvalidCiphertextException");
+    let opened = moto.boto3(DECRYPT_DATA_KEY, &[&wrapped, &file_id]);
+    let fields: Vec<&str> = opened.split_whitespace().collect();
+    assert_eq!(fields.len(), 3, "{opened}");
+    assert_eq!((fields[0], fields[2]), ("OK", key_arn.as_str()));
+    // ...and that key verifies the record's MAC and opens every value under
+    // its own name only.
+    let data_key = hex::decode(fields[1]).unwrap();
+    let key = FileKey::derive(&data_key, record.file_id).unwrap();
+    key.verify(&record).unwrap();
+    let names: Vec<&str> = record.manifest.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["API_TOKEN", "BIG", "DB_PASSWORD"]);
+    for (name, plain) in [
+        ("DB_PASSWORD", "hunter2"),
+        ("API_TOKEN", "tok with spaces"),
+        ("BIG", large.as_str()),
+    ] {
+        let envelope = Envelope::parse(&value_of(&text, name)).unwrap();
+        assert_eq!(envelope.kind(), "fk", "{name}");
+        assert_eq!(&key.open(name, &envelope).unwrap()[..], plain.as_bytes());
+        assert!(key.open("SOMETHING_ELSE", &envelope).is_err(), "{name}");
+    }
+
+    // Idempotent: nothing left to seal, no KMS call, the file unchanged.
+    let out = encrypt(&moto, &key_arn, &file, Mode::FileKey);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+    let kms_calls_after = moto
+        .log()
+        .lines()
+        .filter(|line| line.contains("POST / HTTP/1.1"))
+        .count();
+    assert_eq!(
+        kms_calls_after, 4,
+        "two boto3 Decrypts, no new call from encrypt"
+    );
+}
+
+/// Encrypts one secret under moto's KMS in `mode`, points the real enclave
+/// (through the proxy's forwarder) at moto, and checks that the load is
+/// refused for moto's `Plaintext` answer and nothing is served.
+async fn an_enclave_pointed_at_moto_refuses_its_plaintext_answer(mode: Mode) {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path());
+    let key_arn = create_key(&moto);
+    let file = dir.path().join("secrets.env");
+    std::fs::write(&file, "DB_PASSWORD=hunter2\n").unwrap();
+    let out = encrypt(&moto, &key_arn, &file, mode);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    let kind = Envelope::parse(&value_of(&text, "DB_PASSWORD"))
+        .unwrap()
+        .kind();
+    match mode {
+        Mode::PerValue => assert_eq!(kind, "kms"),
+        Mode::FileKey => {
+            assert_eq!(kind, "fk");
+            value_of(&text, FILE_NAME);
+        }
+    }
 
     let mut stack = Stack::new(dir.path());
     stack.start_enclave(&KmsUpstream {
@@ -168,5 +303,20 @@ async fn an_enclave_pointed_at_moto_refuses_its_plaintext_answer() {
     assert!(!status.ready, "{status:?}");
     assert_eq!(status.secret_count, 0);
     assert_eq!(stack.get("DB_PASSWORD").await, None);
+    if let Mode::FileKey = mode {
+        // The refused Decrypt was the file's one call, for its record.
+        let error = status.last_error.unwrap_or_default();
+        assert!(error.contains(FILE_NAME), "{error}");
+    }
     assert!(!stack.logs().contains("hunter2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enclave_pointed_at_moto_refuses_its_plaintext_answer_per_value() {
+    an_enclave_pointed_at_moto_refuses_its_plaintext_answer(Mode::PerValue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enclave_pointed_at_moto_refuses_its_plaintext_answer_for_a_file_key() {
+    an_enclave_pointed_at_moto_refuses_its_plaintext_answer(Mode::FileKey).await;
 }
