@@ -9,6 +9,7 @@ pub mod encrypt;
 pub mod file_key;
 pub mod format;
 pub mod json;
+pub mod location;
 pub mod rules;
 pub mod yaml;
 

@@ -2,13 +2,17 @@
 //! the object (polled by ETag), loads it into the real enclave (whose KMS
 //! is our emulator, which the values are encrypted under), follows changes,
 //! and keeps the enclave's set when the object is missing, malformed or S3
-//! is unreachable. SIGHUP fetches at once.
+//! is unreachable. SIGHUP fetches at once. `keystore-host encrypt
+//! s3://BUCKET/KEY` rewrites an object in place, only over the version it
+//! read (`If-Match`), and not at all when nothing changed.
 
+use std::process::Command;
 use std::time::Duration;
 
 use aws_sdk_kms::config::Credentials;
 use aws_sdk_kms::primitives::Blob;
-use keystore_host::secrets_file::dotenv::MAX_FILE_SIZE;
+use keystore_host::secrets_file::dotenv::{DotEnv, MAX_FILE_SIZE};
+use keystore_host::secrets_file::location::{self, Location, LocationError, S3Access, Updated};
 use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
 use keystore_tests::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle};
 
@@ -33,6 +37,14 @@ if len(sys.argv) > 5:
     s3.put_object(Bucket=bucket, Key=key, Body=open(sys.argv[5], "rb").read())
 else:
     s3.delete_object(Bucket=bucket, Key=key)
+"#;
+
+/// Prints the object's ETag, then its body.
+const GET: &str = r#"
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], verify=sys.argv[2])
+out = s3.get_object(Bucket=sys.argv[3], Key=sys.argv[4])
+sys.stdout.write(out["ETag"] + "\n" + out["Body"].read().decode())
 "#;
 
 struct S3Stack {
@@ -102,6 +114,64 @@ impl S3Stack {
         let file = self.dir.path().join("upload.env");
         std::fs::write(&file, text).unwrap();
         self.moto.boto3(PUT, &[BUCKET, KEY, file.to_str().unwrap()]);
+    }
+
+    /// The object's ETag and text.
+    fn download(&self) -> (String, String) {
+        let out = self.moto.boto3(GET, &[BUCKET, KEY]);
+        let (etag, text) = out.split_once('\n').unwrap();
+        (etag.to_owned(), text.to_owned())
+    }
+
+    /// How many `PutObject`s moto has carried out (200) for the object.
+    /// (werkzeug may colour the request line: match its parts.)
+    fn puts(&self) -> usize {
+        let put = format!("PUT /{BUCKET}/{KEY}");
+        self.moto
+            .log()
+            .lines()
+            .filter(|line| line.contains(&put) && line.contains("\" 200 "))
+            .count()
+    }
+
+    /// Runs `keystore-host encrypt ... s3://BUCKET/KEY`: KMS is the
+    /// emulator, S3 is moto.
+    fn encrypt_object(&self, extra: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_keystore-host"))
+            .args(["encrypt", "--key-id", &self.key_arn, "--region", REGION])
+            .args(["--endpoint-url", self.kms.endpoint_url()])
+            .arg("--ca-bundle")
+            .arg(self.kms.ca_pem_path())
+            .args(["--s3-endpoint-url", &self.moto.endpoint_url()])
+            .arg("--s3-ca-bundle")
+            .arg(self.moto.ca_pem_path())
+            .args(extra)
+            .arg(url())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap()
+    }
+
+    /// The library's S3 access to moto, as `encrypt` builds it.
+    async fn s3_access(&self) -> S3Access {
+        let sdk = keystore_host::aws::sdk_config(
+            Some(REGION.into()),
+            Some(self.moto.endpoint_url()),
+            Some(std::fs::read(self.moto.ca_pem_path()).unwrap()),
+        )
+        .await
+        .unwrap();
+        let client = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk)
+                .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "s3"))
+                .force_path_style(true)
+                .build(),
+        );
+        S3Access::new(client, Duration::from_secs(10))
     }
 
     fn delete(&self) {
@@ -252,4 +322,135 @@ async fn sighup_fetches_the_object_now_and_unreachable_s3_keeps_the_set() {
     s.stack.proxy.as_ref().unwrap().signal("-HUP");
     s.stack.wait_for_proxy_log(&fetch_error, before).await;
     still_serves(&s.stack, "API_TOKEN", "tok-two").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypt_rewrites_an_s3_object_in_place_and_the_daemon_serves_it() {
+    let mut s = S3Stack::start().await;
+    let plain =
+        "# fleet secrets\nLOG_LEVEL=debug\nDB_PASSWORD=s3-db-secret\nAPI_TOKEN='s3 token'\n";
+    s.upload(plain);
+    let (etag_before, _) = s.download();
+
+    let out = s.encrypt_object(&["--keys", "DB_*", "--keys", "API_*"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "encrypt s3:// failed:\n{stderr}\n--- moto log\n{}",
+        s.moto.log()
+    );
+    assert!(stderr.contains(&format!("{}: written", url())), "{stderr}");
+    assert_eq!(s.puts(), 2, "one upload by the test, one conditional write");
+    let (etag, text) = s.download();
+    assert_ne!(etag, etag_before);
+    // Encrypted as a local file would be: layout and plain settings kept,
+    // values sealed under a file key, and the record.
+    assert!(
+        text.starts_with("# fleet secrets\nLOG_LEVEL=debug\nDB_PASSWORD=ENC[v1:fk:"),
+        "{text}"
+    );
+    assert!(!text.contains("s3-db-secret") && !text.contains("s3 token"));
+    let file = DotEnv::parse(text.as_bytes()).unwrap();
+    let names: Vec<&str> = file.entries().map(|e| e.name).collect();
+    assert_eq!(
+        names,
+        ["LOG_LEVEL", "DB_PASSWORD", "API_TOKEN", "keystore:file"]
+    );
+
+    // Idempotent: nothing to seal, nothing written, the ETag unchanged.
+    let out = s.encrypt_object(&["--keys", "DB_*", "--keys", "API_*"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}: unchanged, nothing written", url())),
+        "{stderr}"
+    );
+    assert_eq!(s.puts(), 2, "no write on the second run");
+    assert_eq!(s.download(), (etag, text));
+
+    // The daemon reads the object and the enclave serves the values.
+    s.run("3600");
+    s.stack.wait_for_value("DB_PASSWORD", "s3-db-secret").await;
+    s.stack.wait_for_value("API_TOKEN", "s3 token").await;
+    assert_eq!(
+        s.stack.get("LOG_LEVEL").await,
+        None,
+        "plain values stay on the host"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_change_between_read_and_write_is_refused_and_kept() {
+    let s = S3Stack::start().await;
+    let s3 = s.s3_access().await;
+    let location = Location::parse(&url()).unwrap();
+    s.upload("A=1\n");
+
+    // Read, another writer replaces the object, then our write: refused
+    // (If-Match), the other writer's object kept.
+    let read = location.read(Some(&s3)).await.unwrap();
+    assert_eq!(&read.bytes[..], b"A=1\n");
+    s.upload("A=2\n");
+    let err = location
+        .write(Some(&s3), b"A=mine\n", &read.version)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LocationError::Conflict { .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{} changed since it was read (another writer?); nothing was written: run the \
+             command again on the new contents",
+            url()
+        )
+    );
+    assert_eq!(s.download().1, "A=2\n");
+
+    // The same through `update`, the path `encrypt s3://` takes: the
+    // object changes while the command works on its private copy.
+    let puts = s.puts();
+    let other = &s;
+    let result: Result<((), Updated), LocationError> =
+        location::update(&location, Some(&s3), |path| async move {
+            assert_eq!(std::fs::read(&path).unwrap(), b"A=2\n");
+            std::fs::write(&path, "A=mine\n").unwrap();
+            other.upload("A=3\n");
+            Ok(())
+        })
+        .await;
+    let err = result.unwrap_err();
+    assert!(matches!(err, LocationError::Conflict { .. }), "{err}");
+    assert_eq!(s.download().1, "A=3\n");
+    assert_eq!(s.puts(), puts + 1, "only the other writer's upload landed");
+    let refused = format!("PUT /{BUCKET}/{KEY}");
+    assert!(
+        s.moto
+            .log()
+            .lines()
+            .any(|line| line.contains(&refused) && line.contains("\" 412 ")),
+        "the write was refused by S3 (If-Match), not skipped:\n{}",
+        s.moto.log()
+    );
+
+    // Unchanged by the command: nothing written.
+    let (etag, _) = s.download();
+    let (_, updated) = location::update(&location, Some(&s3), |_path| async {
+        Ok::<_, LocationError>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(updated, Updated::Unchanged);
+    assert_eq!(s.puts(), puts + 1);
+
+    // Changed, nobody else writing: written over exactly the version read.
+    let (_, updated) = location::update(&location, Some(&s3), |path| async move {
+        std::fs::write(&path, "A=4\n").unwrap();
+        Ok::<_, LocationError>(())
+    })
+    .await
+    .unwrap();
+    let (new_etag, text) = s.download();
+    assert_eq!(text, "A=4\n");
+    assert_ne!(new_etag, etag);
+    assert_eq!(updated, Updated::Written(location::Version::ETag(new_etag)));
 }
