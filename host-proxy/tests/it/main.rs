@@ -21,6 +21,7 @@ mod forwarder;
 mod key_policy_denies;
 mod loader;
 mod loader_signal;
+mod localstack;
 mod moto;
 mod packaging;
 mod pinned_key_packaging;

@@ -1,5 +1,7 @@
 //! Test support shared by the areas of this crate's test binary.
 
 pub mod common;
+pub mod localstack;
 pub mod moto;
+pub mod peer;
 pub mod stack;
