@@ -139,6 +139,11 @@ impl S3Stack {
     /// Runs `keystore-host encrypt ... s3://BUCKET/KEY`: KMS is the
     /// emulator, S3 is the stack's server.
     fn encrypt_object(&self, extra: &[&str]) -> std::process::Output {
+        self.encrypt_url(&url(), extra)
+    }
+
+    /// `keystore-host encrypt ... URL`.
+    fn encrypt_url(&self, url: &str, extra: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_keystore-host"))
             .args(["encrypt", "--key-id", &self.key_arn, "--region", REGION])
             .args(["--endpoint-url", self.kms.endpoint_url()])
@@ -148,7 +153,7 @@ impl S3Stack {
             .arg("--s3-ca-bundle")
             .arg(self.peer.ca_pem_path())
             .args(extra)
-            .arg(url())
+            .arg(url)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap())
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
@@ -339,6 +344,33 @@ pub async fn encrypt_rewrites_the_object_and_the_daemon_serves_it(s: &mut S3Stac
     let plain =
         "# fleet secrets\nLOG_LEVEL=debug\nDB_PASSWORD=s3-db-secret\nAPI_TOKEN='s3 token'\n";
     s.upload(plain);
+    // A missing object is named with S3's code; nothing is created.
+    let missing = format!("s3://{BUCKET}/missing.env");
+    let out = s.encrypt_url(&missing, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("cannot fetch {missing}: NoSuchKey")),
+        "{stderr}"
+    );
+    // A malformed object is named by its URL, line and path; it stays as
+    // it was.
+    let bad = "{\"db\": {\"password\": \"s3-bad-secret\", }}";
+    let file = s.dir.path().join("bad.json");
+    std::fs::write(&file, bad).unwrap();
+    s.peer
+        .boto3(PUT, &[BUCKET, "bad.json", file.to_str().unwrap()]);
+    let out = s.encrypt_url(&format!("s3://{BUCKET}/bad.json"), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("encrypting s3://{BUCKET}/bad.json")) && stderr.contains("line 1"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3-bad-secret"), "{stderr}");
+    let still = s.peer.boto3(GET, &[BUCKET, "bad.json"]);
+    assert!(still.ends_with(bad), "{still}");
+
     let (etag_before, _) = s.download();
     let puts = s.puts();
 
