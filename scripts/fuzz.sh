@@ -17,6 +17,7 @@ seed() { # seed TARGET FILE...
 seed cms_open tests/vectors/nitro-kms/cms/*.ber
 seed attestation_parse tests/vectors/nitro-kms/attestation/*.cose
 seed audit_verify fuzz/seeds/audit_verify/*
+seed secrets_file_parse fuzz/seeds/secrets_file_parse/*
 
 for target in $(cd fuzz && cargo fuzz list); do
   echo "== fuzzing $target for ${secs}s"

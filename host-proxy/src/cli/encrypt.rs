@@ -3,12 +3,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use keystore_host::secrets_file::Format;
 use keystore_host::secrets_file::encrypt::{RulesWritten, Selection};
 use keystore_host::secrets_file::file_key::{self, KeyMode};
+use keystore_host::secrets_file::location::{self, Location, S3Access, Updated};
 use keystore_host::secrets_file::rules::read_rules;
 
 /// Arguments of `encrypt`.
@@ -18,7 +20,9 @@ pub struct EncryptArgs {
     #[arg(long)]
     pub key_id: String,
     /// The secrets file to encrypt in place: `.env`, `.json` or
-    /// `.yaml`/`.yml` (by its name, or `--format`).
+    /// `.yaml`/`.yml` (by its name, or `--format`), or an S3 object
+    /// `s3://BUCKET/KEY`, rewritten only if nobody changed it meanwhile.
+    #[arg(value_name = "FILE|s3://BUCKET/KEY")]
     pub file: PathBuf,
     /// The file's format (`env`, `json`, `yaml`) when its name does not say.
     #[arg(long, value_name = "FORMAT")]
@@ -53,10 +57,22 @@ pub struct EncryptArgs {
     /// Extra trusted CA certificates (PEM), for an emulator's test CA.
     #[arg(long, value_name = "PEM")]
     pub ca_bundle: Option<PathBuf>,
+    /// An S3-compatible endpoint for `s3://...` (path-style addressing).
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint_url: Option<String>,
+    /// Extra trusted CA certificates (PEM) for `--s3-endpoint-url`.
+    #[arg(long, value_name = "PEM")]
+    pub s3_ca_bundle: Option<PathBuf>,
+    /// Bound on each S3 call, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub s3_timeout: u64,
 }
 
 /// Encrypts the file and prints what changed.
 pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
+    if args.file.to_string_lossy().starts_with("s3://") {
+        return run_on_s3(args);
+    }
     let ca = args
         .ca_bundle
         .as_ref()
@@ -125,4 +141,49 @@ pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
         report.skipped_empty.len()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `encrypt s3://BUCKET/KEY`: [`run`] on a private in-memory copy of the
+/// object ([`location::update`]), written back only if it changed, and
+/// only over the version that was read (`If-Match`).
+fn run_on_s3(mut args: EncryptArgs) -> anyhow::Result<ExitCode> {
+    let location = Location::parse(&args.file.to_string_lossy())?;
+    let ca = args
+        .s3_ca_bundle
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
+        })
+        .transpose()?;
+    let url = location.to_string();
+    args.format = Some(args.format.unwrap_or_else(|| location.format()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (code, updated) = runtime.block_on(async {
+        let s3 = S3Access::connect(
+            args.region.clone(),
+            args.s3_endpoint_url.take(),
+            ca,
+            Some(Duration::from_secs(args.s3_timeout.max(1))),
+        )
+        .await?;
+        let url = &url;
+        location::update(&location, Some(&s3), |path| async move {
+            let copy = path.display().to_string();
+            args.file = path;
+            // `run` drives its own runtime: on its own thread, not nested.
+            std::thread::spawn(move || run(args))
+                .join()
+                .map_err(|_| anyhow::anyhow!("encrypt failed unexpectedly"))?
+                .with_context(|| format!("encrypting {url} (as its private copy {copy})"))
+        })
+        .await
+    })?;
+    match updated {
+        Updated::Unchanged => eprintln!("{url}: unchanged, nothing written"),
+        Updated::Written(_) => eprintln!("{url}: written (only over the version read)"),
+    }
+    Ok(code)
 }

@@ -11,7 +11,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::error::SdkError;
@@ -20,93 +19,7 @@ use zeroize::Zeroizing;
 use crate::secrets_file::dotenv::MAX_FILE_SIZE;
 use crate::secrets_file::{self, ReadError};
 
-/// A `s3://BUCKET/KEY` location.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct S3Url {
-    /// The bucket.
-    pub bucket: String,
-    /// The object key (may contain `/`).
-    pub key: String,
-}
-
-impl fmt::Display for S3Url {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "s3://{}/{}", self.bucket, self.key)
-    }
-}
-
-/// A `s3://` URL that cannot name an object.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid S3 URL {url:?}: {reason} (expected s3://BUCKET/KEY)")]
-pub struct S3UrlError {
-    /// The URL as given.
-    pub url: String,
-    /// What is wrong.
-    pub reason: &'static str,
-}
-
-impl FromStr for S3Url {
-    type Err = S3UrlError;
-
-    fn from_str(url: &str) -> Result<Self, Self::Err> {
-        let err = |reason| S3UrlError {
-            url: url.to_owned(),
-            reason,
-        };
-        let rest = url.strip_prefix("s3://").ok_or_else(|| err("not s3://"))?;
-        let (bucket, key) = rest.split_once('/').ok_or_else(|| err("no object key"))?;
-        // S3 bucket names: 3 to 63 of lowercase letters, digits, '.', '-'.
-        let bucket_ok = (3..=63).contains(&bucket.len())
-            && bucket
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
-        if !bucket_ok {
-            return Err(err("bad bucket name"));
-        }
-        // Object keys are at most 1024 bytes of UTF-8.
-        if key.is_empty() || key.len() > 1024 {
-            return Err(err("empty or over-long object key"));
-        }
-        if key.chars().any(char::is_control) {
-            return Err(err("control character in the object key"));
-        }
-        Ok(S3Url {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-        })
-    }
-}
-
-/// Where the secrets file lives, as given on the command line: a path, or
-/// a `s3://BUCKET/KEY` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SecretsLocation {
-    /// A file on the parent instance.
-    File(PathBuf),
-    /// An S3 object.
-    S3(S3Url),
-}
-
-impl FromStr for SecretsLocation {
-    type Err = S3UrlError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.starts_with("s3://") {
-            s.parse().map(SecretsLocation::S3)
-        } else {
-            Ok(SecretsLocation::File(PathBuf::from(s)))
-        }
-    }
-}
-
-impl fmt::Display for SecretsLocation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SecretsLocation::File(path) => path.display().fmt(f),
-            SecretsLocation::S3(url) => url.fmt(f),
-        }
-    }
-}
+pub use crate::secrets_file::location::{Location as SecretsLocation, S3Url, S3UrlError};
 
 /// Bound on one S3 fetch (request and body) unless configured otherwise.
 pub const DEFAULT_S3_TIMEOUT: Duration = Duration::from_secs(30);
@@ -205,7 +118,7 @@ impl S3Source {
 
 /// A short, value-free description of an SDK error: the service's error
 /// code and HTTP status, or the transport failure.
-fn describe<E, R>(err: &SdkError<E, R>) -> String
+pub(crate) fn describe<E, R>(err: &SdkError<E, R>) -> String
 where
     E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
     R: fmt::Debug,
@@ -375,44 +288,5 @@ impl SecretsSource {
                 reason: "no contents returned".to_owned(),
             }),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn s3_urls() {
-        let url: S3Url = "s3://my-bucket/dir/secrets.env".parse().unwrap();
-        assert_eq!(url.bucket, "my-bucket");
-        assert_eq!(url.key, "dir/secrets.env");
-        assert_eq!(url.to_string(), "s3://my-bucket/dir/secrets.env");
-        for bad in [
-            "s3://",
-            "s3://bucket",
-            "s3://bucket/",
-            "s3://Bucket/key",
-            "s3://b/key",
-            "s3://bucket/a\nb",
-            "https://bucket/key",
-        ] {
-            assert!(bad.parse::<S3Url>().is_err(), "{bad} accepted");
-        }
-    }
-
-    #[test]
-    fn locations() {
-        assert_eq!(
-            "/etc/keystore/secrets.env"
-                .parse::<SecretsLocation>()
-                .unwrap(),
-            SecretsLocation::File("/etc/keystore/secrets.env".into())
-        );
-        assert!(matches!(
-            "s3://bucket/key".parse::<SecretsLocation>().unwrap(),
-            SecretsLocation::S3(_)
-        ));
-        assert!("s3://x".parse::<SecretsLocation>().is_err());
     }
 }

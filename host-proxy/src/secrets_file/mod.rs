@@ -12,6 +12,7 @@ pub mod encrypt;
 pub mod file_key;
 pub mod format;
 pub mod json;
+pub mod location;
 pub mod rotate;
 pub mod rules;
 pub mod unseal;

@@ -24,6 +24,7 @@ mod forwarder;
 mod key_policy_denies;
 mod loader;
 mod loader_signal;
+mod localstack;
 mod logs;
 mod moto;
 mod packaging;

@@ -2,6 +2,8 @@
 
 pub mod audit_log;
 pub mod common;
+pub mod localstack;
 pub mod moto;
 pub mod ops;
+pub mod peer;
 pub mod stack;

@@ -6,33 +6,22 @@
 //! running in parallel install it once. If it cannot be installed the test
 //! fails with pip's output: these tests never skip silently.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keystore_tests::tls::{SERVER_CERT_FILE, SERVER_KEY_FILE, TestPki};
+
+pub use super::peer::{AwsPeer, REGION};
+use super::peer::{cache_dir, free_port, install_venv, wait_ready};
 
 /// The moto release these tests were written against.
 pub const MOTO_VERSION: &str = "5.2.5";
 
-/// Region every moto test uses.
-pub const REGION: &str = "us-east-1";
-
-/// moto accepts any credentials; these stand in for an operator's.
-pub const ACCESS_KEY: &str = "AKIAMOTOTESTMOTOTEST";
-/// Secret half of [`ACCESS_KEY`].
-pub const SECRET_KEY: &str = "moto-secret-access-key";
-
 /// The venv holding moto, created if missing. Panics with pip's output if
 /// it cannot be installed.
 pub fn venv() -> PathBuf {
-    let cache = std::env::var_os("HOME")
-        .map(|home| PathBuf::from(home).join(".cache/nitro-keystore"))
-        .unwrap_or_else(|| std::env::temp_dir().join("nitro-keystore-cache"));
-    std::fs::create_dir_all(&cache).unwrap();
-    let venv = cache.join(format!("moto-venv-{MOTO_VERSION}"));
-    let python = venv.join("bin/python");
+    let venv = cache_dir().join(format!("moto-venv-{MOTO_VERSION}"));
     // Under an exclusive lock: check, else (re)create and install.
     let script = format!(
         r#"set -e
@@ -43,21 +32,13 @@ python3 -m venv "$1"
 "$1/bin/python" -c 'import moto.server, boto3'
 "#
     );
-    let out = Command::new("flock")
-        .arg(cache.join("moto-venv.lock"))
-        .args(["sh", "-c", &script, "sh"])
-        .arg(&venv)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running flock/sh to prepare the moto venv");
-    assert!(
-        out.status.success(),
-        "cannot install moto[server]=={MOTO_VERSION} into {} (PyPI must be reachable):\n{}\n{}",
-        venv.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    install_venv(
+        "moto-venv.lock",
+        &venv,
+        &script,
+        &format!("moto[server]=={MOTO_VERSION}"),
     );
-    assert!(python.exists());
+    assert!(venv.join("bin/python").exists());
     venv
 }
 
@@ -93,7 +74,7 @@ impl Moto {
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()
                 .unwrap();
-            if wait_ready(&mut child, port) {
+            if wait_ready(&mut child, port, Duration::from_secs(60)) {
                 return Moto {
                     child,
                     port,
@@ -109,66 +90,46 @@ impl Moto {
             std::fs::read_to_string(&log).unwrap_or_default()
         );
     }
+}
 
-    /// The HTTPS endpoint (`https://localhost:PORT`, the name the test
-    /// certificate holds).
-    pub fn endpoint_url(&self) -> String {
-        format!("https://localhost:{}", self.port)
-    }
-
-    /// moto's port on 127.0.0.1.
-    pub fn port(&self) -> u16 {
+impl AwsPeer for Moto {
+    fn port(&self) -> u16 {
         self.port
     }
 
-    /// The test CA (PEM) that moto's certificate chains to.
-    pub fn ca_pem_path(&self) -> PathBuf {
+    fn ca_pem_path(&self) -> PathBuf {
         self.pki.ca_pem_path()
     }
 
-    /// moto's log so far.
-    pub fn log(&self) -> String {
+    fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The venv's python, for boto3 checks.
-    pub fn python(&self) -> PathBuf {
+    fn python(&self) -> PathBuf {
         venv().join("bin/python")
     }
 
-    /// Runs a boto3 script against this server: `argv[1]` is the endpoint,
-    /// `argv[2]` the CA bundle, then `args`. Returns stdout; panics with
-    /// stderr if it fails.
-    pub fn boto3(&self, script: &str, args: &[&str]) -> String {
-        let out = self.boto3_output(script, args);
-        assert!(
-            out.status.success(),
-            "boto3 script failed:\n{}\n--- moto log\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8(out.stdout).unwrap()
+    fn kms_requests(&self) -> usize {
+        // KMS is `POST /`; S3 requests name their bucket.
+        self.log().matches("POST / HTTP/1.1").count()
     }
 
-    /// Like [`Moto::boto3`], returning the whole output whatever the exit.
-    pub fn boto3_output(&self, script: &str, args: &[&str]) -> std::process::Output {
-        Command::new(self.python())
-            .arg("-c")
-            .arg(script)
-            .arg(self.endpoint_url())
-            .arg(self.ca_pem_path())
-            .args(args)
-            .env_clear()
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .env("AWS_DEFAULT_REGION", REGION)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+    fn s3_answers(&self, op: &str, bucket: &str, key: &str, status: u16) -> usize {
+        let method = match op {
+            "GetObject" => "GET",
+            "PutObject" => "PUT",
+            other => panic!("no request line for {other}"),
+        };
+        // (werkzeug may colour the request line: match its parts.)
+        let request = format!("{method} /{bucket}/{key}");
+        let status = format!("\" {status} ");
+        self.log()
+            .lines()
+            .filter(|line| line.contains(&request) && line.contains(&status))
+            .count()
     }
 
-    /// Stops moto (by its PID) and waits for it.
-    pub fn stop(&mut self) {
+    fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -176,31 +137,6 @@ impl Moto {
 
 impl Drop for Moto {
     fn drop(&mut self) {
-        self.stop();
+        AwsPeer::stop(self);
     }
-}
-
-/// Waits until the child accepts connections on `port`; false if it exits
-/// (e.g. the port was taken) or takes over a minute.
-fn wait_ready(child: &mut Child, port: u16) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return false;
-        }
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

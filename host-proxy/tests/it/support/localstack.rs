@@ -1,0 +1,161 @@
+//! LocalStack (PyPI `localstack-core[runtime]`), a second KMS and S3
+//! implementation nobody on this project wrote, run without Docker on
+//! 127.0.0.1 over HTTPS with a test CA (see `../shared/PEERS.md`).
+//!
+//! It needs Python ≥ 3.12: pyenv's 3.13.0 if present, else `python3.13`
+//! or `python3.12` on `PATH`. The venv is created once under
+//! `~/.cache/nitro-keystore` under a `flock`, with the pins LocalStack
+//! 2026.3.0 needs. If it cannot be installed the test fails with pip's
+//! output: these tests never skip silently.
+//!
+//! Settings, each for a reason: `GATEWAY_SERVER=hypercorn` with
+//! `GATEWAY_LISTEN=127.0.0.1:PORT` (the default server binds 0.0.0.0);
+//! `CUSTOM_SSL_CERT_PATH` = the test PKI's key and certificate (otherwise
+//! it serves a self-signed one it writes to a global cache);
+//! `FILESYSTEM_ROOT` = the test's dir (nothing written outside it);
+//! `SKIP_SSL_CERT_DOWNLOAD`, `DISABLE_EVENTS`, `DNS_ADDRESS=0` (no network
+//! calls, no DNS server).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keystore_tests::tls::{SERVER_CERT_FILE, SERVER_KEY_FILE, TestPki};
+
+use super::peer::{AwsPeer, REGION, cache_dir, free_port, install_venv, wait_ready};
+
+/// The LocalStack release these tests were written against.
+pub const LOCALSTACK_VERSION: &str = "2026.3.0";
+
+/// The venv holding LocalStack, created if missing.
+pub fn venv() -> PathBuf {
+    let venv = cache_dir().join(format!("localstack-venv-{LOCALSTACK_VERSION}"));
+    let script = format!(
+        r#"set -e
+check() {{ "$1/bin/python" -c 'import localstack.runtime.main, boto3' 2>/dev/null; }}
+if [ -x "$1/bin/python" ] && check "$1"; then exit 0; fi
+py=
+for c in "$(pyenv root 2>/dev/null)/versions/3.13.0/bin/python3.13" python3.13 python3.12; do
+  if command -v "$c" >/dev/null 2>&1; then py=$c; break; fi
+done
+[ -n "$py" ] || {{ echo "LocalStack needs Python >= 3.12 (pyenv 3.13.0, python3.13 or python3.12)" >&2; exit 1; }}
+rm -rf "$1"
+"$py" -m venv "$1"
+"$1/bin/pip" install --disable-pip-version-check -q 'localstack-core[runtime]=={LOCALSTACK_VERSION}' \
+  'cbor2<6' 'cryptography==44.0.3' 'pyopenssl==24.3.0' service-identity boto3
+check "$1"
+"#
+    );
+    install_venv(
+        "localstack-venv.lock",
+        &venv,
+        &script,
+        &format!("localstack-core[runtime]=={LOCALSTACK_VERSION}"),
+    );
+    venv
+}
+
+/// A running LocalStack (KMS and S3), killed (by its PID) when dropped.
+pub struct LocalStack {
+    child: Child,
+    port: u16,
+    pki: TestPki,
+    log: PathBuf,
+}
+
+impl LocalStack {
+    /// Starts LocalStack with KMS and S3 on 127.0.0.1 over HTTPS with a
+    /// fresh test CA under `dir`, and waits until it answers (it takes
+    /// about half a minute to start).
+    pub fn start(dir: &Path) -> LocalStack {
+        let venv = venv();
+        let pki = TestPki::create(dir.join("localstack-tls")).unwrap();
+        // LocalStack reads one PEM with the key and the certificate.
+        let combined = dir.join("localstack-server.pem");
+        let mut pem = std::fs::read(pki.dir().join(SERVER_KEY_FILE)).unwrap();
+        pem.extend(std::fs::read(pki.dir().join(SERVER_CERT_FILE)).unwrap());
+        std::fs::write(&combined, pem).unwrap();
+        let root = dir.join("localstack-fs");
+        std::fs::create_dir_all(&root).unwrap();
+        let log = dir.join("localstack.log");
+        for _ in 0..3 {
+            let port = free_port();
+            let listen = format!("127.0.0.1:{port}");
+            let mut child = Command::new(venv.join("bin/python"))
+                .args(["-m", "localstack.runtime.main"])
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("HOME", std::env::var("HOME").unwrap_or_default())
+                .env("GATEWAY_SERVER", "hypercorn")
+                .env("GATEWAY_LISTEN", &listen)
+                .env("LOCALSTACK_HOST", &listen)
+                .env("SERVICES", "kms,s3")
+                .env("EAGER_SERVICE_LOADING", "1")
+                .env("DNS_ADDRESS", "0")
+                .env("SKIP_SSL_CERT_DOWNLOAD", "1")
+                .env("DISABLE_EVENTS", "1")
+                .env("FILESYSTEM_ROOT", &root)
+                .env("CUSTOM_SSL_CERT_PATH", &combined)
+                .env("AWS_DEFAULT_REGION", REGION)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            if wait_ready(&mut child, port, Duration::from_secs(180)) {
+                return LocalStack {
+                    child,
+                    port,
+                    pki,
+                    log,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!(
+            "LocalStack did not start on 127.0.0.1:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+}
+
+impl AwsPeer for LocalStack {
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn ca_pem_path(&self) -> PathBuf {
+        self.pki.ca_pem_path()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn python(&self) -> PathBuf {
+        venv().join("bin/python")
+    }
+
+    fn kms_requests(&self) -> usize {
+        self.log().matches("AWS kms.").count()
+    }
+
+    fn s3_answers(&self, op: &str, _bucket: &str, _key: &str, status: u16) -> usize {
+        // Its request log names the operation, not the object.
+        self.log()
+            .matches(&format!("AWS s3.{op} => {status}"))
+            .count()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LocalStack {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
