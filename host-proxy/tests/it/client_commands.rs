@@ -11,6 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keystore_enclave::audit::{AuditConfig, AuditTrail};
 use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig};
 use keystore_enclave::server::{Server, ServerConfig};
 use keystore_enclave::service::KeystoreService;
@@ -82,7 +83,12 @@ async fn client_commands_against_an_in_process_server() {
     set.insert("db/password", Zeroizing::new(b"hunter2".to_vec()))
         .unwrap();
     store.replace(set.build());
-    let service = Arc::new(KeystoreService::new(store, recipient, nsm));
+    let service = Arc::new(KeystoreService::new(
+        store,
+        recipient,
+        nsm.clone(),
+        Arc::new(AuditTrail::new(nsm, AuditConfig::default()).unwrap()),
+    ));
     let endpoint = Endpoint::unix(dir.path().join("enclave.sock"));
     let server = Server::bind(&endpoint, service, ServerConfig::default())
         .await
