@@ -10,6 +10,7 @@ mod support;
 
 mod agent;
 mod attestation_cli;
+mod audit_drain;
 mod client_commands;
 mod credentials;
 mod dotenv;
