@@ -397,6 +397,9 @@ fn open_append(path: &Path) -> Result<File, AuditLogError> {
         .mode(0o640)
         .open(path)
         .map_err(io_error(path))?;
+    // The umask (the unit's is 0077) must not make it owner-only.
+    file.set_permissions(std::fs::Permissions::from_mode(0o640))
+        .map_err(io_error(path))?;
     Ok(file)
 }
 
