@@ -152,12 +152,20 @@ impl Enclave {
         }
         let listener = config.listen.bind().await.map_err(EnclaveError::Bind)?;
         let kms = config.kms.map(Kms::new).transpose()?;
-        // Bound even without KMS: the audit trail is drained there.
-        let load_listener = config
-            .load_listen
-            .bind()
-            .await
-            .map_err(EnclaveError::Bind)?;
+        // The audit trail is drained on the load port, so it is bound even
+        // without KMS; then (local runs only: production images always
+        // have a region) failing to bind it is not fatal.
+        let load_listener = match (config.load_listen.bind().await, &kms) {
+            (Ok(listener), _) => Some(listener),
+            (Err(err), Some(_)) => return Err(EnclaveError::Bind(err)),
+            (Err(err), None) => {
+                tracing::warn!(
+                    error = %err,
+                    "no load port: the audit trail cannot be drained (its buffer fills, then a gap is recorded)"
+                );
+                None
+            }
+        };
         if kms.is_none() {
             tracing::warn!("no KMS region: this enclave cannot load secrets");
         }
@@ -196,23 +204,26 @@ impl Enclave {
         let server = Server::from_listener(listener, service.clone(), config.server)?;
         let secret_endpoint = server.local_endpoint().clone();
         let served = tokio::spawn(server.run(stopped(stop_rx.clone())));
-        let (load_endpoint, load_served) = {
-            let server = Server::from_listener(
-                load_listener,
-                service.clone(),
-                ServerConfig {
-                    // For `Status` only: the load port's own policy is
-                    // always privileged peers.
-                    secret_peers,
-                    ..ServerConfig::for_loading(config.load.max_duration)
-                },
-            )?;
-            let endpoint = server.local_endpoint().clone();
-            tracing::info!(endpoint = %endpoint, "load port ready");
-            (
-                Some(endpoint),
-                Some(tokio::spawn(server.run(stopped(stop_rx.clone())))),
-            )
+        let (load_endpoint, load_served) = match load_listener {
+            Some(listener) => {
+                let server = Server::from_listener(
+                    listener,
+                    service.clone(),
+                    ServerConfig {
+                        // For `Status` only: the load port's own policy is
+                        // always privileged peers.
+                        secret_peers,
+                        ..ServerConfig::for_loading(config.load.max_duration)
+                    },
+                )?;
+                let endpoint = server.local_endpoint().clone();
+                tracing::info!(endpoint = %endpoint, "load port ready");
+                (
+                    Some(endpoint),
+                    Some(tokio::spawn(server.run(stopped(stop_rx.clone())))),
+                )
+            }
+            None => (None, None),
         };
         let checkpoints = Some(tokio::spawn(
             audit.checkpoint_periodically(stopped(stop_rx.clone())),
@@ -252,7 +263,7 @@ impl Enclave {
     }
 
     /// Where the host daemon reaches the load port (`Load`, the audit
-    /// trail).
+    /// trail); `None` only without KMS when it could not be bound.
     pub fn load_endpoint(&self) -> Option<&Endpoint> {
         self.load_endpoint.as_ref()
     }
