@@ -130,9 +130,20 @@ async fn client_commands_against_an_in_process_server() {
     assert_eq!(status["ready"], true);
     assert_eq!(status["secret_count"], 2);
     assert_eq!(status["recipient_key_bits"], 2048);
+    // The audit trail: the start and the reads above, none dropped.
+    assert!(
+        status["audit"]["last_seq"].as_u64().unwrap() >= 4,
+        "{status}"
+    );
+    assert_eq!(status["audit"]["dropped"], 0);
+    assert_eq!(status["audit"]["dropping"], false);
     let text = stdout(&host(&endpoint, &["status"]).await);
     assert!(text.contains("ready:") && text.contains("true"), "{text}");
     assert!(text.contains("RSA-2048"), "{text}");
+    assert!(
+        text.contains("audit:") && text.contains("0 dropped in 0 gap(s)"),
+        "{text}"
+    );
 
     // attest: verified against the mock root, PCR0 (this test executable,
     // which the in-process mock NSM measured) checked and printed.
