@@ -105,7 +105,8 @@ say "Starting the host proxy: KMS forwarder (bytes only, TLS ends in the enclave
 RUST_LOG=info "$bin/keystore-host" proxy --region us-east-1 \
   --forward "unix://$work/kms.sock=127.0.0.1:$kms_port" \
   --credentials-listen "unix://$work/credentials.sock" \
-  --load-to "unix://$work/load.sock" --secrets "$work/secrets.env" --no-agent 2> "$work/proxy.log" &
+  --load-to "unix://$work/load.sock" --secrets "$work/secrets.env" --no-agent \
+  --audit-log "$work/audit.jsonl" --audit-poll 1 2> "$work/proxy.log" &
 pids+=($!)
 
 enclave=(--enclave "unix://$work/enclave.sock")
@@ -125,5 +126,11 @@ say "Verifying which enclave answers: a fresh attestation document, our nonce, P
 say "What KMS saw: every Decrypt carried an attestation document; no plaintext ever left KMS"
 curl -sS --cacert "$work/kms-tls/ca.pem" "$kms_url/__admin/calls" \
   | jq -c 'with_entries(select(.key == "Decrypt" or .key == "Encrypt"))'
+
+say "The audit trail the daemon drained from the enclave: who read what, hash-chained"
+audited() { jq -e -s 'map(select(.event.request.op == "get")) | length > 0' "$work/audit.jsonl" >/dev/null 2>&1; }
+wait_for 30 "the audit log" audited || { tail -20 "$work/proxy.log" >&2; exit 1; }
+jq -c 'select(.event.request) | {seq, op: .event.request.op, names: .event.request.names,
+  uid: .event.request.caller.uid, outcome: .event.request.outcome}' "$work/audit.jsonl"
 
 say "Done; stopping everything this demo started"

@@ -16,6 +16,7 @@ use keystore_shared::endpoint::{Endpoint, EndpointError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::audit::{AuditConfig, AuditError, AuditTrail};
 use crate::kms::{Kms, KmsConfig, KmsError};
 use crate::load::{LoadConfig, LoadError, Loader};
 use crate::recipient::{Recipient, RecipientConfig, RecipientError, RecipientHandle};
@@ -29,7 +30,7 @@ use keystore_nsm::{Nsm, NsmError};
 pub struct EnclaveConfig {
     /// Where host apps reach the secret server.
     pub listen: Endpoint,
-    /// Where the host's loader sends `Load` (used only with `kms`).
+    /// Where the host's daemon sends `Load` and drains the audit trail.
     pub load_listen: Endpoint,
     /// The NSM: `/dev/nsm` in production, the mock in tests.
     pub nsm: Arc<dyn Nsm>,
@@ -43,6 +44,8 @@ pub struct EnclaveConfig {
     pub load: LoadConfig,
     /// Re-decrypt the last load this often (zero: never).
     pub reload_every: Duration,
+    /// The audit trail's buffer and checkpoint interval.
+    pub audit: AuditConfig,
 }
 
 impl std::fmt::Debug for EnclaveConfig {
@@ -55,6 +58,7 @@ impl std::fmt::Debug for EnclaveConfig {
             .field("server", &self.server)
             .field("load", &self.load)
             .field("reload_every", &self.reload_every)
+            .field("audit", &self.audit)
             .finish_non_exhaustive()
     }
 }
@@ -72,6 +76,7 @@ impl EnclaveConfig {
             server: ServerConfig::default(),
             load: LoadConfig::default(),
             reload_every: Duration::from_secs(3600),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -100,6 +105,9 @@ pub enum EnclaveError {
     /// The load settings are unusable.
     #[error("invalid load settings: {0}")]
     Load(#[from] LoadError),
+    /// The audit trail could not start (settings, or its first checkpoint).
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     /// A background task ended abnormally (a bug).
     #[error("enclave task failed: {0}")]
     Task(String),
@@ -115,6 +123,7 @@ pub struct Enclave {
     served: Option<JoinHandle<Result<(), ServerError>>>,
     load_served: Option<JoinHandle<Result<(), ServerError>>>,
     reloads: Option<JoinHandle<()>>,
+    checkpoints: Option<JoinHandle<()>>,
     refresher: RecipientHandle,
 }
 
@@ -132,6 +141,7 @@ impl Enclave {
     pub async fn start(config: EnclaveConfig) -> Result<Enclave, EnclaveError> {
         config.recipient.validate()?;
         config.server.validate()?;
+        config.audit.validate()?;
         if config.server.secret_peers == SecretPeers::Any {
             tracing::warn!(
                 endpoint = %config.listen,
@@ -142,19 +152,26 @@ impl Enclave {
         }
         let listener = config.listen.bind().await.map_err(EnclaveError::Bind)?;
         let kms = config.kms.map(Kms::new).transpose()?;
-        let load_listener = match kms {
-            Some(_) => Some(
-                config
-                    .load_listen
-                    .bind()
-                    .await
-                    .map_err(EnclaveError::Bind)?,
-            ),
-            None => {
-                tracing::warn!("no KMS region: this enclave cannot load secrets");
+        // The audit trail is drained on the load port, so it is bound even
+        // without KMS; then (local runs only: production images always
+        // have a region) failing to bind it is not fatal.
+        let load_listener = match (config.load_listen.bind().await, &kms) {
+            (Ok(listener), _) => Some(listener),
+            (Err(err), Some(_)) => return Err(EnclaveError::Bind(err)),
+            (Err(err), None) => {
+                tracing::warn!(
+                    error = %err,
+                    "no load port: the audit trail cannot be drained (its buffer fills, then a gap is recorded)"
+                );
                 None
             }
         };
+        if kms.is_none() {
+            tracing::warn!("no KMS region: this enclave cannot load secrets");
+        }
+        // The run's first records: `Start`, then a checkpoint over it.
+        let audit = Arc::new(AuditTrail::new(config.nsm.clone(), config.audit.clone())?);
+        audit.checkpoint().await?;
 
         tracing::info!(
             bits = config.recipient.bits.bits(),
@@ -163,7 +180,7 @@ impl Enclave {
         let (recipient, refresher) = Recipient::start(config.nsm.clone(), config.recipient).await?;
         let seal_key = SealKey::generate(config.nsm.as_ref()).map_err(EnclaveError::Seal)?;
         let store = Arc::new(Store::new(seal_key, StoreConfig::default()));
-        let mut service = KeystoreService::new(store, recipient.clone(), config.nsm);
+        let mut service = KeystoreService::new(store, recipient.clone(), config.nsm, audit.clone());
         let loader = match kms {
             Some(kms) => {
                 let loader = Arc::new(Loader::new(
@@ -208,6 +225,9 @@ impl Enclave {
             }
             None => (None, None),
         };
+        let checkpoints = Some(tokio::spawn(
+            audit.checkpoint_periodically(stopped(stop_rx.clone())),
+        ));
         // Runs for staleness too when re-decrypting is off.
         let maintained = !config.reload_every.is_zero() || !config.load.max_stale.is_zero();
         let reloads = match &loader {
@@ -231,6 +251,7 @@ impl Enclave {
             served: Some(served),
             load_served,
             reloads,
+            checkpoints,
             refresher,
         })
     }
@@ -241,7 +262,8 @@ impl Enclave {
         &self.secret_endpoint
     }
 
-    /// Where the loader reaches the load port, when KMS is configured.
+    /// Where the host daemon reaches the load port (`Load`, the audit
+    /// trail); `None` only without KMS when it could not be bound.
     pub fn load_endpoint(&self) -> Option<&Endpoint> {
         self.load_endpoint.as_ref()
     }
@@ -296,6 +318,9 @@ impl Enclave {
             tracing::warn!(error = %err, "load port stopped with an error");
         }
         if let Some(task) = self.reloads {
+            let _ = task.await;
+        }
+        if let Some(task) = self.checkpoints {
             let _ = task.await;
         }
         // Wipe before anything else can fail.

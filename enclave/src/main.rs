@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use keystore_enclave::audit::{self, AuditConfig};
 use keystore_enclave::enclave::{Enclave, EnclaveConfig};
 use keystore_enclave::kms::{KmsConfig, PinnedKeys};
 use keystore_enclave::load::LoadConfig;
@@ -85,6 +86,16 @@ struct Args {
     /// takes effect (`0s` disables).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     reload_every: Duration,
+    /// Audit records kept until the host drains them; beyond that they are
+    /// dropped (still chained) and a gap record names them.
+    #[arg(long, value_name = "N", default_value_t = audit::DEFAULT_BUFFER_RECORDS)]
+    audit_buffer: usize,
+    /// Bytes of audit records kept until drained.
+    #[arg(long, value_name = "BYTES", default_value_t = audit::DEFAULT_BUFFER_BYTES)]
+    audit_buffer_bytes: usize,
+    /// Time between two attested audit checkpoints.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    audit_checkpoint_interval: Duration,
     /// KMS calls in flight during a load.
     #[arg(long, default_value_t = 8)]
     load_concurrency: usize,
@@ -236,6 +247,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..LoadConfig::default()
     };
     config.reload_every = args.reload_every;
+    config.audit = AuditConfig {
+        buffer_records: args.audit_buffer,
+        buffer_bytes: args.audit_buffer_bytes,
+        checkpoint_interval: args.audit_checkpoint_interval,
+    };
+    config
+        .audit
+        .validate()
+        .context("--audit-buffer, --audit-buffer-bytes, --audit-checkpoint-interval")?;
 
     let enclave = Enclave::start(config).await?;
     let mut stdout = std::io::stdout().lock();
@@ -341,6 +361,8 @@ mod tests {
         assert_eq!(defaults.secret_peers, SecretPeers::Privileged);
         assert!(!defaults.allow_empty);
         assert_eq!(defaults.max_stale, Duration::from_secs(24 * 3600));
+        assert_eq!(defaults.audit_buffer, audit::DEFAULT_BUFFER_RECORDS);
+        assert_eq!(defaults.audit_checkpoint_interval, Duration::from_secs(300));
         let any = Args::try_parse_from(["keystore-enclave", "--secret-peers", "any"]).unwrap();
         assert_eq!(any.secret_peers, SecretPeers::Any);
         assert!(Args::try_parse_from(["keystore-enclave", "--secret-peers", "all"]).is_err());

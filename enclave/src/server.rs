@@ -50,6 +50,9 @@ use keystore_shared::serve::{
     Shutdown, Watched, serve,
 };
 
+use keystore_shared::audit::{AuditOp, Outcome};
+
+use crate::audit::{AuditTrail, outcome_of};
 use crate::service::{KeystoreService, ServiceError};
 
 /// Default limit on connections served at once.
@@ -275,6 +278,11 @@ impl Server {
                 Arc::new(PrivilegedPeers)
             }
         };
+        // A refused peer is recorded before it is told so.
+        let policy: Arc<dyn PeerPolicy> = Arc::new(AuditedPolicy {
+            inner: policy,
+            audit: self.service.audit().clone(),
+        });
         let handler = Arc::new(RequestHandler {
             service: self.service,
             role: config.role,
@@ -289,6 +297,33 @@ impl Server {
                 ServeError::InvalidConfig(what) => ServerError::InvalidConfig(what),
                 ServeError::Accept(err) => ServerError::Accept(err),
             })
+    }
+}
+
+/// A peer policy whose refusals are audit records ([`AuditOp::Connect`]).
+struct AuditedPolicy {
+    inner: Arc<dyn PeerPolicy>,
+    audit: Arc<AuditTrail>,
+}
+
+impl PeerPolicy for AuditedPolicy {
+    fn check(&self, peer: &Peer) -> Result<(), keystore_shared::serve::PeerDenied> {
+        let verdict = self.inner.check(peer);
+        if verdict.is_err() {
+            let caller = match PeerTrust::of(peer) {
+                PeerTrust::Unprivileged(caller) => Some(caller),
+                PeerTrust::Privileged => None,
+            };
+            self.audit.request(
+                AuditOp::Connect,
+                Vec::new(),
+                None,
+                caller,
+                &peer.to_string(),
+                Outcome::Denied,
+            );
+        }
+        verdict
     }
 }
 
@@ -308,6 +343,7 @@ impl Handler for RequestHandler {
         tracing::info!("connection opened");
         let peer = PeerTrust::of(&conn.peer);
         let mut session = Session {
+            peer_text: conn.peer.to_string(),
             connection: Connection::with_limits(conn.stream, self.limits),
             service: &self.service,
             role: self.role,
@@ -356,7 +392,7 @@ fn decode_request(body: &[u8]) -> Result<Decoded, FrameError> {
         decode_body::<Request>(body).map_err(|err| {
             ServiceError::BadRequest(format!(
                 "`op` is not a valid operation of protocol version {PROTOCOL_VERSION} \
-                 (Get, List, Status, Attest, Load, GetCredentials): {}",
+                 (Get, List, Status, Attest, Load, AuditRead, AuditCheckpoint): {}",
                 match err {
                     // Redacted by the frame layer: schema names only.
                     FrameError::Decode(reason) => reason,
@@ -449,6 +485,8 @@ struct Session<'a> {
     role: Role,
     secret_peers: SecretPeers,
     peer: PeerTrust,
+    /// The peer as the kernel reported it, for audit records.
+    peer_text: String,
     idle_timeout: Duration,
     request_timeout: Duration,
     shutdown: Shutdown,
@@ -492,9 +530,16 @@ impl Session<'_> {
     async fn answer(&mut self, decoded: Decoded) -> Next {
         let started = Instant::now();
         let id = decoded.id;
+        let mut audit = Audited::default();
         let (kind, result) = match decoded.request {
             Ok(request) => {
                 let kind = request.op.kind();
+                audit = Audited::of(&request.op);
+                if let PeerTrust::Unprivileged(own) = &self.peer {
+                    // Refused below if it names anyone else; who it is
+                    // stays in the record.
+                    audit.caller = Some(own.clone());
+                }
                 let result = match self.peer.caller(request.caller) {
                     Ok(caller) => {
                         let context = Context {
@@ -502,7 +547,7 @@ impl Session<'_> {
                             secret_peers: self.secret_peers,
                             privileged: self.peer == PeerTrust::Privileged,
                         };
-                        tokio::time::timeout(
+                        let result = tokio::time::timeout(
                             self.request_timeout,
                             apply(self.service, context, request.op, &caller),
                         )
@@ -512,7 +557,9 @@ impl Session<'_> {
                                 "request timed out after {} ms",
                                 millis(self.request_timeout)
                             )))
-                        })
+                        });
+                        audit.caller = Some(caller);
+                        result
                     }
                     Err(err) => Err(err),
                 };
@@ -531,6 +578,9 @@ impl Session<'_> {
             ResponseBody::Error { code, .. } => code.as_str(),
             _ => "ok",
         };
+        // Recorded before the answer leaves: a read the peer received is
+        // never missing from the trail.
+        audit.record(self.service.audit(), &self.peer_text, &body);
         let next = self.send(Response::new(id, body)).await;
         tracing::info!(
             request_id = id,
@@ -585,6 +635,14 @@ impl Session<'_> {
         match err {
             FrameError::TooLarge { len, max } => {
                 tracing::warn!(announced = len, max, "request frame too large; closing");
+                self.service.audit().request(
+                    AuditOp::Malformed,
+                    Vec::new(),
+                    None,
+                    None,
+                    &self.peer_text,
+                    outcome_of(ErrorCode::TooLarge),
+                );
                 let message = format!(
                     "request frame of {len} bytes exceeds the limit of {max} bytes; closing the connection"
                 );
@@ -598,6 +656,14 @@ impl Session<'_> {
                     op = "invalid",
                     outcome = "BadRequest",
                     "undecodable request frame"
+                );
+                self.service.audit().request(
+                    AuditOp::Malformed,
+                    Vec::new(),
+                    None,
+                    None,
+                    &self.peer_text,
+                    outcome_of(ErrorCode::BadRequest),
                 );
                 let message = format!("request frame is not a valid request: {reason}");
                 self.send(Response::error(0, ErrorCode::BadRequest, message))
@@ -640,22 +706,29 @@ async fn apply(
     let role = context.role;
     // The load port's peer policy already refused anyone else; this keeps
     // `Load` privileged even if a listener is ever misconfigured.
-    if matches!(op, RequestOp::Load { .. }) && !context.privileged {
-        return Err(ServiceError::Denied(
-            "Load is accepted only from a privileged peer".to_owned(),
-        ));
+    let load_port_op = matches!(
+        op,
+        RequestOp::Load { .. } | RequestOp::AuditRead { .. } | RequestOp::AuditCheckpoint
+    );
+    if load_port_op && !context.privileged {
+        return Err(ServiceError::Denied(format!(
+            "{} is accepted only from a privileged peer",
+            op.kind()
+        )));
     }
     match (role, &op) {
-        (Role::Secrets, RequestOp::Load { .. }) => {
-            return Err(ServiceError::BadRequest(
-                "Load is accepted only on the enclave's load port (--load-listen, default 5001)"
-                    .to_owned(),
-            ));
+        (Role::Secrets, _) if load_port_op => {
+            return Err(ServiceError::BadRequest(format!(
+                "{} is accepted only on the enclave's load port (--load-listen, default 5001)",
+                op.kind()
+            )));
         }
-        (Role::Loading, RequestOp::Load { .. } | RequestOp::Status) => {}
+        (Role::Loading, _) if load_port_op => {}
+        (Role::Loading, RequestOp::Status) => {}
         (Role::Loading, _) => {
             return Err(ServiceError::BadRequest(format!(
-                "the load port answers Load and Status only, not {}; host apps use the secret port",
+                "the load port answers Load, Status and the audit operations only, not {}; \
+                 host apps use the secret port",
                 op.kind()
             )));
         }
@@ -685,10 +758,94 @@ async fn apply(
             let count = service.load(entries).await?;
             Ok(ResponseBody::Loaded { count })
         }
+        RequestOp::AuditRead { after, max } => {
+            let batch = service
+                .audit()
+                .read(after.as_ref(), max)
+                .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+            Ok(ResponseBody::AuditRecords(batch))
+        }
+        RequestOp::AuditCheckpoint => {
+            let seq = service
+                .audit()
+                .checkpoint()
+                .await
+                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+            Ok(ResponseBody::AuditCheckpointed { seq })
+        }
         RequestOp::GetCredentials => Err(ServiceError::Unsupported(
             "GetCredentials is served by the host's credentials service, not by the enclave"
                 .to_owned(),
         )),
+    }
+}
+
+/// What the audit record of one request says, gathered before the
+/// operation consumes the request.
+struct Audited {
+    op: AuditOp,
+    names: Vec<String>,
+    count: Option<u64>,
+    caller: Option<keystore_shared::Caller>,
+    /// Recorded only when refused (`Status`, audit reads: the daemon polls
+    /// them, and a checkpoint is its own record).
+    only_refusals: bool,
+}
+
+impl Default for Audited {
+    /// A frame that did not decode as a request.
+    fn default() -> Self {
+        Audited {
+            op: AuditOp::Malformed,
+            names: Vec::new(),
+            count: None,
+            caller: None,
+            only_refusals: false,
+        }
+    }
+}
+
+impl Audited {
+    fn of(op: &RequestOp) -> Audited {
+        let (op, names, count, only_refusals) = match op {
+            RequestOp::Get { name } => (AuditOp::Get, vec![name.clone()], None, false),
+            RequestOp::List => (AuditOp::List, Vec::new(), None, false),
+            RequestOp::Attest { .. } => (AuditOp::Attest, Vec::new(), None, false),
+            // The entry count, never the names.
+            RequestOp::Load { entries } => (
+                AuditOp::Load,
+                Vec::new(),
+                Some(u64::try_from(entries.len()).unwrap_or(u64::MAX)),
+                false,
+            ),
+            RequestOp::Status => (AuditOp::Status, Vec::new(), None, true),
+            RequestOp::AuditRead { .. } | RequestOp::AuditCheckpoint => {
+                (AuditOp::Audit, Vec::new(), None, true)
+            }
+            // Valid CBOR, but not a request this server takes.
+            RequestOp::GetCredentials => (AuditOp::Malformed, Vec::new(), None, false),
+        };
+        Audited {
+            op,
+            names,
+            count,
+            caller: None,
+            only_refusals,
+        }
+    }
+
+    fn record(self, audit: &AuditTrail, peer: &str, body: &ResponseBody) {
+        let (outcome, count) = match body {
+            ResponseBody::Error { code, .. } => (outcome_of(*code), self.count),
+            _ if self.only_refusals => return,
+            // How many names the caller was shown.
+            ResponseBody::Names { names } => (
+                Outcome::Ok,
+                Some(u64::try_from(names.len()).unwrap_or(u64::MAX)),
+            ),
+            _ => (Outcome::Ok, self.count),
+        };
+        audit.request(self.op, self.names, count, self.caller, peer, outcome);
     }
 }
 

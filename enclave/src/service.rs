@@ -18,6 +18,7 @@ use keystore_shared::protocol::{ErrorCode, LoadEntry, StatusReport};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
+use crate::audit::AuditTrail;
 use crate::load::Loader;
 use crate::recipient::Recipient;
 use crate::store::{Store, StoreError, validate_name};
@@ -95,6 +96,7 @@ pub struct KeystoreService {
     version: String,
     attestations: Semaphore,
     loader: Option<Arc<Loader>>,
+    audit: Arc<AuditTrail>,
 }
 
 impl std::fmt::Debug for KeystoreService {
@@ -109,8 +111,14 @@ impl std::fmt::Debug for KeystoreService {
 }
 
 impl KeystoreService {
-    /// Bundles the enclave's state; the uptime clock starts now.
-    pub fn new(store: Arc<Store>, recipient: Recipient, nsm: Arc<dyn Nsm>) -> Self {
+    /// Bundles the enclave's state; the uptime clock starts now. Every
+    /// request the servers answer is recorded in `audit`.
+    pub fn new(
+        store: Arc<Store>,
+        recipient: Recipient,
+        nsm: Arc<dyn Nsm>,
+        audit: Arc<AuditTrail>,
+    ) -> Self {
         KeystoreService {
             store,
             recipient,
@@ -119,7 +127,13 @@ impl KeystoreService {
             version: VERSION.to_owned(),
             attestations: Semaphore::new(MAX_CONCURRENT_ATTESTATIONS),
             loader: None,
+            audit,
         }
+    }
+
+    /// The audit trail every request is recorded in.
+    pub fn audit(&self) -> &Arc<AuditTrail> {
+        &self.audit
     }
 
     /// Lets `Load` decrypt bundles through KMS with `loader`. Without one
@@ -240,6 +254,7 @@ impl KeystoreService {
                 .as_ref()
                 .and_then(|loader| loader.decrypt_age())
                 .map(millis),
+            audit: Some(self.audit.status()),
         }
     }
 

@@ -100,6 +100,94 @@ pub enum RequestOp {
     /// AWS credentials for KMS, asked by the enclave of the credentials
     /// service.
     GetCredentials,
+    /// Audit records after `after` (load port, privileged peers only).
+    /// Naming a record acknowledges it and every one before it: the
+    /// enclave drops them from its buffer, so the daemon names only what
+    /// it has durably written, and a crash between read and write loses
+    /// nothing. A cursor the enclave does not know (another run, a log
+    /// from elsewhere) acknowledges nothing; the answer then starts at the
+    /// oldest buffered record.
+    AuditRead {
+        /// The last record the reader has written, if any.
+        #[serde(default)]
+        after: Option<AuditCursor>,
+        /// Most records wanted (the enclave caps it at
+        /// [`MAX_AUDIT_BATCH`]).
+        max: u32,
+    },
+    /// Makes an attested checkpoint now (load port, privileged peers only).
+    AuditCheckpoint,
+}
+
+/// Most records one [`ResponseBody::AuditRecords`] carries; the decoder
+/// refuses the next one.
+pub const MAX_AUDIT_BATCH: usize = 1024;
+
+/// Most bytes of canonical records the enclave puts in one batch (at least
+/// one record is always sent): well under the response frame limit.
+pub const MAX_AUDIT_BATCH_BYTES: usize = 512 * 1024;
+
+/// A point in the audit chain: a record's sequence number and the chain
+/// hash after it, as the log's last line shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCursor {
+    /// The record's sequence number.
+    pub seq: u64,
+    /// The chain hash after it (32 bytes).
+    #[serde(with = "serde_bytes")]
+    pub hash: Vec<u8>,
+}
+
+/// One drained audit record: its canonical bytes
+/// ([`crate::audit::AuditRecord::decode`]) and the chain hash after it, so
+/// the reader can recompute the hash and compare.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Canonical record bytes.
+    #[serde(with = "serde_bytes")]
+    pub record: Vec<u8>,
+    /// The chain hash after this record (32 bytes).
+    #[serde(with = "serde_bytes")]
+    pub hash: Vec<u8>,
+}
+
+/// Answer to `AuditRead`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AuditBatch {
+    /// Records in sequence order (at most [`MAX_AUDIT_BATCH`]).
+    #[serde(deserialize_with = "bounded_audit_entries")]
+    pub entries: Vec<AuditEntry>,
+    /// Whether more records are buffered after these.
+    #[serde(default)]
+    pub more: bool,
+}
+
+/// Deserializes a batch's entries, refusing more than [`MAX_AUDIT_BATCH`].
+fn bounded_audit_entries<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<AuditEntry>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<AuditEntry>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "at most {MAX_AUDIT_BATCH} audit entries")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let hint = seq.size_hint().unwrap_or(0).min(MAX_AUDIT_BATCH);
+            let mut entries = Vec::with_capacity(hint);
+            while let Some(entry) = seq.next_element::<AuditEntry>()? {
+                if entries.len() == MAX_AUDIT_BATCH {
+                    return Err(serde::de::Error::invalid_length(MAX_AUDIT_BATCH + 1, &self));
+                }
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    deserializer.deserialize_seq(Bounded)
 }
 
 /// Most secrets one `Load` may carry.
@@ -150,6 +238,8 @@ impl RequestOp {
             RequestOp::Attest { .. } => "attest",
             RequestOp::Load { .. } => "load",
             RequestOp::GetCredentials => "get_credentials",
+            RequestOp::AuditRead { .. } => "audit_read",
+            RequestOp::AuditCheckpoint => "audit_checkpoint",
         }
     }
 
@@ -162,6 +252,8 @@ impl RequestOp {
             RequestOp::Attest { .. } => "Attestation",
             RequestOp::Load { .. } => "Loaded",
             RequestOp::GetCredentials => "Credentials",
+            RequestOp::AuditRead { .. } => "AuditRecords",
+            RequestOp::AuditCheckpoint => "AuditCheckpointed",
         }
     }
 }
@@ -265,6 +357,13 @@ pub enum ResponseBody {
     },
     /// Answer to `GetCredentials`.
     Credentials(Credentials),
+    /// Answer to `AuditRead`.
+    AuditRecords(AuditBatch),
+    /// Answer to `AuditCheckpoint`: the checkpoint record's sequence number.
+    AuditCheckpointed {
+        /// Its sequence number.
+        seq: u64,
+    },
     /// The request failed. The message never contains secret material.
     Error {
         /// Machine-readable category.
@@ -284,6 +383,8 @@ impl ResponseBody {
             ResponseBody::Attestation { .. } => "Attestation",
             ResponseBody::Loaded { .. } => "Loaded",
             ResponseBody::Credentials(_) => "Credentials",
+            ResponseBody::AuditRecords(_) => "AuditRecords",
+            ResponseBody::AuditCheckpointed { .. } => "AuditCheckpointed",
             ResponseBody::Error { .. } => "Error",
         }
     }
@@ -441,6 +542,30 @@ pub struct StatusReport {
     /// one; after `--max-stale` of failures the enclave wipes its set.
     #[serde(default)]
     pub last_decrypt_age_ms: Option<u64>,
+    /// The audit trail: records buffered, dropped for want of draining,
+    /// gap records written. `None` from an enclave too old to say.
+    #[serde(default)]
+    pub audit: Option<AuditStatus>,
+}
+
+/// The audit trail's state in [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AuditStatus {
+    /// Sequence number of the newest record.
+    #[serde(default)]
+    pub last_seq: Option<u64>,
+    /// Records waiting to be drained.
+    #[serde(default)]
+    pub buffered: u64,
+    /// Records dropped since start because the buffer was full.
+    #[serde(default)]
+    pub dropped: u64,
+    /// Gap records written since start.
+    #[serde(default)]
+    pub gaps: u64,
+    /// Whether records are being dropped right now.
+    #[serde(default)]
+    pub dropping: bool,
 }
 
 /// Temporary AWS credentials from the credentials service (IMDSv2 on the

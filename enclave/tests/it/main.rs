@@ -9,6 +9,7 @@
 mod support;
 
 mod access;
+mod audit;
 mod file_key;
 mod kms_client;
 mod kms_credentials;

@@ -507,7 +507,10 @@ async fn the_load_port_takes_big_load_frames_and_nothing_else() {
     let response = roundtrip(&mut conn, &get).await;
     let (code, message) = error_of(&response);
     assert_eq!(code, ErrorCode::BadRequest);
-    assert!(message.contains("Load and Status only"), "{message}");
+    assert!(
+        message.contains("Load, Status and the audit operations only"),
+        "{message}"
+    );
     harness.stop().await.unwrap();
 }
 

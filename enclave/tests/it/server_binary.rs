@@ -30,6 +30,9 @@ fn start(dir: &std::path::Path, extra: &[&str]) -> (Running, Endpoint) {
         .arg(dir.join("pki"))
         .arg("--listen")
         .arg(format!("unix://{}", socket.display()))
+        // Bound even without KMS: the audit trail is drained there.
+        .arg("--load-listen")
+        .arg(format!("unix://{}", dir.join("load.sock").display()))
         .args(["--recipient-bits", "2048", "--log-level", "warn"])
         .args(extra)
         .stdout(Stdio::piped())

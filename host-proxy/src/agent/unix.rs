@@ -159,12 +159,15 @@ impl UnixHandler {
         let asked = match &request.op {
             RequestOp::Get { name } => Some(name.clone()),
             RequestOp::List | RequestOp::Status | RequestOp::Attest { .. } => None,
-            RequestOp::Load { .. } | RequestOp::GetCredentials => {
+            RequestOp::Load { .. }
+            | RequestOp::GetCredentials
+            | RequestOp::AuditRead { .. }
+            | RequestOp::AuditCheckpoint => {
                 return Response::error(
                     id,
                     ErrorCode::Denied,
                     format!(
-                        "the agent does not forward {kind}: secrets are loaded by the host daemon on the enclave's load port"
+                        "the agent does not forward {kind}: loading and the audit trail are the host daemon's, on the enclave's load port"
                     ),
                 );
             }

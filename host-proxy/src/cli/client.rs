@@ -154,6 +154,13 @@ fn status_json(report: &StatusReport) -> serde_json::Value {
         "last_error": report.last_error,
         "secret_peers": report.secret_peers,
         "last_decrypt_age_ms": report.last_decrypt_age_ms,
+        "audit": report.audit.as_ref().map(|audit| json!({
+            "last_seq": audit.last_seq,
+            "buffered": audit.buffered,
+            "dropped": audit.dropped,
+            "gaps": audit.gaps,
+            "dropping": audit.dropping,
+        })),
     })
 }
 
@@ -193,6 +200,28 @@ fn status_text(report: &StatusReport) -> String {
         &report
             .last_decrypt_age_ms
             .map_or_else(|| "none".to_owned(), |ms| format!("{} s ago", ms / 1000)),
+    );
+    line(
+        "audit:",
+        &report.audit.as_ref().map_or_else(
+            || "unknown".to_owned(),
+            |audit| {
+                format!(
+                    "last seq {}, {} buffered, {} dropped in {} gap(s){}",
+                    audit
+                        .last_seq
+                        .map_or_else(|| "none".to_owned(), |seq| seq.to_string()),
+                    audit.buffered,
+                    audit.dropped,
+                    audit.gaps,
+                    if audit.dropping {
+                        ", DROPPING NOW (is the daemon draining?)"
+                    } else {
+                        ""
+                    }
+                )
+            },
+        ),
     );
     out
 }

@@ -76,7 +76,7 @@ pub enum Command {
     /// Write the KMS key policy that pins this enclave build's measurements.
     Policy(policy::PolicyArgs),
     /// Run the KMS forwarder, credentials service, secrets loader and agent.
-    Proxy(proxy::ProxyArgs),
+    Proxy(Box<proxy::ProxyArgs>),
     /// Run the agent alone: the unix socket and HTTP fronts applications
     /// read secrets from.
     Agent(agent::AgentArgs),
@@ -106,7 +106,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Attestation(cmd) => attestation::run(cmd),
         Command::Audit(cmd) => audit::run(cmd),
         Command::Policy(args) => policy::run(args),
-        Command::Proxy(args) => proxy::run(cli.enclave.as_ref(), args),
+        Command::Proxy(args) => proxy::run(cli.enclave.as_ref(), *args),
         Command::Agent(args) => agent::run(cli.enclave.as_ref(), &args),
         Command::Encrypt(args) => encrypt::run(args),
         Command::Decrypt(args) => secrets::decrypt(args),

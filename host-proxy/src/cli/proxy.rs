@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use keystore_host::proxy::audit_log::{self, AuditDrain, AuditLogConfig};
 use keystore_host::proxy::credentials::{self, CredentialCache, ServiceLimits};
 use keystore_host::proxy::forwarder::{Forward, ForwarderLimits};
 use keystore_host::proxy::source::{S3Source, SecretsLocation, SecretsSource};
@@ -71,6 +72,27 @@ pub struct ProxyArgs {
     /// connection is closed.
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     pub idle_timeout: u64,
+    /// The audit log: each record the enclave made (who read which secret,
+    /// when, how it ended), one JSON line each, drained over the load port.
+    #[arg(long, value_name = "PATH", default_value = audit_log::DEFAULT_AUDIT_LOG)]
+    pub audit_log: PathBuf,
+    /// Do not drain the enclave's audit trail (it then fills its buffer and
+    /// records a gap).
+    #[arg(long)]
+    pub no_audit_log: bool,
+    /// Seconds between two polls of the enclave's audit trail.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1)]
+    pub audit_poll: u64,
+    /// Size in bytes past which the audit log is rotated to PATH.1.
+    #[arg(long, value_name = "BYTES", default_value_t = audit_log::DEFAULT_MAX_BYTES)]
+    pub audit_max_bytes: u64,
+    /// Rotated audit logs kept (PATH.1 … PATH.N).
+    #[arg(long, value_name = "N", default_value_t = audit_log::DEFAULT_KEEP)]
+    pub audit_keep: usize,
+    /// Also write each audit record to the journal (log target
+    /// `keystore_audit`).
+    #[arg(long)]
+    pub audit_journald: bool,
     /// Do not run the agent (applications then have no way to read).
     #[arg(long)]
     pub no_agent: bool,
@@ -99,6 +121,21 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
             std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
         })
         .transpose()?;
+    let audit = if args.no_audit_log {
+        None
+    } else {
+        Some(
+            AuditDrain::new(AuditLogConfig {
+                path: args.audit_log.clone(),
+                poll: Duration::from_secs(args.audit_poll.max(1)),
+                max_bytes: args.audit_max_bytes,
+                keep: args.audit_keep,
+                journald: args.audit_journald,
+                ..AuditLogConfig::new(args.load_to.clone())
+            })
+            .context("--audit-log")?,
+        )
+    };
     let mut config = ProxyConfig {
         forwards,
         forwarder_limits: ForwarderLimits {
@@ -133,7 +170,10 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
         let provider = sdk
             .credentials_provider()
             .context("the AWS SDK configured no credentials provider")?;
-        let proxy = Proxy::bind(config, CredentialCache::new(provider)).await?;
+        let mut proxy = Proxy::bind(config, CredentialCache::new(provider)).await?;
+        if let Some(drain) = audit {
+            proxy = proxy.with_audit_drain(drain);
+        }
         let agent = match agent_config {
             Some(config) => Some(
                 keystore_host::agent::Agent::bind(config)

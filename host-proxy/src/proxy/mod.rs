@@ -1,6 +1,7 @@
 //! The proxy daemon (`keystore-host proxy`): the KMS forwarders
-//! ([`forwarder`]), the credentials service ([`credentials`]) and the
-//! secrets loader ([`loader`]), run together on the parent instance.
+//! ([`forwarder`]), the credentials service ([`credentials`]), the
+//! secrets loader ([`loader`]) and the audit drain ([`audit_log`]), run
+//! together on the parent instance.
 //!
 //! Every listener is bound before anything is served, so a bad address or a
 //! port in use fails start-up with a clear error instead of leaving a proxy
@@ -15,11 +16,13 @@ use keystore_shared::serve::ServeError;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub mod audit_log;
 pub mod credentials;
 pub mod forwarder;
 pub mod loader;
 pub mod source;
 
+use audit_log::AuditDrain;
 use credentials::{CredentialCache, CredentialsService, ServiceLimits};
 use forwarder::{Forward, Forwarder, ForwarderLimits};
 use loader::{Loader, LoaderConfig, ReloadTrigger};
@@ -80,6 +83,7 @@ pub struct Proxy {
     forwarders: Vec<(Forwarder, keystore_shared::Listener)>,
     credentials: (CredentialsService, keystore_shared::Listener),
     loader: Option<Loader>,
+    audit: Option<AuditDrain>,
     stop: watch::Sender<bool>,
 }
 
@@ -88,6 +92,7 @@ impl std::fmt::Debug for Proxy {
         f.debug_struct("Proxy")
             .field("forwarders", &self.forwarders.len())
             .field("loader", &self.loader.is_some())
+            .field("audit", &self.audit.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -123,8 +128,15 @@ impl Proxy {
                 credentials_listener,
             ),
             loader,
+            audit: None,
             stop: watch::channel(false).0,
         })
+    }
+
+    /// Also drains the enclave's audit trail into a log file.
+    pub fn with_audit_drain(mut self, drain: AuditDrain) -> Self {
+        self.audit = Some(drain);
+        self
     }
 
     /// The endpoints actually bound: forwarders in order, then the
@@ -206,6 +218,13 @@ impl Proxy {
             let done = stopped(&self.stop);
             tasks.spawn(async move {
                 loader.run(done).await;
+                Ok(())
+            });
+        }
+        if let Some(drain) = self.audit {
+            let done = stopped(&self.stop);
+            tasks.spawn(async move {
+                drain.run(done).await;
                 Ok(())
             });
         }

@@ -13,6 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use keystore_enclave::audit::{AuditConfig, AuditTrail};
 use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig};
 use keystore_enclave::server::{Server, ServerConfig};
 use keystore_enclave::service::KeystoreService;
@@ -94,7 +95,12 @@ async fn real_enclave_with_rules(dir: &Path, rules: Option<&str>) -> (Endpoint, 
         .unwrap();
     }
     store.replace(set.build());
-    let service = Arc::new(KeystoreService::new(store, recipient, nsm));
+    let service = Arc::new(KeystoreService::new(
+        store,
+        recipient,
+        nsm.clone(),
+        Arc::new(AuditTrail::new(nsm, AuditConfig::default()).unwrap()),
+    ));
     let endpoint = Endpoint::unix(dir.join("enclave.sock"));
     let server = Server::bind(&endpoint, service, ServerConfig::default())
         .await

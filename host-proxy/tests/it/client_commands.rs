@@ -11,6 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keystore_enclave::audit::{AuditConfig, AuditTrail};
 use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig};
 use keystore_enclave::server::{Server, ServerConfig};
 use keystore_enclave::service::KeystoreService;
@@ -82,7 +83,12 @@ async fn client_commands_against_an_in_process_server() {
     set.insert("db/password", Zeroizing::new(b"hunter2".to_vec()))
         .unwrap();
     store.replace(set.build());
-    let service = Arc::new(KeystoreService::new(store, recipient, nsm));
+    let service = Arc::new(KeystoreService::new(
+        store,
+        recipient,
+        nsm.clone(),
+        Arc::new(AuditTrail::new(nsm, AuditConfig::default()).unwrap()),
+    ));
     let endpoint = Endpoint::unix(dir.path().join("enclave.sock"));
     let server = Server::bind(&endpoint, service, ServerConfig::default())
         .await
@@ -124,9 +130,20 @@ async fn client_commands_against_an_in_process_server() {
     assert_eq!(status["ready"], true);
     assert_eq!(status["secret_count"], 2);
     assert_eq!(status["recipient_key_bits"], 2048);
+    // The audit trail: the start and the reads above, none dropped.
+    assert!(
+        status["audit"]["last_seq"].as_u64().unwrap() >= 4,
+        "{status}"
+    );
+    assert_eq!(status["audit"]["dropped"], 0);
+    assert_eq!(status["audit"]["dropping"], false);
     let text = stdout(&host(&endpoint, &["status"]).await);
     assert!(text.contains("ready:") && text.contains("true"), "{text}");
     assert!(text.contains("RSA-2048"), "{text}");
+    assert!(
+        text.contains("audit:") && text.contains("0 dropped in 0 gap(s)"),
+        "{text}"
+    );
 
     // attest: verified against the mock root, PCR0 (this test executable,
     // which the in-process mock NSM measured) checked and printed.

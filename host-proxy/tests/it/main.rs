@@ -11,6 +11,7 @@ mod support;
 mod agent;
 mod attestation_cli;
 mod audit_verify;
+mod audit_drain;
 mod client_commands;
 mod credentials;
 mod decrypt;

@@ -481,6 +481,13 @@ fn systemd_unit_reads_root_files_with_one_capability_and_has_the_agent_socket() 
     // The agent socket's directory, world-traversable.
     assert_eq!(get("RuntimeDirectory"), ["nitro-keystore"]);
     assert_eq!(get("RuntimeDirectoryMode"), ["0755"]);
+    // The audit log's directory: ProtectSystem=strict leaves /var/log
+    // read-only unless systemd makes it, and the default --audit-log is in it.
+    assert_eq!(get("LogsDirectory"), ["nitro-keystore"]);
+    assert_eq!(get("LogsDirectoryMode"), ["0750"]);
+    assert!(
+        keystore_host::proxy::audit_log::DEFAULT_AUDIT_LOG.starts_with("/var/log/nitro-keystore/")
+    );
     let exec = get("ExecStart").concat();
     assert!(
         exec.contains("--secrets /etc/nitro-keystore/secrets.env"),

@@ -75,6 +75,7 @@ fn response() -> impl Strategy<Value = Response> {
                     last_error,
                     secret_peers: Some("privileged".into()),
                     last_decrypt_age_ms: age,
+                    audit: None,
                 })
             }),
         bytes(300).prop_map(|document| ResponseBody::Attestation { document }),

@@ -8,9 +8,10 @@ use keystore_shared::frame::{
     Connection, DEFAULT_MAX_FRAME, FrameError, FrameLimits, decode_frame, encode_frame,
 };
 use keystore_shared::protocol::{
-    Credentials, DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME,
-    DEFAULT_MAX_SECRET_VALUE, ErrorCode, LoadEntry, PROTOCOL_VERSION, ProtocolError, Request,
-    RequestOp, Response, ResponseBody, SecretBytes, SecretString, StatusReport, max_response_frame,
+    AuditBatch, AuditCursor, AuditEntry, AuditStatus, Credentials, DEFAULT_MAX_LOAD_FRAME,
+    DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME, DEFAULT_MAX_SECRET_VALUE, ErrorCode,
+    LoadEntry, MAX_AUDIT_BATCH, PROTOCOL_VERSION, ProtocolError, Request, RequestOp, Response,
+    ResponseBody, SecretBytes, SecretString, StatusReport, max_response_frame,
 };
 use serde::{Deserialize, Serialize};
 use serde_cbor::Value;
@@ -24,6 +25,24 @@ const EXPIRY: u64 = 1_924_992_000;
 
 fn all_requests() -> Vec<Request> {
     vec![
+        Request::new(
+            12,
+            RequestOp::AuditRead {
+                after: Some(AuditCursor {
+                    seq: 5,
+                    hash: vec![7; 32],
+                }),
+                max: 100,
+            },
+        ),
+        Request::new(
+            13,
+            RequestOp::AuditRead {
+                after: None,
+                max: 1,
+            },
+        ),
+        Request::new(14, RequestOp::AuditCheckpoint),
         Request::new(
             1,
             RequestOp::Get {
@@ -110,6 +129,13 @@ fn all_responses() -> Vec<Response> {
                 last_error: Some("kms: throttled".into()),
                 secret_peers: Some("any".into()),
                 last_decrypt_age_ms: Some(5_000),
+                audit: Some(AuditStatus {
+                    last_seq: Some(41),
+                    buffered: 3,
+                    dropped: 7,
+                    gaps: 1,
+                    dropping: false,
+                }),
             }),
         ),
         Response::new(3, ResponseBody::Status(StatusReport::default())),
@@ -129,6 +155,17 @@ fn all_responses() -> Vec<Response> {
                 ..credentials()
             }),
         ),
+        Response::new(
+            10,
+            ResponseBody::AuditRecords(AuditBatch {
+                entries: vec![AuditEntry {
+                    record: vec![1, 0, 0, 7],
+                    hash: vec![9; 32],
+                }],
+                more: true,
+            }),
+        ),
+        Response::new(11, ResponseBody::AuditCheckpointed { seq: 12 }),
         Response::error(8, ErrorCode::NotFound, "no secret named x"),
         Response::error(9, ErrorCode::Denied, "denied"),
         Response::error(9, ErrorCode::NotReady, "not loaded"),
@@ -507,4 +544,34 @@ fn secret_bytes_accept_only_byte_like_input() {
     map.insert(Value::Text("v".into()), Value::Integer(5));
     let bytes = serde_cbor::to_vec(&Value::Map(map)).unwrap();
     assert!(serde_cbor::from_slice::<Holder>(&bytes).is_err());
+}
+
+#[test]
+fn an_audit_batch_over_the_bound_is_refused_while_decoding() {
+    let entry = AuditEntry {
+        record: vec![1],
+        hash: vec![0; 32],
+    };
+    let at_bound = Response::new(
+        1,
+        ResponseBody::AuditRecords(AuditBatch {
+            entries: vec![entry.clone(); MAX_AUDIT_BATCH],
+            more: false,
+        }),
+    );
+    let bytes = serde_cbor::to_vec(&at_bound).unwrap();
+    assert_eq!(
+        serde_cbor::from_slice::<Response>(&bytes).unwrap(),
+        at_bound
+    );
+    let over = Response::new(
+        1,
+        ResponseBody::AuditRecords(AuditBatch {
+            entries: vec![entry; MAX_AUDIT_BATCH + 1],
+            more: false,
+        }),
+    );
+    let bytes = serde_cbor::to_vec(&over).unwrap();
+    let err = serde_cbor::from_slice::<Response>(&bytes).unwrap_err();
+    assert!(err.to_string().contains("audit entries"), "{err}");
 }

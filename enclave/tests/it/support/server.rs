@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keystore_enclave::audit::AuditConfig;
 use keystore_enclave::enclave::{Enclave, EnclaveConfig, EnclaveError};
 use keystore_enclave::recipient::{RecipientBits, RecipientConfig};
 use keystore_enclave::server::ServerConfig;
@@ -67,6 +68,8 @@ pub struct Options {
     pub fill: bool,
     /// Delay added to caller-requested attestations.
     pub attest_delay: Option<Duration>,
+    /// The audit trail's buffer and checkpoint interval.
+    pub audit: AuditConfig,
 }
 
 impl Default for Options {
@@ -77,12 +80,15 @@ impl Default for Options {
             refresh_after: Duration::from_secs(200),
             fill: true,
             attest_delay: None,
+            audit: AuditConfig::default(),
         }
     }
 }
 
 pub struct Harness {
     pub endpoint: Endpoint,
+    /// The load port (unix socket: root is privileged there).
+    pub load_endpoint: Endpoint,
     pub service: Arc<KeystoreService>,
     pub pki: TempDir,
     /// The enclave, running until [`Harness::begin_shutdown`].
@@ -120,6 +126,7 @@ impl Harness {
             ..RecipientConfig::default()
         };
         config.server = options.config;
+        config.audit = options.audit;
         let enclave = Enclave::start(config).await.unwrap();
         let service = enclave.service().clone();
         if options.fill {
@@ -131,12 +138,14 @@ impl Harness {
             store.replace(builder.build());
         }
         let endpoint = enclave.secret_endpoint().clone();
+        let load_endpoint = enclave.load_endpoint().unwrap().clone();
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(enclave.run_until(async move {
             let _ = stop.await;
         }));
         Harness {
             endpoint,
+            load_endpoint,
             service,
             pki,
             task,
