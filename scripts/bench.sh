@@ -28,10 +28,10 @@ done
 case $runs in ''|*[!0-9]*|0) echo "bench: --runs needs a positive number" >&2; exit 2 ;; esac
 
 if [ "$quick" -eq 1 ]; then
-  dur=1 warm=0.2s many=50 gib=$((64 * 1024 * 1024)) burst=200 refresh_dur=2 keygens=1 opens=5 bits=(2048)
+  dur=1 warm=0.2 many=50 gib=$((64 * 1024 * 1024)) burst=200 refresh_dur=2 keygens=1 opens=5 bits=(2048)
   redis_n=5000
 else
-  dur=10 warm=1s many=10000 gib=$((1024 * 1024 * 1024)) burst=1000 refresh_dur=20 keygens=5 opens=300
+  dur=10 warm=1 many=10000 gib=$((1024 * 1024 * 1024)) burst=1000 refresh_dur=20 keygens=5 opens=300
   bits=(2048 3072 4096) redis_n=400000
 fi
 conns=64
@@ -203,10 +203,45 @@ start_stack() {
 }
 stop_stack() { stop "$proxy_pid"; stop "$enclave_pid"; }
 
+# CPU time (user + system, clock ticks) the processes in cpu_pids used so
+# far: on a machine shared with other work, CPU per request is the figure
+# that does not depend on how much of the CPU the server got.
+cpu_pids=()
+clk_tck=$(getconf CLK_TCK)
+cpu_ticks() {
+  local total=0 pid
+  for pid in "${cpu_pids[@]}"; do
+    total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+  done
+  echo "$total"
+}
+cpu_us() { # cpu_us TICKS REQUESTS: CPU µs per request
+  awk -v t="$1" -v n="$2" -v hz="$clk_tck" 'BEGIN { if (n + 0 == 0) print "n/a"; else printf "%.1f", t * 1e6 / hz / n }'
+}
+
+# CPU seconds (user + system) of this script's finished children so far:
+# the client's cost (loadgen, redis-benchmark), since the client shares the
+# same cores as the server. `times` runs in this shell, not a subshell
+# (a subshell starts with no children's time).
+client_cpu() {
+  times > "$work/times"
+  awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, p, /[ms]/); t += p[1] * 60 + p[2] } printf "%.3f", t }' "$work/times"
+}
+
 loadgen_run() { # loadgen_run PREFIX TARGET [flags...]: notes PREFIX.rps, .p99_us, .errors
-  local prefix=$1 target=$2 json; shift 2
+  local prefix=$1 target=$2 json before client0 client1; shift 2
+  before=$(cpu_ticks)
+  client_cpu > "$work/client0"
   json=$("$bin/loadgen" run --target "$target" --connections "$conns" --duration "${dur}s" \
-    --warmup "$warm" --json "$@")
+    --warmup "${warm}s" --json "$@")
+  client_cpu > "$work/client1"
+  client0=$(cat "$work/client0") client1=$(cat "$work/client1")
+  note "$prefix.client_cpu_us" "$(jq -r --arg w "$warm" --arg c "$(elapsed "$client0" "$client1")" \
+    '(($c | tonumber) * 1e6 / (.requests_per_s * (.duration_s + ($w | tonumber)))) * 10 | floor / 10' <<<"$json")"
+  if [ ${#cpu_pids[@]} -gt 0 ]; then
+    # Requests over the warm-up too, at the measured rate.
+    note "$prefix.cpu_us" "$(cpu_us $(($(cpu_ticks) - before)) "$(jq -r --arg w "$warm" '.requests_per_s * (.duration_s + ($w | tonumber))' <<<"$json")")"
+  fi
   note "$prefix.rps" "$(jq -r '.requests_per_s | floor' <<<"$json")"
   note "$prefix.p50_us" "$(jq -r '.latency_us.p50' <<<"$json")"
   note "$prefix.p99_us" "$(jq -r '.latency_us.p99' <<<"$json")"
@@ -232,10 +267,14 @@ for run in $(seq 1 "$runs"); do
   # 1. Get: secret port, agent (unix, HTTP) vs redis GET on a unix socket.
   say "1. Get, $conns connections, 100-byte values"
   start_stack "$work/get" "$work/get.env"
+  cpu_pids=("$enclave_pid")
   loadgen_run secret "unix://$work/get/enclave.sock" "${names[@]}"
+  cpu_pids=("$enclave_pid" "$proxy_pid")
   loadgen_run agent "unix://$work/get/agent.sock" "${names[@]}"
   loadgen_run http "http://127.0.0.1:$agent_port" --token-file "$work/get/token" "${names[@]}"
+  cpu_pids=("$enclave_pid")
   loadgen_run secret_d16 "unix://$work/get/enclave.sock" --depth 16 "${names[@]}"
+  cpu_pids=()
   wrk_out=$(wrk -t2 -c"$conns" -d"${dur}s" --latency \
     -H "X-Aws-Parameters-Secrets-Token: bench-token-0123456789abcdef" \
     "http://127.0.0.1:$agent_port/secretsmanager/get?secretId=S_00001")
@@ -254,7 +293,15 @@ for run in $(seq 1 "$runs"); do
   redis_pid=$!
   pids+=("$redis_pid")
   wait_for 30 "redis" test -S "$work/redis.sock"
-  redis_csv=$(redis-benchmark -s "$work/redis.sock" -c "$conns" -n "$redis_n" -d 100 -t set,get --csv)
+  cpu_pids=("$redis_pid")
+  before=$(cpu_ticks)
+  client_cpu > "$work/client0"
+  redis-benchmark -s "$work/redis.sock" -c "$conns" -n "$redis_n" -d 100 -t set,get --csv > "$work/redis.csv"
+  client_cpu > "$work/client1"
+  redis_csv=$(cat "$work/redis.csv")
+  note redis.cpu_us "$(cpu_us $(($(cpu_ticks) - before)) $((2 * redis_n)))"
+  note redis.client_cpu_us "$(awk -v a="$(cat "$work/client0")" -v b="$(cat "$work/client1")" -v n=$((2 * redis_n)) 'BEGIN { printf "%.1f", (b - a) * 1e6 / n }')"
+  cpu_pids=()
   stop "$redis_pid"
   get_row=$(grep '^"GET"' <<<"$redis_csv" | tr -d '"')
   note redis.rps "$(cut -d, -f2 <<<"$get_row" | awk '{ printf "%d", $1 }')"
@@ -377,6 +424,16 @@ $(cat "$work/machine")
 | redis GET, unix socket (redis-benchmark) | $(m redis.rps) | | $(ms "$(m redis.p99_us)") | | | 1× |
 | agent HTTP (loadgen) | $(m http.rps) | $(ms "$(m http.p50_us)") | $(ms "$(m http.p99_us)") | $(ms "$(m http.p999_us)") | $(m http.errors) | |
 | agent HTTP (wrk -t2) | $(m wrk.rps) | | $(ms "$(m wrk.p99_us)") | | | |
+
+Server CPU per request (user + system time of the server processes over
+the run divided by the requests served; independent of how much of the
+shared CPU each server got): secret port $(m secret.cpu_us) µs, pipelined
+$(m secret_d16.cpu_us) µs, agent unix (agent + enclave) $(m agent.cpu_us) µs,
+agent HTTP (agent + enclave) $(m http.cpu_us) µs, redis (SET and GET)
+$(m redis.cpu_us) µs. Client CPU per request (the client shares the same
+cores): loadgen on the secret port $(m secret.client_cpu_us) µs, pipelined
+$(m secret_d16.client_cpu_us) µs, agent $(m agent.client_cpu_us) µs,
+HTTP $(m http.client_cpu_us) µs; redis-benchmark $(m redis.client_cpu_us) µs.
 
 p99 < 1 ms: secret port $(goal "$(m secret.p99_us)" "<" 1000), agent $(goal "$(m agent.p99_us)" "<" 1000).
 
