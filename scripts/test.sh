@@ -46,3 +46,7 @@ else
 fi
 echo "== the README's demo, end to end"
 scripts/demo.sh
+echo "== scripts/bench.sh --quick: the benchmark script works (asserts nothing about speed)"
+bench_out=$(mktemp "${TMPDIR:-/tmp}/nitro-keystore-bench.XXXXXX.md")
+scripts/bench.sh --quick --bin "${CARGO_TARGET_DIR:-target}/debug" --out "$bench_out"
+rm -f "$bench_out"
