@@ -126,6 +126,9 @@ impl Stack {
             .args(["--credentials-listen", &self.unix("credentials.sock")])
             .args(["--load-to", &self.unix("load.sock")])
             .args(["--secrets", secrets])
+            // Not the machine's /var/log/nitro-keystore.
+            .arg("--audit-log")
+            .arg(self.path("audit.jsonl"))
             .args(extra)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap())
