@@ -10,8 +10,8 @@ mod support;
 
 mod agent;
 mod attestation_cli;
-mod audit_verify;
 mod audit_drain;
+mod audit_verify;
 mod client_commands;
 mod credentials;
 mod decrypt;
