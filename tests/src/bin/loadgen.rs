@@ -699,31 +699,40 @@ async fn echo_server(args: EchoServerArgs) -> Result<()> {
     }
     eprintln!("echo server on {bound}");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            accepted = listener.accept() => {
-                let Ok((mut stream, _peer)) = accepted else {
-                    tokio::time::sleep(RECONNECT_PAUSE).await;
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if stream.write_all(&buf[..n]).await.is_err() {
-                                    break;
-                                }
-                            }
-                        }
+    // The project's one accept loop (scripts/check-layout.sh), sized for the
+    // burst case's 1000 connections at once.
+    let config = keystore_shared::serve::ServeConfig {
+        max_connections: 4096,
+        ..keystore_shared::serve::ServeConfig::named("echo")
+    };
+    let handler = keystore_shared::serve::handler_fn(|mut conn| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match conn.stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if conn.stream.write_all(&buf[..n]).await.is_err() {
+                        break;
                     }
-                });
+                }
             }
         }
-    }
+    });
+    let stop = async {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    keystore_shared::serve::serve(
+        listener,
+        std::sync::Arc::new(handler),
+        std::sync::Arc::new(keystore_shared::serve::AnyPeer),
+        config,
+        stop,
+    )
+    .await
+    .context("echo server")
 }
 
 #[derive(Debug, Serialize)]
