@@ -6,7 +6,8 @@
 //! under the file's KMS key or `--key-id NEW`, the values are sealed again,
 //! and the record is rewritten with version = old + 1. With `--key-id NEW`,
 //! `kms` values move to the new key with `ReEncrypt` (their plaintext never
-//! leaves KMS); without it they stay as they are and the new record names
+//! leaves KMS; `SourceKeyId` is the key KMS named for the data key, which a
+//! loadable file's values share since the enclave pins one key); without it they stay as they are and the new record names
 //! them.
 //!
 //! The data key itself is not `ReEncrypt`ed: rotation is for new key
@@ -106,8 +107,13 @@ pub async fn rotate_bytes(
                     .nth(index)
                     .map(|v| v.name.to_owned())
                     .unwrap_or_default();
+                // The source key named: the one the data key is under,
+                // which a loadable file's `kms` values share (the enclave
+                // pins one key). KMS then refuses a value under any other
+                // key, and LocalStack's ReEncrypt needs it.
                 let output = client
                     .re_encrypt()
+                    .set_source_key_id(opened.key_arn.clone())
                     .ciphertext_blob(Blob::new(ciphertext.clone()))
                     .source_encryption_context(NAME_CONTEXT_KEY, &name)
                     .destination_key_id(new)
