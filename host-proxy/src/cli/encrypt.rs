@@ -1,7 +1,7 @@
 //! `keystore-host encrypt`: flags and AWS set-up around
 //! [`keystore_host::secrets_file::file_key::encrypt`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -57,6 +57,13 @@ pub struct EncryptArgs {
     /// Extra trusted CA certificates (PEM), for an emulator's test CA.
     #[arg(long, value_name = "PEM")]
     pub ca_bundle: Option<PathBuf>,
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+/// How an operator command reaches S3 for `s3://BUCKET/KEY`.
+#[derive(Debug, Args)]
+pub struct S3Args {
     /// An S3-compatible endpoint for `s3://...` (path-style addressing).
     #[arg(long, value_name = "URL")]
     pub s3_endpoint_url: Option<String>,
@@ -68,11 +75,59 @@ pub struct EncryptArgs {
     pub s3_timeout: u64,
 }
 
-/// Encrypts the file and prints what changed.
-pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
-    if args.file.to_string_lossy().starts_with("s3://") {
-        return run_on_s3(args);
+impl S3Args {
+    /// The S3 client for `location` if it is an object (the standard
+    /// credential chain, `region`, these flags); `None` for a local file.
+    pub async fn access(
+        &self,
+        location: &Location,
+        region: Option<String>,
+    ) -> anyhow::Result<Option<S3Access>> {
+        if !matches!(location, Location::S3(_)) {
+            return Ok(None);
+        }
+        let ca = self
+            .s3_ca_bundle
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
+            })
+            .transpose()?;
+        Ok(Some(
+            S3Access::connect(
+                region,
+                self.s3_endpoint_url.clone(),
+                ca,
+                Some(Duration::from_secs(self.s3_timeout.max(1))),
+            )
+            .await?,
+        ))
     }
+}
+
+/// The file argument as a [`Location`] and its format (`--format`, else
+/// from its name or object key).
+pub fn locate(file: &Path, format: Option<Format>) -> anyhow::Result<(Location, Format)> {
+    let location = Location::parse(&file.to_string_lossy())?;
+    let format = format.unwrap_or_else(|| location.format());
+    Ok((location, format))
+}
+
+/// Prints where the new contents went.
+pub fn report_update(location: &Location, updated: &Updated) {
+    if let Location::S3(_) = location {
+        match updated {
+            Updated::Unchanged => eprintln!("{location}: unchanged, nothing written"),
+            Updated::Written(_) => eprintln!("{location}: written (only over the version read)"),
+        }
+    }
+}
+
+/// Encrypts the file (a local file, or an S3 object: read into memory and
+/// written back only if it changed, and only over the version that was
+/// read, `If-Match`) and prints what changed.
+pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
+    let (location, format) = locate(&args.file, args.format)?;
     let ca = args
         .ca_bundle
         .as_ref()
@@ -86,28 +141,49 @@ pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let report = runtime.block_on(async {
-        let sdk = keystore_host::aws::sdk_config(args.region, args.endpoint_url, ca).await?;
+    let label = PathBuf::from(location.to_string());
+    let (report, updated) = runtime.block_on(async {
+        let sdk =
+            keystore_host::aws::sdk_config(args.region.clone(), args.endpoint_url, ca).await?;
         let client = aws_sdk_kms::Client::new(&sdk);
+        let s3 = args.s3.access(&location, args.region).await?;
         let selection = Selection::patterns(args.keys);
         let mode = match (args.file_key, args.per_value_kms) {
             (true, _) => KeyMode::FileKey,
             (_, true) => KeyMode::PerValueKms,
             _ => KeyMode::Auto,
         };
-        let format = args.format.unwrap_or_else(|| Format::from_path(&args.file));
-        anyhow::Ok(
-            file_key::encrypt(
-                &client,
-                &args.key_id,
-                &args.file,
-                format,
-                &selection,
-                rules.as_ref(),
-                mode,
-            )
-            .await?,
-        )
+        let request = file_key::Request {
+            client: &client,
+            key_id: &args.key_id,
+            label: &label,
+            format,
+            selection: &selection,
+            rules: rules.as_ref(),
+        };
+        match &location {
+            Location::File(path) => {
+                let report = file_key::encrypt(
+                    &client,
+                    &args.key_id,
+                    path,
+                    format,
+                    &selection,
+                    rules.as_ref(),
+                    mode,
+                )
+                .await?;
+                anyhow::Ok((report, None))
+            }
+            Location::S3(_) => {
+                let (report, updated) = location::update(&location, s3.as_ref(), |bytes| async {
+                    anyhow::Ok(file_key::encrypt_bytes(&request, bytes, mode).await?)
+                })
+                .await
+                .with_context(|| format!("encrypting {location}"))?;
+                anyhow::Ok((report, Some(updated)))
+            }
+        }
     })?;
     for name in &report.encrypted {
         println!("encrypted {name}");
@@ -135,55 +211,13 @@ pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!(
         "{}: {} encrypted, {} already encrypted, {} empty",
-        args.file.display(),
+        location,
         report.encrypted.len(),
         report.already_encrypted.len(),
         report.skipped_empty.len()
     );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `encrypt s3://BUCKET/KEY`: [`run`] on a private in-memory copy of the
-/// object ([`location::update`]), written back only if it changed, and
-/// only over the version that was read (`If-Match`).
-fn run_on_s3(mut args: EncryptArgs) -> anyhow::Result<ExitCode> {
-    let location = Location::parse(&args.file.to_string_lossy())?;
-    let ca = args
-        .s3_ca_bundle
-        .as_ref()
-        .map(|path| {
-            std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
-        })
-        .transpose()?;
-    let url = location.to_string();
-    args.format = Some(args.format.unwrap_or_else(|| location.format()));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let (code, updated) = runtime.block_on(async {
-        let s3 = S3Access::connect(
-            args.region.clone(),
-            args.s3_endpoint_url.take(),
-            ca,
-            Some(Duration::from_secs(args.s3_timeout.max(1))),
-        )
-        .await?;
-        let url = &url;
-        location::update(&location, Some(&s3), |path| async move {
-            let copy = path.display().to_string();
-            args.file = path;
-            // `run` drives its own runtime: on its own thread, not nested.
-            std::thread::spawn(move || run(args))
-                .join()
-                .map_err(|_| anyhow::anyhow!("encrypt failed unexpectedly"))?
-                .with_context(|| format!("encrypting {url} (as its private copy {copy})"))
-        })
-        .await
-    })?;
-    match updated {
-        Updated::Unchanged => eprintln!("{url}: unchanged, nothing written"),
-        Updated::Written(_) => eprintln!("{url}: written (only over the version read)"),
+    if let Some(updated) = &updated {
+        report_update(&location, updated);
     }
-    Ok(code)
+    Ok(ExitCode::SUCCESS)
 }

@@ -11,10 +11,14 @@ use clap::Args;
 use keystore_host::secrets_file::Format;
 use keystore_host::secrets_file::edit::{EditOptions, EditOutcome, default_editor, edit_file};
 use keystore_host::secrets_file::encrypt::{Selection, write_private_atomically};
-use keystore_host::secrets_file::rotate::rotate_file;
-use keystore_host::secrets_file::unseal::decrypt_file;
+use keystore_host::secrets_file::location::{self, Location, S3Access};
+use keystore_host::secrets_file::rotate::{rotate_bytes, rotate_file};
+use keystore_host::secrets_file::unseal::decrypt_bytes;
 
-/// Where KMS is and how to reach it (as for `encrypt`).
+use crate::cli::encrypt::{S3Args, locate, report_update};
+
+/// Where KMS (and S3, for `s3://`) is and how to reach it (as for
+/// `encrypt`).
 #[derive(Debug, Args)]
 pub struct KmsArgs {
     /// AWS region (default: the SDK's region chain).
@@ -26,13 +30,17 @@ pub struct KmsArgs {
     /// Extra trusted CA certificates (PEM), for an emulator's test CA.
     #[arg(long, value_name = "PEM")]
     pub ca_bundle: Option<PathBuf>,
+    #[command(flatten)]
+    pub s3: S3Args,
 }
 
 impl KmsArgs {
-    /// A KMS client on a new single-threaded runtime, running `f`.
+    /// A KMS client (and an S3 client if `location` is an object) on a
+    /// new single-threaded runtime, running `f`.
     fn run<T>(
         self,
-        f: impl AsyncFnOnce(aws_sdk_kms::Client) -> anyhow::Result<T>,
+        location: &Location,
+        f: impl AsyncFnOnce(aws_sdk_kms::Client, Option<S3Access>) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
         let ca = self
             .ca_bundle
@@ -46,8 +54,9 @@ impl KmsArgs {
             .build()
             .context("starting the async runtime")?;
         runtime.block_on(async {
+            let s3 = self.s3.access(location, self.region.clone()).await?;
             let sdk = keystore_host::aws::sdk_config(self.region, self.endpoint_url, ca).await?;
-            f(aws_sdk_kms::Client::new(&sdk)).await
+            f(aws_sdk_kms::Client::new(&sdk), s3).await
         })
     }
 }
@@ -55,7 +64,10 @@ impl KmsArgs {
 /// Arguments of `decrypt`.
 #[derive(Debug, Args)]
 pub struct DecryptArgs {
-    /// The secrets file (`.env`, `.json`, `.yaml`/`.yml`).
+    /// The secrets file (`.env`, `.json`, `.yaml`/`.yml`), or an S3 object
+    /// `s3://BUCKET/KEY` (read only: the plaintext goes to stdout or `-o`,
+    /// never back to S3).
+    #[arg(value_name = "FILE|s3://BUCKET/KEY")]
     pub file: PathBuf,
     /// The file's format when its name does not say.
     #[arg(long, value_name = "FORMAT")]
@@ -73,7 +85,10 @@ pub struct DecryptArgs {
 /// Arguments of `rotate`.
 #[derive(Debug, Args)]
 pub struct RotateArgs {
-    /// The secrets file, rewritten in place.
+    /// The secrets file, rewritten in place, or an S3 object
+    /// `s3://BUCKET/KEY`, rewritten only if nobody changed it meanwhile
+    /// (`If-Match`).
+    #[arg(value_name = "FILE|s3://BUCKET/KEY")]
     pub file: PathBuf,
     /// The file's format when its name does not say.
     #[arg(long, value_name = "FORMAT")]
@@ -126,11 +141,12 @@ pub fn decrypt(args: DecryptArgs) -> anyhow::Result<ExitCode> {
             out.display()
         );
     }
-    let format = args.format.unwrap_or_else(|| Format::from_path(&args.file));
-    let file = args.file.clone();
-    let plaintext = args
-        .kms
-        .run(async |client| Ok(decrypt_file(&client, &file, format).await?))?;
+    let (location, format) = locate(&args.file, args.format)?;
+    let label = PathBuf::from(location.to_string());
+    let plaintext = args.kms.run(&location, async |client, s3| {
+        let contents = location.read(s3.as_ref()).await?;
+        Ok(decrypt_bytes(&client, &label, contents.bytes, format).await?)
+    })?;
     match &args.out {
         Some(out) => write_private_atomically(out, plaintext.text.as_bytes())?,
         None => {
@@ -144,7 +160,7 @@ pub fn decrypt(args: DecryptArgs) -> anyhow::Result<ExitCode> {
     eprintln!(
         "WARNING: {} secret value(s) of {} printed in plaintext{}",
         plaintext.revealed.len(),
-        args.file.display(),
+        location,
         args.out
             .as_ref()
             .map(|o| format!(" to {} (mode 0600)", o.display()))
@@ -157,14 +173,30 @@ pub fn decrypt(args: DecryptArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs `rotate`.
+/// Runs `rotate`: on a local file, or on an S3 object read into memory and
+/// written back only over the version read (`If-Match`).
 pub fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
-    let format = args.format.unwrap_or_else(|| Format::from_path(&args.file));
-    let file = args.file.clone();
+    let (location, format) = locate(&args.file, args.format)?;
+    let label = PathBuf::from(location.to_string());
     let new_key = args.key_id.clone();
-    let report = args
+    let (report, updated) = args
         .kms
-        .run(async |client| Ok(rotate_file(&client, &file, format, new_key.as_deref()).await?))?;
+        .run(&location, async |client, s3| match &location {
+            Location::File(path) => Ok((
+                rotate_file(&client, path, format, new_key.as_deref()).await?,
+                None,
+            )),
+            Location::S3(_) => {
+                let (report, updated) = location::update(&location, s3.as_ref(), |bytes| async {
+                    let (report, new) =
+                        rotate_bytes(&client, &label, bytes, format, new_key.as_deref()).await?;
+                    anyhow::Ok((report, Some(new)))
+                })
+                .await
+                .with_context(|| format!("rotating {location}"))?;
+                Ok((report, Some(updated)))
+            }
+        })?;
     for name in &report.resealed {
         println!("resealed {name}");
     }
@@ -175,11 +207,22 @@ pub fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
         "wrote keystore:file (file key {}, version {}, {} entries) under {}",
         report.written.file_id, report.written.version, report.written.entries, report.key_id
     );
+    if let Some(updated) = &updated {
+        report_update(&location, updated);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Runs `edit`.
 pub fn edit(args: EditArgs) -> anyhow::Result<ExitCode> {
+    let (location, _) = locate(&args.file, args.format)?;
+    if let Location::S3(_) = location {
+        anyhow::bail!(
+            "edit works on a local file only, not {location} (nothing was read); copy the \
+             object down (`aws s3 cp {location} FILE`, the copy holds only sealed values), edit \
+             FILE, and upload it back; `rotate` and `decrypt` work on s3:// directly"
+        );
+    }
     let format = args.format.unwrap_or_else(|| Format::from_path(&args.file));
     let file = args.file.clone();
     let options = EditOptions {
@@ -188,9 +231,9 @@ pub fn edit(args: EditArgs) -> anyhow::Result<ExitCode> {
         base: None,
         key_id: args.key_id,
     };
-    let outcome = args
-        .kms
-        .run(async |client| Ok(edit_file(&client, &file, format, &options).await?))?;
+    let outcome = args.kms.run(&location, async |client, _| {
+        Ok(edit_file(&client, &file, format, &options).await?)
+    })?;
     match outcome {
         EditOutcome::Unchanged => println!("{}: unchanged", args.file.display()),
         EditOutcome::Written { written, sealed } => {

@@ -228,10 +228,32 @@ pub async fn encrypt_file_as(
     rules: Option<&AccessRules>,
 ) -> Result<EncryptReport, EncryptError> {
     let bytes = secrets_file::read(path)?;
-    let mut file = SecretsFile::parse(&bytes, format).map_err(|source| EncryptError::Parse {
-        path: path.to_owned(),
+    let (report, new) =
+        encrypt_bytes_as(client, key_id, path, bytes, format, selection, rules).await?;
+    if let Some(new) = new {
+        write_atomically(path, &new)?;
+    }
+    Ok(report)
+}
+
+/// The core of [`encrypt_file_as`], bytes in and bytes out, wherever they
+/// live (a local file, an S3 object): `bytes` are the file's contents,
+/// `label` names it in errors. Returns what was done and the new contents,
+/// or `None` when nothing changed. Nothing touches a disk.
+pub async fn encrypt_bytes_as(
+    client: &aws_sdk_kms::Client,
+    key_id: &str,
+    label: &Path,
+    bytes: Zeroizing<Vec<u8>>,
+    format: Format,
+    selection: &Selection,
+    rules: Option<&AccessRules>,
+) -> Result<(EncryptReport, Option<Zeroizing<Vec<u8>>>), EncryptError> {
+    let parse_err = |source| EncryptError::Parse {
+        path: label.to_owned(),
         source,
-    })?;
+    };
+    let mut file = SecretsFile::parse(&bytes, format).map_err(parse_err)?;
     drop(bytes);
 
     // Every check comes before the first KMS call.
@@ -259,10 +281,7 @@ pub async fn encrypt_file_as(
         };
         let envelope = encrypt_value(client, key_id, &name, &plaintext).await?;
         file.set_value(index, &envelope.to_string())
-            .map_err(|source| EncryptError::Parse {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(parse_err)?;
         tracing::info!(name = %name, "encrypted");
         report.encrypted.push(name);
     }
@@ -271,24 +290,16 @@ pub async fn encrypt_file_as(
         let envelope = encrypt_value(client, key_id, RULES_NAME, &json).await?;
         let count = rules.rules().len();
         report.rules = Some(
-            put_rules(&mut file, rules_index, &envelope.to_string(), count).map_err(|source| {
-                EncryptError::Parse {
-                    path: path.to_owned(),
-                    source,
-                }
-            })?,
+            put_rules(&mut file, rules_index, &envelope.to_string(), count).map_err(parse_err)?,
         );
         tracing::info!(rules = count, "access rules encrypted");
     }
 
-    if !report.encrypted.is_empty() || report.rules.is_some() {
-        let text = file.render().map_err(|source| EncryptError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
-        write_atomically(path, text.as_bytes())?;
+    if report.encrypted.is_empty() && report.rules.is_none() {
+        return Ok((report, None));
     }
-    Ok(report)
+    let text = file.render().map_err(parse_err)?;
+    Ok((report, Some(Zeroizing::new(text.as_bytes().to_vec()))))
 }
 
 /// What `encrypt` will do to a file, worked out before any KMS call.

@@ -46,7 +46,7 @@ use rand::TryRng;
 use zeroize::Zeroizing;
 
 use crate::secrets_file::encrypt::{
-    EncryptError, EncryptReport, Plan, Selection, encrypt_file_as, plan, put_rules,
+    EncryptError, EncryptReport, Plan, Selection, encrypt_bytes_as, plan, put_rules,
     write_atomically,
 };
 use crate::secrets_file::format::FormatError;
@@ -234,7 +234,7 @@ pub(crate) fn survey(file: &SecretsFile) -> Result<Survey, EncryptError> {
 }
 
 /// `encrypt` with the [`KeyMode`] choice: a file key, or one KMS `Encrypt`
-/// per value ([`encrypt_file_as`]), for a file read as `format`. Nothing is
+/// per value ([`encrypt_file_as`](crate::secrets_file::encrypt::encrypt_file_as)), for a file read as `format`. Nothing is
 /// written unless everything succeeded.
 pub async fn encrypt(
     client: &aws_sdk_kms::Client,
@@ -245,9 +245,48 @@ pub async fn encrypt(
     rules: Option<&AccessRules>,
     mode: KeyMode,
 ) -> Result<EncryptReport, EncryptError> {
-    let file = read(path, format)?;
+    let bytes = secrets_file::read(path).map_err(EncryptError::Read)?;
+    let request = Request {
+        client,
+        key_id,
+        label: path,
+        format,
+        selection,
+        rules,
+    };
+    let (report, new) = encrypt_bytes(&request, bytes, mode).await?;
+    if let Some(new) = new {
+        write_atomically(path, &new)?;
+    }
+    Ok(report)
+}
+
+/// What an `encrypt` run is asked to do, apart from the contents.
+pub struct Request<'a> {
+    /// The KMS client.
+    pub client: &'a aws_sdk_kms::Client,
+    /// The KMS key to encrypt under.
+    pub key_id: &'a str,
+    /// The file's path or URL, for errors.
+    pub label: &'a Path,
+    /// The file's format.
+    pub format: Format,
+    /// Which plain values to seal.
+    pub selection: &'a Selection,
+    /// Access rules to (re-)write.
+    pub rules: Option<&'a AccessRules>,
+}
+
+/// The core of [`encrypt`], bytes in and bytes out, wherever the file lives
+/// (a local file, an S3 object): returns what was done and the new
+/// contents, or `None` when nothing changed. Nothing touches a disk.
+pub async fn encrypt_bytes(
+    request: &Request<'_>,
+    bytes: Zeroizing<Vec<u8>>,
+    mode: KeyMode,
+) -> Result<(EncryptReport, Option<Zeroizing<Vec<u8>>>), EncryptError> {
+    let file = parse(request.label, &bytes, request.format)?;
     let facts = survey(&file)?;
-    drop(file);
     let file_key = match mode {
         KeyMode::FileKey => true,
         KeyMode::PerValueKms => {
@@ -259,17 +298,37 @@ pub async fn encrypt(
         KeyMode::Auto => facts.record.is_some() || !facts.has_kms,
     };
     if file_key {
-        encrypt_file_key(client, key_id, path, format, selection, rules).await
+        encrypt_file_key_parsed(request, file, facts).await
     } else {
-        encrypt_file_as(client, key_id, path, format, selection, rules).await
+        drop(file);
+        encrypt_bytes_as(
+            request.client,
+            request.key_id,
+            request.label,
+            bytes,
+            request.format,
+            request.selection,
+            request.rules,
+        )
+        .await
     }
 }
 
 /// Reads and parses the file at `path` as `format`.
 pub(crate) fn read(path: &Path, format: Format) -> Result<SecretsFile, EncryptError> {
     let bytes = secrets_file::read(path).map_err(EncryptError::Read)?;
-    SecretsFile::parse(&bytes, format).map_err(|source| EncryptError::Parse {
-        path: path.to_owned(),
+    parse(path, &bytes, format)
+}
+
+/// Parses `bytes` as `format`; `label` (a path or URL) names the file in
+/// errors.
+pub(crate) fn parse(
+    label: &Path,
+    bytes: &[u8],
+    format: Format,
+) -> Result<SecretsFile, EncryptError> {
+    SecretsFile::parse(bytes, format).map_err(|source| EncryptError::Parse {
+        path: label.to_owned(),
         source,
     })
 }
@@ -285,8 +344,32 @@ pub async fn encrypt_file_key(
     selection: &Selection,
     rules: Option<&AccessRules>,
 ) -> Result<EncryptReport, EncryptError> {
-    let mut file = read(path, format)?;
+    let file = read(path, format)?;
     let facts = survey(&file)?;
+    let request = Request {
+        client,
+        key_id,
+        label: path,
+        format,
+        selection,
+        rules,
+    };
+    let (report, new) = encrypt_file_key_parsed(&request, file, facts).await?;
+    if let Some(new) = new {
+        write_atomically(path, &new)?;
+    }
+    Ok(report)
+}
+
+/// [`encrypt_file_key`] on a parsed file and its [`survey`]: returns the
+/// new contents, or `None` when there was nothing to seal.
+async fn encrypt_file_key_parsed(
+    request: &Request<'_>,
+    mut file: SecretsFile,
+    facts: Survey,
+) -> Result<(EncryptReport, Option<Zeroizing<Vec<u8>>>), EncryptError> {
+    let path = request.label;
+    let rules = request.rules;
     let parse_err = |source| EncryptError::Parse {
         path: path.to_owned(),
         source,
@@ -308,9 +391,12 @@ pub async fn encrypt_file_key(
         mut report,
         todo,
         rules_index,
-    } = plan(&file, selection, MAX_FK_PLAINTEXT, |name, line, len| {
-        FileKeyEncryptError::TooLarge { name, line, len }.into()
-    })?;
+    } = plan(
+        &file,
+        request.selection,
+        MAX_FK_PLAINTEXT,
+        |name, line, len| FileKeyEncryptError::TooLarge { name, line, len }.into(),
+    )?;
     // Idempotent: with nothing to seal, a file with a record stays as it
     // is, and so does one with no ENC[...] value at all. (A file of `kms`
     // values only, given `--file-key`, gets a record naming them.)
@@ -318,7 +404,7 @@ pub async fn encrypt_file_key(
         && rules.is_none()
         && (facts.record.is_some() || (!facts.has_kms && facts.fk.is_empty()))
     {
-        return Ok(report);
+        return Ok((report, None));
     }
     if let Some((name, line)) = facts.fk.first() {
         return Err(FileKeyEncryptError::SealedUnderOldKey {
@@ -331,7 +417,7 @@ pub async fn encrypt_file_key(
     let version = next_version(facts.record.as_ref().map(|at| at.record.version))?;
 
     // The one KMS call.
-    let key = DataKey::generate(client, key_id).await?;
+    let key = DataKey::generate(request.client, request.key_id).await?;
     let mut plaintexts = Vec::with_capacity(todo.len());
     for index in todo {
         if let Some(entry) = file.values().nth(index) {
@@ -353,8 +439,7 @@ pub async fn encrypt_file_key(
         .map_err(|e| e.at(path))?;
     report.file_key = Some(written);
     let text = file.render().map_err(parse_err)?;
-    write_atomically(path, text.as_bytes())?;
-    Ok(report)
+    Ok((report, Some(Zeroizing::new(text.as_bytes().to_vec()))))
 }
 
 /// The version after `previous` (1 for a file without a record).

@@ -14,19 +14,16 @@
 //!   best a plain file system offers without locks every editor would have
 //!   to honour.
 //!
-//! [`update`] runs a path-based command (`encrypt`, and later `rotate`)
-//! on an S3 object: the object is copied into a private directory on a
-//! memory file system, the command edits that copy as it would a local
-//! file, and the result is written back conditionally (nothing is written
-//! when the command changed nothing). The copy only ever holds what the
-//! object holds before or after the command, is overwritten with zeros and
-//! removed in every outcome.
+//! [`update`] runs a command's bytes-in/bytes-out core (`encrypt`,
+//! `rotate`) on a location: the contents are read into a wiped buffer, the
+//! command returns the new contents (or `None`: nothing changed, nothing is
+//! written), and they are written back conditionally. The contents never
+//! pass through a file of their own: an S3 object goes from `GetObject` to
+//! memory to `PutObject` with `If-Match`.
 
 use std::fmt;
 use std::future::Future;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -371,14 +368,6 @@ pub enum LocationError {
         /// The path or URL.
         location: String,
     },
-    /// The private copy of an S3 object could not be made.
-    #[error("cannot make a private in-memory copy of {location}: {reason}")]
-    Stage {
-        /// The URL.
-        location: String,
-        /// What failed.
-        reason: String,
-    },
 }
 
 /// What [`update`] did.
@@ -390,142 +379,29 @@ pub enum Updated {
     Written(Version),
 }
 
-/// Runs `command` on a local path holding the contents of `location`:
-/// the path itself for a file (the command writes it, atomically, as
-/// usual), or for S3 a private in-memory copy under the object key's file
-/// name (so the format follows its extension), written back with
-/// `If-Match` when the command changed it. Returns the command's result and
-/// what was written; a command error writes nothing.
+/// Runs `command` on the contents of `location` (read with their
+/// version): `command` returns its result and the new contents, or `None`
+/// if it changed nothing. New contents are written back only over the
+/// version read (S3: `If-Match`; a local file: compared right before the
+/// rename), else [`LocationError::Conflict`]. A command error writes
+/// nothing.
 pub async fn update<T, E, F, Fut>(
     location: &Location,
     s3: Option<&S3Access>,
     command: F,
 ) -> Result<(T, Updated), E>
 where
-    F: FnOnce(PathBuf) -> Fut,
-    Fut: Future<Output = Result<T, E>>,
+    F: FnOnce(Zeroizing<Vec<u8>>) -> Fut,
+    Fut: Future<Output = Result<(T, Option<Zeroizing<Vec<u8>>>), E>>,
     E: From<LocationError>,
 {
-    let url = match location {
-        Location::File(path) => {
-            let before = location.read(s3).await?.version;
-            let out = command(path.clone()).await?;
-            let after = location.read(s3).await?.version;
-            let updated = if after == before {
-                Updated::Unchanged
-            } else {
-                Updated::Written(after)
-            };
-            return Ok((out, updated));
-        }
-        Location::S3(url) => url,
-    };
-    let contents = location.read(s3).await?;
-    let stage = Stage::create(location, url, &contents.bytes)?;
-    let out = command(stage.path.clone()).await?;
-    let edited = stage.read(location)?;
-    if edited[..] == contents.bytes[..] {
+    let Contents { bytes, version } = location.read(s3).await?;
+    let (out, new) = command(bytes).await?;
+    let Some(new) = new else {
         return Ok((out, Updated::Unchanged));
-    }
-    let version = location.write(s3, &edited, &contents.version).await?;
-    Ok((out, Updated::Written(version)))
-}
-
-/// A private directory (0700) on a tmpfs holding one file
-/// (0600); the file is overwritten with zeros and the directory removed on
-/// drop.
-struct Stage {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl Stage {
-    fn create(location: &Location, url: &S3Url, bytes: &[u8]) -> Result<Stage, LocationError> {
-        let fail = |reason: String| LocationError::Stage {
-            location: location.to_string(),
-            reason,
-        };
-        let root = memory_dir()
-            .ok_or_else(|| fail("neither $XDG_RUNTIME_DIR nor /dev/shm is a tmpfs".to_owned()))?;
-        let name = url
-            .key
-            .rsplit('/')
-            .next()
-            .filter(|n| !n.is_empty() && *n != "." && *n != "..")
-            .unwrap_or("secrets");
-        let mut attempt = 0u32;
-        let dir = loop {
-            let candidate = root.join(format!(
-                "keystore-s3-{}-{:016x}",
-                std::process::id(),
-                rand::random::<u64>()
-            ));
-            match std::fs::DirBuilder::new().mode(0o700).create(&candidate) {
-                Ok(()) => break candidate,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 10 => {
-                    attempt += 1;
-                }
-                Err(e) => return Err(fail(format!("{}: {e}", candidate.display()))),
-            }
-        };
-        let stage = Stage {
-            path: dir.join(name),
-            dir,
-        };
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&stage.path)
-            .and_then(|mut file| file.write_all(bytes));
-        written.map_err(|e| fail(format!("{}: {e}", stage.path.display())))?;
-        Ok(stage)
-    }
-
-    fn read(&self, location: &Location) -> Result<Zeroizing<Vec<u8>>, LocationError> {
-        let bytes = secrets_file::read(&self.path)?;
-        if bytes.len() > MAX_FILE_SIZE {
-            return Err(LocationError::TooLarge {
-                location: location.to_string(),
-            });
-        }
-        Ok(bytes)
-    }
-}
-
-impl Drop for Stage {
-    fn drop(&mut self) {
-        // Every file the command left (its own temporary files included).
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            for entry in entries.flatten() {
-                let path = entry.path();
-                if let Ok(meta) = std::fs::symlink_metadata(&path)
-                    && meta.is_file()
-                    && let Ok(mut file) = std::fs::OpenOptions::new().write(true).open(&path)
-                {
-                    let len = usize::try_from(meta.len()).unwrap_or(0);
-                    let _ = file.write_all(&vec![0u8; len]);
-                    let _ = file.sync_all();
-                }
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-/// `$XDG_RUNTIME_DIR` if it is a tmpfs, else `/dev/shm` if it is one.
-fn memory_dir() -> Option<PathBuf> {
-    let candidates = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([PathBuf::from("/dev/shm")]);
-    candidates.into_iter().find(|dir| is_memory_fs(dir))
-}
-
-fn is_memory_fs(dir: &Path) -> bool {
-    use nix::sys::statfs::{TMPFS_MAGIC, statfs};
-    statfs(dir).is_ok_and(|fs| fs.filesystem_type() == TMPFS_MAGIC)
+    };
+    let written = location.write(s3, &new, &version).await?;
+    Ok((out, Updated::Written(written)))
 }
 
 #[cfg(test)]
@@ -612,20 +488,59 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"A=1\n");
     }
 
-    #[test]
-    fn the_stage_is_private_in_memory_and_wiped() {
-        let url: S3Url = "s3://bucket/dir/app.env".parse().unwrap();
-        let location = Location::S3(url.clone());
-        let stage = Stage::create(&location, &url, b"A=secret\n").unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        assert!(is_memory_fs(&stage.dir));
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&stage.dir), 0o700);
-        assert_eq!(mode(&stage.path), 0o600);
-        assert_eq!(stage.path.file_name().unwrap(), "app.env");
-        assert_eq!(&stage.read(&location).unwrap()[..], b"A=secret\n");
-        let dir = stage.dir.clone();
-        drop(stage);
-        assert!(!dir.exists());
+    #[tokio::test]
+    async fn update_writes_only_new_contents_over_the_version_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.env");
+        std::fs::write(&path, "A=1\n").unwrap();
+        let location = Location::File(path.clone());
+
+        // Nothing new: nothing written.
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let (_, updated) = update(&location, None, |bytes| async move {
+            assert_eq!(&bytes[..], b"A=1\n");
+            Ok::<_, LocationError>(((), None))
+        })
+        .await
+        .unwrap();
+        assert_eq!(updated, Updated::Unchanged);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().modified().unwrap(),
+            modified
+        );
+
+        // Changed underneath the command: refused, the other writer kept.
+        let other = path.clone();
+        let err = update(&location, None, |_bytes| async move {
+            std::fs::write(&other, "A=2\n").unwrap();
+            Ok::<_, LocationError>(((), Some(Zeroizing::new(b"A=mine\n".to_vec()))))
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(err, LocationError::Conflict { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"A=2\n");
+
+        // A command error writes nothing.
+        let err = update(&location, None, |_bytes| async {
+            Err::<((), Option<Zeroizing<Vec<u8>>>), _>(LocationError::NoS3Access {
+                location: "x".into(),
+            })
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(err, LocationError::NoS3Access { .. }));
+        assert_eq!(std::fs::read(&path).unwrap(), b"A=2\n");
+
+        // New contents: written, the version returned is theirs.
+        let (_, updated) = update(&location, None, |_bytes| async {
+            Ok::<_, LocationError>(((), Some(Zeroizing::new(b"A=3\n".to_vec()))))
+        })
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"A=3\n");
+        assert_eq!(
+            updated,
+            Updated::Written(location.read(None).await.unwrap().version)
+        );
     }
 }

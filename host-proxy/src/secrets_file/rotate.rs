@@ -6,7 +6,8 @@
 //! under the file's KMS key or `--key-id NEW`, the values are sealed again,
 //! and the record is rewritten with version = old + 1. With `--key-id NEW`,
 //! `kms` values move to the new key with `ReEncrypt` (their plaintext never
-//! leaves KMS); without it they stay as they are and the new record names
+//! leaves KMS; `SourceKeyId` is the key KMS named for the data key, which a
+//! loadable file's values share since the enclave pins one key); without it they stay as they are and the new record names
 //! them.
 //!
 //! The data key itself is not `ReEncrypt`ed: rotation is for new key
@@ -22,10 +23,10 @@ use aws_sdk_kms::primitives::Blob;
 use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
 use zeroize::Zeroizing;
 
-use crate::secrets_file::Format;
 use crate::secrets_file::encrypt::{EncryptError, write_atomically};
 use crate::secrets_file::file_key::{DataKey, FileKeyWritten, next_version};
 use crate::secrets_file::unseal::{Opened, OpsError, kms_error};
+use crate::secrets_file::{self, Format};
 
 /// What [`rotate_file`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +50,25 @@ pub async fn rotate_file(
     format: Format,
     new_key_id: Option<&str>,
 ) -> Result<RotateReport, OpsError> {
-    let mut opened = Opened::open(client, path, format).await?;
+    let bytes = secrets_file::read(path).map_err(EncryptError::Read)?;
+    let (report, new) = rotate_bytes(client, path, bytes, format, new_key_id).await?;
+    write_atomically(path, &new)?;
+    Ok(report)
+}
+
+/// The core of [`rotate_file`], bytes in and bytes out, wherever the file
+/// lives (a local file, an S3 object); `path` (a path or URL) names it in
+/// errors. Returns the new contents (rotation always changes them);
+/// plaintext stays in memory.
+pub async fn rotate_bytes(
+    client: &aws_sdk_kms::Client,
+    path: &Path,
+    bytes: Zeroizing<Vec<u8>>,
+    format: Format,
+    new_key_id: Option<&str>,
+) -> Result<(RotateReport, Zeroizing<Vec<u8>>), OpsError> {
+    let mut opened = Opened::open_bytes(client, path, &bytes, format).await?;
+    drop(bytes);
     let (record_index, previous) = match &opened.record {
         Some(at) => (at.index, at.record.version),
         None => {
@@ -88,8 +107,13 @@ pub async fn rotate_file(
                     .nth(index)
                     .map(|v| v.name.to_owned())
                     .unwrap_or_default();
+                // The source key named: the one the data key is under,
+                // which a loadable file's `kms` values share (the enclave
+                // pins one key). KMS then refuses a value under any other
+                // key, and LocalStack's ReEncrypt needs it.
                 let output = client
                     .re_encrypt()
+                    .set_source_key_id(opened.key_arn.clone())
                     .ciphertext_blob(Blob::new(ciphertext.clone()))
                     .source_encryption_context(NAME_CONTEXT_KEY, &name)
                     .destination_key_id(new)
@@ -128,17 +152,19 @@ pub async fn rotate_file(
         .write_record(&mut opened.file, version, Some(record_index))
         .map_err(|e| e.at(path))?;
     let text = opened.file.render().map_err(|e| opened.format_error(e))?;
-    write_atomically(path, text.as_bytes())?;
     tracing::info!(
         version,
         resealed = resealed.len(),
         moved = moved.len(),
         "rotated"
     );
-    Ok(RotateReport {
-        written,
-        key_id,
-        resealed,
-        moved,
-    })
+    Ok((
+        RotateReport {
+            written,
+            key_id,
+            resealed,
+            moved,
+        },
+        Zeroizing::new(text.as_bytes().to_vec()),
+    ))
 }

@@ -28,7 +28,7 @@ use zeroize::Zeroizing;
 
 use crate::secrets_file::encrypt::EncryptError;
 use crate::secrets_file::file_key::{self, RecordAt, survey};
-use crate::secrets_file::{Format, FormatError, SecretsFile};
+use crate::secrets_file::{self, Format, FormatError, SecretsFile};
 
 /// Why `decrypt`, `rotate` or `edit` failed. The file is unchanged in every
 /// case. Names files, entries and lines, never values.
@@ -187,7 +187,19 @@ impl Opened {
         path: &Path,
         format: Format,
     ) -> Result<Opened, OpsError> {
-        let file = file_key::read(path, format)?;
+        let bytes = secrets_file::read(path).map_err(EncryptError::Read)?;
+        Opened::open_bytes(client, path, &bytes, format).await
+    }
+
+    /// [`Opened::open`] on the file's contents; `path` (a path or URL)
+    /// names it in errors.
+    pub(crate) async fn open_bytes(
+        client: &aws_sdk_kms::Client,
+        path: &Path,
+        bytes: &[u8],
+        format: Format,
+    ) -> Result<Opened, OpsError> {
+        let file = file_key::parse(path, bytes, format)?;
         let facts = survey(&file)?;
         let Some(at) = facts.record else {
             if let Some((name, line)) = facts.fk.first() {
@@ -412,7 +424,20 @@ pub async fn decrypt_file(
     path: &Path,
     format: Format,
 ) -> Result<Plaintext, OpsError> {
-    let mut opened = Opened::open(client, path, format).await?;
+    let bytes = secrets_file::read(path).map_err(EncryptError::Read)?;
+    decrypt_bytes(client, path, bytes, format).await
+}
+
+/// [`decrypt_file`] on the file's contents (a local file's or an S3
+/// object's); `label` names it in errors.
+pub async fn decrypt_bytes(
+    client: &aws_sdk_kms::Client,
+    label: &Path,
+    bytes: Zeroizing<Vec<u8>>,
+    format: Format,
+) -> Result<Plaintext, OpsError> {
+    let mut opened = Opened::open_bytes(client, label, &bytes, format).await?;
+    drop(bytes);
     let revealed = opened.reveal(client).await?;
     let text = opened.file.render().map_err(|e| opened.format_error(e))?;
     Ok(Plaintext { text, revealed })

@@ -245,3 +245,30 @@ async fn edit_keeps_the_rules_and_refuses_a_disk_directory() {
     assert_eq!(std::fs::read(&path).unwrap(), before);
     ops.kms.shutdown().await;
 }
+
+/// `edit s3://...` is refused before anything is read (no S3 or KMS call:
+/// the endpoints given do not exist), saying what to do instead.
+#[test]
+fn edit_of_an_s3_object_is_refused_with_what_to_do() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keystore-host"))
+        .args(["edit", "s3://keystore-fleet/prod/app.env"])
+        .args(["--endpoint-url", "https://127.0.0.1:9"])
+        .args([
+            "--s3-endpoint-url",
+            "https://127.0.0.1:9",
+            "--region",
+            "us-east-1",
+        ])
+        .env("EDITOR", "false")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("edit works on a local file only, not s3://keystore-fleet/prod/app.env")
+            && err.contains("nothing was read")
+            && err.contains("`rotate` and `decrypt` work on s3:// directly"),
+        "{err}"
+    );
+}

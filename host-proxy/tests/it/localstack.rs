@@ -11,7 +11,7 @@
 use crate::moto::{
     Mode, an_enclave_pointed_at_the_peer_refuses_the_load,
     encrypt_file_key_is_unwrapped_only_for_the_file,
-    encrypt_per_value_is_opened_only_with_the_name_context,
+    encrypt_per_value_is_opened_only_with_the_name_context, rotate_and_decrypt_against_the_peer,
 };
 use crate::s3::{
     S3Stack, concurrent_change_is_refused_and_kept,
@@ -25,11 +25,12 @@ const CMS_SHAPE_REFUSED: &str =
     "CMS: cannot open CiphertextForRecipient: EnvelopedData version is 0, expected 2";
 
 #[test]
-fn the_operator_path_against_localstack_kms() {
+fn the_operator_path_encrypt_rotate_decrypt_against_localstack_kms_and_s3() {
     let dir = tempfile::tempdir().unwrap();
     let localstack = LocalStack::start(dir.path());
     encrypt_per_value_is_opened_only_with_the_name_context(&localstack, dir.path());
     encrypt_file_key_is_unwrapped_only_for_the_file(&localstack, dir.path());
+    rotate_and_decrypt_against_the_peer(&localstack, dir.path());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

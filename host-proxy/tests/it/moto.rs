@@ -81,19 +81,22 @@ pub fn encrypt(
     file: &std::path::Path,
     mode: Mode,
 ) -> std::process::Output {
+    let file = file.to_str().unwrap();
+    cli(peer, &["encrypt", mode.flag(), "--key-id", key_arn, file])
+}
+
+/// Runs `keystore-host ARGS...` with `peer` as its KMS and S3 (region,
+/// endpoints, test CA) and the peer's credentials, nothing else from the
+/// environment.
+pub fn cli(peer: &impl AwsPeer, args: &[&str]) -> std::process::Output {
+    let endpoint = peer.endpoint_url();
+    let ca = peer.ca_pem_path();
+    let ca = ca.to_str().unwrap();
     Command::new(env!("CARGO_BIN_EXE_keystore-host"))
-        .args([
-            "encrypt",
-            mode.flag(),
-            "--key-id",
-            key_arn,
-            "--region",
-            REGION,
-        ])
-        .args(["--endpoint-url", &peer.endpoint_url()])
-        .arg("--ca-bundle")
-        .arg(peer.ca_pem_path())
-        .arg(file)
+        .args(args)
+        .args(["--region", REGION, "--endpoint-url", &endpoint])
+        .args(["--ca-bundle", ca, "--s3-endpoint-url", &endpoint])
+        .args(["--s3-ca-bundle", ca])
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap())
         .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
@@ -347,4 +350,195 @@ async fn an_enclave_pointed_at_moto_refuses_its_plaintext_answer_per_value() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enclave_pointed_at_moto_refuses_its_plaintext_answer_for_a_file_key() {
     an_enclave_pointed_at_moto_refuses_its_plaintext_answer(Mode::FileKey).await;
+}
+
+/// Uploads file `argv[5]` to `argv[3]/argv[4]` (creating the bucket).
+const PUT_OBJECT: &str = r#"
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], verify=sys.argv[2])
+try:
+    s3.create_bucket(Bucket=sys.argv[3])
+except s3.exceptions.BucketAlreadyOwnedByYou:
+    pass
+s3.put_object(Bucket=sys.argv[3], Key=sys.argv[4], Body=open(sys.argv[5], "rb").read())
+"#;
+
+/// Prints the object's body.
+const GET_OBJECT: &str = r#"
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], verify=sys.argv[2])
+sys.stdout.write(s3.get_object(Bucket=sys.argv[3], Key=sys.argv[4])["Body"].read().decode())
+"#;
+
+/// Runs `keystore-host ARGS` against `peer` and returns stdout; panics
+/// with stderr and the server's log if it fails.
+fn cli_ok(peer: &impl AwsPeer, args: &[&str]) -> String {
+    let out = cli(peer, args);
+    assert!(
+        out.status.success(),
+        "keystore-host {args:?} failed:\n{}\n--- server log\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        peer.log()
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The decoded `keystore:file` record of a `.env` text.
+fn record_of(text: &str) -> FileRecord {
+    let Envelope::File { record } = Envelope::parse(&value_of(text, FILE_NAME)).unwrap() else {
+        panic!("{FILE_NAME} is not a record:\n{text}");
+    };
+    FileRecord::decode(&record).unwrap()
+}
+
+/// Which key `peer` says the record's data key is under (it unwraps it
+/// only with the file's context).
+fn data_key_owner(peer: &impl AwsPeer, record: &FileRecord) -> String {
+    let wrapped = hex::encode(&record.wrapped_key);
+    let opened = peer.boto3(DECRYPT_DATA_KEY, &[&wrapped, &record.file_id.to_hex()]);
+    let fields: Vec<&str> = opened.split_whitespace().collect();
+    assert_eq!((fields.len(), fields[0]), (3, "OK"), "{opened}");
+    fields[2].to_owned()
+}
+
+#[test]
+fn rotate_and_decrypt_against_moto_kms_and_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path());
+    rotate_and_decrypt_against_the_peer(&moto, dir.path());
+}
+
+/// `rotate` and `decrypt` against `peer`'s KMS and S3: a file with a
+/// per-value `kms` secret and file-key secrets decrypts to what was
+/// written; `rotate` makes a new data key (new file id, version + 1) that
+/// `peer` unwraps under the same key; `rotate --key-id NEW` moves the data
+/// key and the `kms` value (the peer's `ReEncrypt`) to the new key; the
+/// same file as an object on `peer`'s S3 is rotated in place and decrypted
+/// from there, the object untouched by `decrypt`.
+pub fn rotate_and_decrypt_against_the_peer(peer: &impl AwsPeer, dir: &std::path::Path) {
+    let old_key = create_key(peer);
+    let new_key = create_key(peer);
+    let file = dir.join("rotate.env");
+    let path = file.to_str().unwrap();
+    std::fs::write(&file, "# app\nDB_PASSWORD=hunter2\n").unwrap();
+    cli_ok(
+        peer,
+        &["encrypt", "--per-value-kms", "--key-id", &old_key, path],
+    );
+    // A new value joins with a file key; the `kms` value is named by the
+    // record as it is.
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("API_TOKEN='tok with spaces'\nNOTE=caf\u{e9}-\u{1f510}\n");
+    std::fs::write(&file, &text).unwrap();
+    cli_ok(peer, &["encrypt", "--file-key", "--key-id", &old_key, path]);
+    let sealed = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(record_of(&sealed).version, 1);
+    let plain = [
+        ("DB_PASSWORD", "hunter2"),
+        ("API_TOKEN", "tok with spaces"),
+        ("NOTE", "caf\u{e9}-\u{1f510}"),
+    ];
+
+    // decrypt: the file's values in plaintext (the record stays sealed).
+    let decrypt = |source: &str| {
+        let out = cli_ok(peer, &["decrypt", "--yes-print-secrets", source]);
+        assert!(out.starts_with("# app\n"), "{out}");
+        for (name, value) in plain {
+            assert_eq!(value_of(&out, name), value, "decrypt of {source}:\n{out}");
+        }
+        assert!(value_of(&out, FILE_NAME).starts_with("ENC[v1:file:"));
+    };
+    decrypt(path);
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        sealed,
+        "decrypt writes nothing"
+    );
+
+    // rotate: a new data key under the same KMS key, the values kept.
+    let out = cli_ok(peer, &["rotate", path]);
+    assert!(
+        out.contains("resealed API_TOKEN") && out.contains("resealed NOTE"),
+        "{out}"
+    );
+    let rotated = std::fs::read_to_string(&file).unwrap();
+    let record = record_of(&rotated);
+    assert_eq!(record.version, 2);
+    assert_ne!(record.file_id, record_of(&sealed).file_id);
+    assert_eq!(data_key_owner(peer, &record), old_key);
+    assert_eq!(
+        value_of(&rotated, "DB_PASSWORD"),
+        value_of(&sealed, "DB_PASSWORD"),
+        "without --key-id the kms value stays"
+    );
+    decrypt(path);
+
+    // rotate --key-id: the data key and the kms value (ReEncrypt) move.
+    let out = cli_ok(peer, &["rotate", "--key-id", &new_key, path]);
+    assert!(out.contains("moved DB_PASSWORD (ReEncrypt)"), "{out}");
+    let moved = std::fs::read_to_string(&file).unwrap();
+    let record = record_of(&moved);
+    assert_eq!(record.version, 3);
+    assert_eq!(data_key_owner(peer, &record), new_key);
+    let blob = hex::encode(
+        Envelope::parse(&value_of(&moved, "DB_PASSWORD"))
+            .unwrap()
+            .ciphertext(),
+    );
+    assert_eq!(
+        peer.boto3(DECRYPT, &[&blob, "DB_PASSWORD"]).trim(),
+        format!("OK hunter2 {new_key}")
+    );
+    decrypt(path);
+
+    // The same file as an object on the peer's S3.
+    let url = "s3://keystore-ops/prod/app.env";
+    peer.boto3(PUT_OBJECT, &["keystore-ops", "prod/app.env", path]);
+    decrypt(url);
+    let get = || peer.boto3(GET_OBJECT, &["keystore-ops", "prod/app.env"]);
+    assert_eq!(get(), moved, "decrypt leaves the object as it was");
+    let out = cli(peer, &["rotate", url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("written (only over the version read)"));
+    let object = get();
+    let record = record_of(&object);
+    assert_eq!(record.version, 4);
+    assert_eq!(data_key_owner(peer, &record), new_key);
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        moved,
+        "the local file untouched"
+    );
+    decrypt(url);
+
+    // decrypt -o: a local file, 0600; never the object.
+    let out_path = dir.join("plain.env");
+    cli_ok(
+        peer,
+        &[
+            "decrypt",
+            "--yes-print-secrets",
+            "-o",
+            out_path.to_str().unwrap(),
+            url,
+        ],
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&out_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(
+        std::fs::read_to_string(&out_path)
+            .unwrap()
+            .contains("DB_PASSWORD=hunter2")
+    );
+    assert_eq!(get(), object);
+
+    // Plaintext never reached the object or a log.
+    for secret in ["hunter2", "tok with spaces"] {
+        assert!(!object.contains(secret) && !peer.log().contains(secret));
+    }
 }

@@ -15,6 +15,7 @@ use keystore_host::secrets_file::dotenv::{DotEnv, MAX_FILE_SIZE};
 use keystore_host::secrets_file::location::{self, Location, LocationError, S3Access, Updated};
 use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
 use keystore_tests::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle};
+use zeroize::Zeroizing;
 
 use crate::support::moto::Moto;
 use crate::support::peer::{AwsPeer, REGION};
@@ -454,16 +455,16 @@ pub async fn concurrent_change_is_refused_and_kept(s: &S3Stack) {
     );
     assert_eq!(s.download().1, "A=2\n");
 
-    // The same through `update`, the path `encrypt s3://` takes: the
-    // object changes while the command works on its private copy.
+    // The same through `update`, the path `encrypt s3://` and `rotate
+    // s3://` take: the object changes while the command works on its
+    // contents in memory.
     let puts = s.puts();
     let other = s;
     let result: Result<((), Updated), LocationError> =
-        location::update(&location, Some(&s3), |path| async move {
-            assert_eq!(std::fs::read(&path).unwrap(), b"A=2\n");
-            std::fs::write(&path, "A=mine\n").unwrap();
+        location::update(&location, Some(&s3), |bytes| async move {
+            assert_eq!(&bytes[..], b"A=2\n");
             other.upload("A=3\n");
-            Ok(())
+            Ok(((), Some(Zeroizing::new(b"A=mine\n".to_vec()))))
         })
         .await;
     let err = result.unwrap_err();
@@ -478,8 +479,8 @@ pub async fn concurrent_change_is_refused_and_kept(s: &S3Stack) {
 
     // Unchanged by the command: nothing written.
     let (etag, _) = s.download();
-    let (_, updated) = location::update(&location, Some(&s3), |_path| async {
-        Ok::<_, LocationError>(())
+    let (_, updated) = location::update(&location, Some(&s3), |_bytes| async {
+        Ok::<_, LocationError>(((), None))
     })
     .await
     .unwrap();
@@ -487,9 +488,9 @@ pub async fn concurrent_change_is_refused_and_kept(s: &S3Stack) {
     assert_eq!(s.puts(), puts + 1);
 
     // Changed, nobody else writing: written over exactly the version read.
-    let (_, updated) = location::update(&location, Some(&s3), |path| async move {
-        std::fs::write(&path, "A=4\n").unwrap();
-        Ok::<_, LocationError>(())
+    let (_, updated) = location::update(&location, Some(&s3), |bytes| async move {
+        assert_eq!(&bytes[..], b"A=3\n");
+        Ok::<_, LocationError>(((), Some(Zeroizing::new(b"A=4\n".to_vec()))))
     })
     .await
     .unwrap();

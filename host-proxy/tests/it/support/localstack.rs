@@ -2,8 +2,10 @@
 //! implementation nobody on this project wrote, run without Docker on
 //! 127.0.0.1 over HTTPS with a test CA (see `../shared/PEERS.md`).
 //!
-//! It needs Python ≥ 3.12: pyenv's 3.13.0 if present, else `python3.13`
-//! or `python3.12` on `PATH`. The venv is created once under
+//! It needs Python ≥ 3.12 with its `venv` module: the newest pyenv
+//! version that qualifies, else `python3.14`, `python3.13`, `python3.12`
+//! or `python3` on `PATH` (each checked); if none does, the failure says
+//! which Debian packages to install. The venv is created once under
 //! `~/.cache/nitro-keystore` under a `flock`, with the pins LocalStack
 //! 2026.3.0 needs. If it cannot be installed the test fails with pip's
 //! output: these tests never skip silently.
@@ -34,11 +36,26 @@ pub fn venv() -> PathBuf {
         r#"set -e
 check() {{ "$1/bin/python" -c 'import localstack.runtime.main, boto3' 2>/dev/null; }}
 if [ -x "$1/bin/python" ] && check "$1"; then exit 0; fi
+# Any Python >= 3.12 with venv: pyenv's versions (newest first), then PATH.
+ok() {{ "$1" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; }}
 py=
-for c in "$(pyenv root 2>/dev/null)/versions/3.13.0/bin/python3.13" python3.13 python3.12; do
-  if command -v "$c" >/dev/null 2>&1; then py=$c; break; fi
+root=$(pyenv root 2>/dev/null || true)
+versions=
+if [ -n "$root" ] && [ -d "$root/versions" ]; then
+  versions=$(ls -1 "$root/versions" | sort -t. -k1,1nr -k2,2nr -k3,3nr)
+fi
+for c in $(for v in $versions; do echo "$root/versions/$v/bin/python3"; done) \
+    python3.14 python3.13 python3.12 python3; do
+  if command -v "$c" >/dev/null 2>&1 && ok "$c"; then py=$c; break; fi
 done
-[ -n "$py" ] || {{ echo "LocalStack needs Python >= 3.12 (pyenv 3.13.0, python3.13 or python3.12)" >&2; exit 1; }}
+[ -n "$py" ] || {{
+  echo "LocalStack needs Python >= 3.12 with its venv module; none found (tried pyenv's" \
+    "versions under ${{root:-<no pyenv>}}, python3.14, python3.13, python3.12, python3 on PATH)." \
+    "Install one from Debian, e.g. apt-get install python3.13 python3.13-venv" \
+    "(or python3.12 python3.12-venv), or any pyenv version 3.12 or newer." >&2
+  exit 1
+}}
+echo "using $py for the LocalStack venv" >&2
 rm -rf "$1"
 "$py" -m venv "$1"
 "$1/bin/pip" install --disable-pip-version-check -q 'localstack-core[runtime]=={LOCALSTACK_VERSION}' \
