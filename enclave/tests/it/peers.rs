@@ -45,8 +45,23 @@ fn free_port() -> u16 {
 }
 
 /// The real enclave on tcp loopback ports, with a region so the load port
-/// is open (KMS itself is unreachable: nothing here needs it).
+/// is open (KMS itself is unreachable: nothing here needs it). The load
+/// port is picked here and bound by the enclave a moment later; another
+/// test may take it in between, so a start that announces nothing is tried
+/// again on fresh ports (a real failure fails every attempt).
 fn start_enclave(dir: &std::path::Path, extra: &[&str]) -> (Running, Endpoint, Endpoint) {
+    for _ in 0..4 {
+        if let Some(started) = try_start_enclave(dir, extra) {
+            return started;
+        }
+    }
+    panic!("keystore-enclave did not start in four attempts (see its stderr above)");
+}
+
+fn try_start_enclave(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> Option<(Running, Endpoint, Endpoint)> {
     let load = Endpoint::tcp("127.0.0.1", free_port());
     let dead = format!("tcp://127.0.0.1:{}", free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_keystore-enclave"))
@@ -74,7 +89,8 @@ fn start_enclave(dir: &std::path::Path, extra: &[&str]) -> (Running, Endpoint, E
     let line = rx
         .recv_timeout(Duration::from_secs(120))
         .expect("keystore-enclave did not announce its endpoint");
-    (running, line.trim().parse().unwrap(), load)
+    let endpoint = line.trim().parse().ok()?;
+    Some((running, endpoint, load))
 }
 
 /// Sends `request` from an unprivileged process (`nobody`, an ordinary
