@@ -161,6 +161,14 @@ fn status_json(report: &StatusReport) -> serde_json::Value {
             "gaps": audit.gaps,
             "dropping": audit.dropping,
         })),
+        "last_good_load_unix_ms": report.last_good_load_unix_ms,
+        "max_stale_ms": report.max_stale_ms,
+        "breaker": report.breaker.as_ref().map(|b| json!({
+            "state": b.state,
+            "consecutive_failures": b.consecutive_failures,
+            "next_probe_in_ms": b.next_probe_in_ms,
+            "opened": b.opened,
+        })),
     })
 }
 
@@ -197,9 +205,45 @@ fn status_text(report: &StatusReport) -> String {
     );
     line(
         "last decrypt:",
-        &report
-            .last_decrypt_age_ms
-            .map_or_else(|| "none".to_owned(), |ms| format!("{} s ago", ms / 1000)),
+        &format!(
+            "{}{}",
+            report
+                .last_decrypt_age_ms
+                .map_or_else(|| "none".to_owned(), |ms| format!("{} s ago", ms / 1000)),
+            match report.max_stale_ms {
+                Some(0) => " (no --max-stale bound)".to_owned(),
+                Some(ms) => format!(" (wiped at --max-stale {} s)", ms / 1000),
+                None => String::new(),
+            }
+        ),
+    );
+    line(
+        "last good load:",
+        &report.last_good_load_unix_ms.map_or_else(
+            || "none".to_owned(),
+            |at| {
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                format!("{} s ago (unix ms {at})", now.saturating_sub(at) / 1000)
+            },
+        ),
+    );
+    line(
+        "kms breaker:",
+        &report.breaker.as_ref().map_or_else(
+            || "unknown".to_owned(),
+            |b| {
+                let mut text = format!(
+                    "{}, {} failure(s) in a row, opened {} time(s)",
+                    b.state, b.consecutive_failures, b.opened
+                );
+                if let Some(ms) = b.next_probe_in_ms {
+                    let _ = write!(text, ", next probe in {ms} ms");
+                }
+                text
+            },
+        ),
     );
     line(
         "audit:",
