@@ -367,3 +367,45 @@ fn attest_text(doc: &AttestationDocument, checked_at: SystemTime) -> String {
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use keystore_shared::protocol::BreakerStatus;
+
+    #[test]
+    fn status_prints_the_breaker_last_good_load_and_the_stale_bound() {
+        let report = StatusReport {
+            last_decrypt_age_ms: Some(42_000),
+            max_stale_ms: Some(86_400_000),
+            last_good_load_unix_ms: Some(1_000),
+            breaker: Some(BreakerStatus {
+                state: "open".into(),
+                consecutive_failures: 5,
+                next_probe_in_ms: Some(1730),
+                opened: 2,
+            }),
+            ..StatusReport::default()
+        };
+        let text = status_text(&report);
+        assert!(
+            text.contains("last decrypt:        42 s ago (wiped at --max-stale 86400 s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "kms breaker:         open, 5 failure(s) in a row, opened 2 time(s), next probe in 1730 ms"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("(unix ms 1000)"), "{text}");
+        let json = status_json(&report);
+        assert_eq!(json["breaker"]["state"], "open");
+        assert_eq!(json["max_stale_ms"], 86_400_000);
+        // An old enclave says nothing: printed as unknown, not as closed.
+        let old = status_text(&StatusReport::default());
+        assert!(old.contains("kms breaker:         unknown"), "{old}");
+        assert!(old.contains("last good load:      none"), "{old}");
+    }
+}
