@@ -394,6 +394,27 @@ mod tests {
     const KEY: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
 
     #[test]
+    fn breaker_flags_default_and_refuse_a_max_below_the_initial_wait() {
+        let args = Args::try_parse_from(["keystore-enclave", "--region", "us-east-1"]).unwrap();
+        let config = kms_config(&args).unwrap().unwrap();
+        assert_eq!(config.breaker, BreakerConfig::default());
+        let args = Args::try_parse_from([
+            "keystore-enclave",
+            "--region",
+            "us-east-1",
+            "--breaker-threshold",
+            "0",
+            "--breaker-initial-open",
+            "5s",
+            "--breaker-max-open",
+            "1s",
+        ])
+        .unwrap();
+        let err = format!("{:#}", kms_config(&args).unwrap_err());
+        assert!(err.contains("--breaker-initial-open"), "{err}");
+    }
+
+    #[test]
     fn kms_key_arns_repeat_split_on_commas_and_refuse_aliases() {
         let other = KEY.replace("1234abcd-", "9999abcd-");
         let both = format!("{KEY},{other}");
