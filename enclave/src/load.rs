@@ -308,7 +308,11 @@ impl LoadError {
                 source: StoreError::ValueTooLarge { .. },
                 ..
             } => ErrorCode::TooLarge,
-            LoadError::Kms { source, .. } if source.is_retryable() => ErrorCode::Unavailable,
+            LoadError::Kms { source, .. }
+                if source.is_retryable() || matches!(source, KmsError::BreakerOpen { .. }) =>
+            {
+                ErrorCode::Unavailable
+            }
             LoadError::Kms {
                 source: KmsError::Service { .. } | KmsError::UnpinnedKey { .. },
                 ..
@@ -361,6 +365,8 @@ pub struct Loader {
     /// When a load or re-decrypt last succeeded (`None` before the first,
     /// and after a wipe).
     decrypted_at: std::sync::Mutex<Option<Instant>>,
+    /// When a `Load` last succeeded (wall clock, for `status`).
+    loaded_at: std::sync::Mutex<Option<SystemTime>>,
     /// The highest file-key version published since start (never lowered,
     /// not even by a wipe): the rollback bound.
     served_version: std::sync::Mutex<Option<u64>>,
@@ -443,6 +449,7 @@ impl Loader {
             running: Mutex::new(None),
             last: ArcSwapOption::empty(),
             decrypted_at: std::sync::Mutex::new(None),
+            loaded_at: std::sync::Mutex::new(None),
             served_version: std::sync::Mutex::new(None),
         })
     }
@@ -454,6 +461,20 @@ impl Loader {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .map(|at| at.elapsed())
+    }
+
+    /// When a `Load` last succeeded (not reset by a wipe: it says when the
+    /// host last delivered a good set).
+    pub fn last_good_load(&self) -> Option<SystemTime> {
+        *self
+            .loaded_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The configured staleness bound (zero: none).
+    pub fn max_stale(&self) -> Duration {
+        self.config.max_stale
     }
 
     /// The highest file-key version this enclave has published, if any.
@@ -511,6 +532,10 @@ impl Loader {
         if result.is_ok() {
             *running = Some(entries);
             self.set_decrypted_at(Some(Instant::now()));
+            *self
+                .loaded_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(SystemTime::now());
         }
         self.record(&result);
         result

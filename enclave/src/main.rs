@@ -17,6 +17,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use keystore_enclave::audit::{self, AuditConfig};
 use keystore_enclave::enclave::{Enclave, EnclaveConfig};
+use keystore_enclave::kms::breaker::{self, BreakerConfig};
 use keystore_enclave::kms::{KmsConfig, PinnedKeys};
 use keystore_enclave::load::LoadConfig;
 use keystore_enclave::recipient::{RecipientBits, RecipientConfig};
@@ -79,6 +80,18 @@ struct Args {
     /// of a revocation either (`0s` disables).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     max_stale: Duration,
+    /// Consecutive KMS service failures (throttling, 5xx, timeouts,
+    /// connection errors) that open the circuit breaker; while open, KMS
+    /// calls fail fast and the last good set keeps serving (`0` disables).
+    #[arg(long, value_name = "N", default_value_t = breaker::DEFAULT_FAILURE_THRESHOLD)]
+    breaker_threshold: u32,
+    /// First wait before the open breaker lets one probe through; doubles
+    /// (jittered) after each failed probe.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    breaker_initial_open: Duration,
+    /// Longest wait between two probes of an open breaker.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    breaker_max_open: Duration,
     /// An extra trusted CA (PEM) for KMS TLS; only with `--nsm mock`.
     #[arg(long, value_name = "PEM")]
     kms_ca: Option<PathBuf>,
@@ -295,6 +308,16 @@ fn kms_config(args: &Args) -> anyhow::Result<Option<KmsConfig>> {
         config.transport.extra_ca_pem = Some(pem);
     }
     config.credentials.endpoint = args.credentials.clone();
+    config.breaker = BreakerConfig {
+        failure_threshold: args.breaker_threshold,
+        initial_open: args.breaker_initial_open,
+        max_open: args.breaker_max_open,
+    };
+    config
+        .breaker
+        .validate()
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("--breaker-initial-open/--breaker-max-open")?;
     config
         .check_extra_ca(args.nsm == NsmKind::Mock)
         .context("--kms-ca")?;
@@ -369,6 +392,27 @@ mod tests {
     }
 
     const KEY: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+
+    #[test]
+    fn breaker_flags_default_and_refuse_a_max_below_the_initial_wait() {
+        let args = Args::try_parse_from(["keystore-enclave", "--region", "us-east-1"]).unwrap();
+        let config = kms_config(&args).unwrap().unwrap();
+        assert_eq!(config.breaker, BreakerConfig::default());
+        let args = Args::try_parse_from([
+            "keystore-enclave",
+            "--region",
+            "us-east-1",
+            "--breaker-threshold",
+            "0",
+            "--breaker-initial-open",
+            "5s",
+            "--breaker-max-open",
+            "1s",
+        ])
+        .unwrap();
+        let err = format!("{:#}", kms_config(&args).unwrap_err());
+        assert!(err.contains("--breaker-initial-open"), "{err}");
+    }
 
     #[test]
     fn kms_key_arns_repeat_split_on_commas_and_refuse_aliases() {

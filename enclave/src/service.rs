@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use keystore_shared::Caller;
 use keystore_shared::attestation::{MAX_ATTEST_USER_DATA, attest_user_data};
 use keystore_shared::name::is_reserved;
-use keystore_shared::protocol::{ErrorCode, LoadEntry, StatusReport};
+use keystore_shared::protocol::{BreakerStatus, ErrorCode, LoadEntry, StatusReport};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
@@ -255,6 +255,25 @@ impl KeystoreService {
                 .and_then(|loader| loader.decrypt_age())
                 .map(millis),
             audit: Some(self.audit.status()),
+            last_good_load_unix_ms: self
+                .loader
+                .as_ref()
+                .and_then(|loader| loader.last_good_load())
+                .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(millis),
+            max_stale_ms: self
+                .loader
+                .as_ref()
+                .map(|loader| millis(loader.max_stale())),
+            breaker: self.loader.as_ref().map(|loader| {
+                let b = loader.kms().breaker();
+                BreakerStatus {
+                    state: b.state.as_str().to_owned(),
+                    consecutive_failures: u64::from(b.consecutive_failures),
+                    next_probe_in_ms: b.next_probe_in.map(millis),
+                    opened: b.opened,
+                }
+            }),
         }
     }
 

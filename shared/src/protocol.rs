@@ -546,6 +546,34 @@ pub struct StatusReport {
     /// gap records written. `None` from an enclave too old to say.
     #[serde(default)]
     pub audit: Option<AuditStatus>,
+    /// When a `Load` last succeeded, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub last_good_load_unix_ms: Option<u64>,
+    /// The `--max-stale` bound on `last_decrypt_age_ms` (0: none); `None`
+    /// from an enclave too old to say.
+    #[serde(default)]
+    pub max_stale_ms: Option<u64>,
+    /// The circuit breaker around KMS calls; `None` from an enclave too old
+    /// to say or without KMS.
+    #[serde(default)]
+    pub breaker: Option<BreakerStatus>,
+}
+
+/// The KMS circuit breaker's state in [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BreakerStatus {
+    /// `closed`, `open` or `half-open`.
+    #[serde(default)]
+    pub state: String,
+    /// KMS service failures in a row.
+    #[serde(default)]
+    pub consecutive_failures: u64,
+    /// While open: milliseconds until the next probe may go.
+    #[serde(default)]
+    pub next_probe_in_ms: Option<u64>,
+    /// Times the breaker opened since the enclave started.
+    #[serde(default)]
+    pub opened: u64,
 }
 
 /// The audit trail's state in [`StatusReport`].

@@ -20,6 +20,7 @@
 //! new recipient pair (which the SDK cannot produce) before a retry makes
 //! sense. Every failure is a [`KmsError`] naming its stage.
 
+pub mod breaker;
 pub mod credentials;
 pub mod error_code;
 pub mod pinned;
@@ -43,6 +44,8 @@ use aws_smithy_types::timeout::TimeoutConfig;
 use keystore_shared::attestation::AttestationDocument;
 use keystore_shared::endpoint::{Endpoint, VSOCK_CID_PARENT};
 use zeroize::Zeroizing;
+
+use breaker::{Breaker, BreakerConfig, BreakerSnapshot, Outcome};
 
 use crate::recipient::{RecipientError, RecipientPair};
 use credentials::{CredentialsConfig, CredentialsError, CredentialsProvider};
@@ -74,6 +77,8 @@ pub struct KmsConfig {
     /// The only KMS keys `Decrypt` may use. Empty: every decrypt is refused
     /// ([`KmsError::NoPinnedKey`]).
     pub pinned_keys: PinnedKeys,
+    /// When repeated service failures stop calls ([`breaker`]).
+    pub breaker: BreakerConfig,
 }
 
 impl KmsConfig {
@@ -91,6 +96,7 @@ impl KmsConfig {
             credentials: CredentialsConfig::default(),
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
             pinned_keys: PinnedKeys::default(),
+            breaker: BreakerConfig::default(),
             region,
         }
     }
@@ -133,6 +139,7 @@ impl KmsConfig {
                 self.region.chars().take(32).collect::<String>()
             )));
         }
+        self.breaker.validate().map_err(KmsError::Config)?;
         transport::check_kms_host(&self.transport.kms_host)
             .map_err(|e| KmsError::Config(e.to_string()))?;
         // A key is only usable through its own region's KMS: a key of
@@ -223,6 +230,15 @@ pub enum KmsError {
     /// `CiphertextForRecipient` could not be opened with the pair's key.
     #[error("CMS: cannot open CiphertextForRecipient: {0}")]
     Cms(#[source] CmsError),
+    /// The circuit breaker is open after repeated service failures: the
+    /// call was not made.
+    #[error(
+        "KMS calls paused after repeated failures (circuit breaker open); next try in {retry_in:?}"
+    )]
+    BreakerOpen {
+        /// When a call may go again.
+        retry_in: Duration,
+    },
     /// Any other SDK failure (request construction).
     #[error("KMS client: {0}")]
     Other(String),
@@ -252,6 +268,7 @@ impl KmsError {
             | KmsError::MissingCiphertextForRecipient
             | KmsError::Other(_) => "kms",
             KmsError::Cms(_) => "cms",
+            KmsError::BreakerOpen { .. } => "breaker",
         }
     }
 
@@ -277,6 +294,14 @@ impl KmsError {
             }
             _ => false,
         }
+    }
+
+    /// Whether the failure is the service's fault (throttling, 5xx,
+    /// timeouts, connection errors), which is what the breaker counts.
+    /// A refusal is an answer; a credentials-service failure says nothing
+    /// about KMS.
+    pub fn is_service_fault(&self) -> bool {
+        !matches!(self, KmsError::Credentials(_)) && self.is_retryable()
     }
 
     /// Whether KMS refused the credentials themselves (unknown key id, bad
@@ -322,6 +347,8 @@ pub struct Kms {
     pinned: PinnedKeys,
     /// Index of the pinned key that last decrypted a value: tried first.
     preferred: Arc<AtomicUsize>,
+    /// Shared by every clone: one view of KMS's health.
+    breaker: Arc<Breaker>,
 }
 
 impl fmt::Debug for Kms {
@@ -368,6 +395,7 @@ impl Kms {
             credentials,
             pinned: config.pinned_keys,
             preferred: Arc::new(AtomicUsize::new(0)),
+            breaker: Arc::new(Breaker::new(config.breaker)),
         })
     }
 
@@ -382,6 +410,11 @@ impl Kms {
             transport: self.transport.stats(),
             credential_fetches: self.credentials.fetches(),
         }
+    }
+
+    /// The circuit breaker's state, for `status`.
+    pub fn breaker(&self) -> BreakerSnapshot {
+        self.breaker.snapshot()
     }
 
     /// The credentials provider (shared with the SDK).
@@ -463,10 +496,25 @@ impl Kms {
             for (key, value) in context {
                 request = request.encryption_context(key, value);
             }
+            // Checked per HTTP call, so neither the loader's retries nor
+            // the credentials retry can call an open breaker's KMS.
+            let permit = self.breaker.admit().map_err(|r| KmsError::BreakerOpen {
+                retry_in: r.retry_in,
+            })?;
             match request.send().await {
-                Ok(output) => break output,
+                Ok(output) => {
+                    permit.finish(Outcome::Answered);
+                    break output;
+                }
                 Err(err) => {
                     let err = classify(err, context, pair, &self.pinned);
+                    permit.finish(if err.is_service_fault() {
+                        Outcome::Fault
+                    } else if matches!(err, KmsError::Credentials(_) | KmsError::Other(_)) {
+                        Outcome::Neutral
+                    } else {
+                        Outcome::Answered
+                    });
                     if err.is_credentials_rejection() && !fresh_credentials {
                         tracing::info!(error = %err, "KMS rejected the cached credentials; fetching new ones");
                         self.credentials.invalidate().await;

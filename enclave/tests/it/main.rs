@@ -10,6 +10,7 @@ mod support;
 
 mod access;
 mod audit;
+mod breaker;
 mod file_key;
 mod kms_client;
 mod kms_credentials;

@@ -161,6 +161,14 @@ fn status_json(report: &StatusReport) -> serde_json::Value {
             "gaps": audit.gaps,
             "dropping": audit.dropping,
         })),
+        "last_good_load_unix_ms": report.last_good_load_unix_ms,
+        "max_stale_ms": report.max_stale_ms,
+        "breaker": report.breaker.as_ref().map(|b| json!({
+            "state": b.state,
+            "consecutive_failures": b.consecutive_failures,
+            "next_probe_in_ms": b.next_probe_in_ms,
+            "opened": b.opened,
+        })),
     })
 }
 
@@ -197,9 +205,45 @@ fn status_text(report: &StatusReport) -> String {
     );
     line(
         "last decrypt:",
-        &report
-            .last_decrypt_age_ms
-            .map_or_else(|| "none".to_owned(), |ms| format!("{} s ago", ms / 1000)),
+        &format!(
+            "{}{}",
+            report
+                .last_decrypt_age_ms
+                .map_or_else(|| "none".to_owned(), |ms| format!("{} s ago", ms / 1000)),
+            match report.max_stale_ms {
+                Some(0) => " (no --max-stale bound)".to_owned(),
+                Some(ms) => format!(" (wiped at --max-stale {} s)", ms / 1000),
+                None => String::new(),
+            }
+        ),
+    );
+    line(
+        "last good load:",
+        &report.last_good_load_unix_ms.map_or_else(
+            || "none".to_owned(),
+            |at| {
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                format!("{} s ago (unix ms {at})", now.saturating_sub(at) / 1000)
+            },
+        ),
+    );
+    line(
+        "kms breaker:",
+        &report.breaker.as_ref().map_or_else(
+            || "unknown".to_owned(),
+            |b| {
+                let mut text = format!(
+                    "{}, {} failure(s) in a row, opened {} time(s)",
+                    b.state, b.consecutive_failures, b.opened
+                );
+                if let Some(ms) = b.next_probe_in_ms {
+                    let _ = write!(text, ", next probe in {ms} ms");
+                }
+                text
+            },
+        ),
     );
     line(
         "audit:",
@@ -322,4 +366,46 @@ fn attest_text(doc: &AttestationDocument, checked_at: SystemTime) -> String {
         &"valid (signature, chain, nonce and expected PCRs)",
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use keystore_shared::protocol::BreakerStatus;
+
+    #[test]
+    fn status_prints_the_breaker_last_good_load_and_the_stale_bound() {
+        let report = StatusReport {
+            last_decrypt_age_ms: Some(42_000),
+            max_stale_ms: Some(86_400_000),
+            last_good_load_unix_ms: Some(1_000),
+            breaker: Some(BreakerStatus {
+                state: "open".into(),
+                consecutive_failures: 5,
+                next_probe_in_ms: Some(1730),
+                opened: 2,
+            }),
+            ..StatusReport::default()
+        };
+        let text = status_text(&report);
+        assert!(
+            text.contains("last decrypt:        42 s ago (wiped at --max-stale 86400 s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "kms breaker:         open, 5 failure(s) in a row, opened 2 time(s), next probe in 1730 ms"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("(unix ms 1000)"), "{text}");
+        let json = status_json(&report);
+        assert_eq!(json["breaker"]["state"], "open");
+        assert_eq!(json["max_stale_ms"], 86_400_000);
+        // An old enclave says nothing: printed as unknown, not as closed.
+        let old = status_text(&StatusReport::default());
+        assert!(old.contains("kms breaker:         unknown"), "{old}");
+        assert!(old.contains("last good load:      none"), "{old}");
+    }
 }

@@ -76,6 +76,9 @@ fn response() -> impl Strategy<Value = Response> {
                     secret_peers: Some("privileged".into()),
                     last_decrypt_age_ms: age,
                     audit: None,
+                    last_good_load_unix_ms: age,
+                    max_stale_ms: bits.map(u64::from),
+                    breaker: None,
                 })
             }),
         bytes(300).prop_map(|document| ResponseBody::Attestation { document }),

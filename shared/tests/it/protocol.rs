@@ -8,10 +8,11 @@ use keystore_shared::frame::{
     Connection, DEFAULT_MAX_FRAME, FrameError, FrameLimits, decode_frame, encode_frame,
 };
 use keystore_shared::protocol::{
-    AuditBatch, AuditCursor, AuditEntry, AuditStatus, Credentials, DEFAULT_MAX_LOAD_FRAME,
-    DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME, DEFAULT_MAX_SECRET_VALUE, ErrorCode,
-    LoadEntry, MAX_AUDIT_BATCH, PROTOCOL_VERSION, ProtocolError, Request, RequestOp, Response,
-    ResponseBody, SecretBytes, SecretString, StatusReport, max_response_frame,
+    AuditBatch, AuditCursor, AuditEntry, AuditStatus, BreakerStatus, Credentials,
+    DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME,
+    DEFAULT_MAX_SECRET_VALUE, ErrorCode, LoadEntry, MAX_AUDIT_BATCH, PROTOCOL_VERSION,
+    ProtocolError, Request, RequestOp, Response, ResponseBody, SecretBytes, SecretString,
+    StatusReport, max_response_frame,
 };
 use serde::{Deserialize, Serialize};
 use serde_cbor::Value;
@@ -135,6 +136,14 @@ fn all_responses() -> Vec<Response> {
                     dropped: 7,
                     gaps: 1,
                     dropping: false,
+                }),
+                last_good_load_unix_ms: Some(1_700_000_000_000),
+                max_stale_ms: Some(86_400_000),
+                breaker: Some(BreakerStatus {
+                    state: "open".into(),
+                    consecutive_failures: 5,
+                    next_probe_in_ms: Some(900),
+                    opened: 2,
                 }),
             }),
         ),

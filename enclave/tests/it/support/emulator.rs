@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_kms::primitives::Blob;
 pub use fixture::{Fixture, PCR0};
+use keystore_enclave::kms::breaker::BreakerConfig;
 use keystore_enclave::kms::credentials::CredentialsConfig;
 use keystore_enclave::kms::transport::TransportConfig;
 use keystore_enclave::kms::{Kms, KmsConfig, PinnedKeys};
@@ -202,6 +203,7 @@ pub fn kms_config(
         credentials: CredentialsConfig::new(credentials),
         operation_timeout: Duration::from_secs(30),
         pinned_keys: PinnedKeys::default(),
+        breaker: BreakerConfig::default(),
     }
 }
 
