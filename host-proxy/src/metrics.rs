@@ -110,6 +110,11 @@ pub struct Metrics {
     agent_denials: Family<UidLabel, Counter>,
     uid_cap: LabelCap,
     status_polls: Family<OutcomeLabel, Counter>,
+    loads: Family<OutcomeLabel, Counter>,
+    load_duration: Histogram,
+    forwarder_connections: Family<OutcomeLabel, Counter>,
+    forwarder_open: Gauge,
+    forwarder_bytes: Family<DirectionLabel, Counter>,
     enclave_up: Gauge,
     enclave_ready: Gauge,
     enclave_secrets: Gauge,
@@ -123,7 +128,23 @@ pub struct Metrics {
     enclave_audit_last_seq: Gauge,
 }
 
-/// How a poll ended.
+/// Which way forwarded bytes went.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+/// Keeps `keystore_forwarder_open_connections` counted while alive.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// How a poll, load or connection ended.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
@@ -175,11 +196,39 @@ impl Metrics {
             "Status polls of the enclave, by outcome",
             status_polls.clone(),
         );
+        let loads = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "loads",
+            "Loads of the secrets file into the enclave, by outcome (ok, or the failing step)",
+            loads.clone(),
+        );
+        let load_duration = latency_histogram();
+        registry.register(
+            "load_duration_seconds",
+            "Time to fetch, check and load the secrets file",
+            load_duration.clone(),
+        );
+        let forwarder_connections = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "forwarder_connections",
+            "Connections the KMS forwarders accepted, by outcome (forwarded, upstream_unreachable)",
+            forwarder_connections.clone(),
+        );
+        let forwarder_bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "forwarder_bytes",
+            "Bytes the KMS forwarders moved, by direction (to_upstream, to_enclave), added when a connection ends",
+            forwarder_bytes.clone(),
+        );
         let mut gauge = |name: &str, help: &str| {
             let g = Gauge::default();
             registry.register(name, help, g.clone());
             g
         };
+        let forwarder_open = gauge(
+            "forwarder_open_connections",
+            "Connections the KMS forwarders hold open now",
+        );
         let enclave_up = gauge(
             "enclave_up",
             "1 when the last Status poll of the enclave answered",
@@ -230,6 +279,11 @@ impl Metrics {
             agent_denials,
             uid_cap: LabelCap::new(MAX_UID_LABELS),
             status_polls,
+            loads,
+            load_duration,
+            forwarder_connections,
+            forwarder_open,
+            forwarder_bytes,
             enclave_up,
             enclave_ready,
             enclave_secrets,
@@ -266,6 +320,43 @@ impl Metrics {
                     uid: self.uid_cap.label(uid),
                 })
                 .inc();
+        }
+    }
+
+    /// Counts one load attempt: `outcome` is `ok` or the failing step
+    /// (`fetch`, `parse`, `enclave`).
+    pub fn load(&self, outcome: &'static str, took: Duration) {
+        self.loads.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.load_duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts a forwarder connection whose upstream could not be reached.
+    pub fn forwarder_unreachable(&self) {
+        self.forwarder_connections
+            .get_or_create(&OutcomeLabel {
+                outcome: "upstream_unreachable",
+            })
+            .inc();
+    }
+
+    /// Counts a forwarded connection and holds it open until the guard
+    /// drops.
+    pub fn forwarder_opened(&self) -> OpenConnection {
+        self.forwarder_connections
+            .get_or_create(&OutcomeLabel {
+                outcome: "forwarded",
+            })
+            .inc();
+        self.forwarder_open.inc();
+        OpenConnection(self.forwarder_open.clone())
+    }
+
+    /// Adds the bytes one forwarded connection moved.
+    pub fn forwarder_bytes(&self, to_upstream: u64, to_enclave: u64) {
+        for (direction, bytes) in [("to_upstream", to_upstream), ("to_enclave", to_enclave)] {
+            self.forwarder_bytes
+                .get_or_create(&DirectionLabel { direction })
+                .inc_by(bytes);
         }
     }
 

@@ -156,8 +156,19 @@ impl Proxy {
         self
     }
 
-    /// Also serves `/metrics` and relays the enclave's `Status` into it.
+    /// Also serves `/metrics`, relays the enclave's `Status` into it and
+    /// has the forwarders and the loader count into it.
     pub fn with_metrics(mut self, service: MetricsService) -> Self {
+        self.forwarders = self
+            .forwarders
+            .into_iter()
+            .map(|(forwarder, listener)| {
+                (forwarder.with_metrics(service.metrics.clone()), listener)
+            })
+            .collect();
+        if let Some(loader) = &mut self.loader {
+            loader.set_metrics(service.metrics.clone());
+        }
         self.metrics = Some(service);
         self
     }

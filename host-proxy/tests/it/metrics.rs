@@ -47,7 +47,7 @@ python3 -m venv "$1"
 
 /// Parses an exposition with `prometheus_client.parser` (every line; a
 /// line it cannot parse fails the test) into `sample name{labels}` → value.
-fn parse(text: &str) -> HashMap<String, f64> {
+pub(crate) fn parse(text: &str) -> HashMap<String, f64> {
     let script = "import sys, json\n\
                   from prometheus_client.parser import text_string_to_metric_families\n\
                   out = {}\n\
@@ -71,6 +71,27 @@ fn parse(text: &str) -> HashMap<String, f64> {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `GET url` with curl, blocking: (status, body).
+pub(crate) fn scrape(url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            url,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.parse().unwrap(), body.to_owned())
 }
 
 /// The value of `sample` (as `name{k=v,...}`), 0 when absent.
