@@ -447,7 +447,7 @@ async fn secrets_reach_the_enclave_only_through_attested_decrypts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_daemon_counts_loads_forwarded_kms_bytes_and_relays_status() {
+async fn the_daemon_counts_loads_forwarder_connections_and_relays_status() {
     let mut stack = Stack::start().await;
     let key = stack.key_id.clone();
     let db = stack.encrypt(&key, "DB_PASSWORD", "hunter2").await;
