@@ -193,7 +193,7 @@ start_stack() {
     --credentials-listen "unix://$d/credentials.sock" \
     --load-to "unix://$d/load.sock" --secrets "$secrets" \
     --agent-socket "$d/agent.sock" --agent-http "tcp://127.0.0.1:$agent_port" \
-    --tokens "$d/tokens" --audit-log "$d/audit.jsonl" 2> "$d/proxy.log" &
+    --tokens "$d/tokens" --audit-log "$d/audit.jsonl" --no-metrics 2> "$d/proxy.log" &
   proxy_pid=$!
   pids+=("$proxy_pid")
   ready() { "$bin/keystore-host" --enclave "unix://$d/enclave.sock" status --json | jq -e '.ready' >/dev/null; }
@@ -323,7 +323,7 @@ for run in $(seq 1 "$runs"); do
     --forward "tcp://127.0.0.1:$fwd_port=127.0.0.1:$sink_port" \
     --forward "tcp://127.0.0.1:$fwd_echo_port=127.0.0.1:$echo_port" \
     --credentials-listen "unix://$work/fwd-credentials.sock" \
-    --load-to "unix://$work/nowhere.sock" --no-audit-log 2> "$work/forwarder.log" &
+    --load-to "unix://$work/nowhere.sock" --no-audit-log --no-metrics 2> "$work/forwarder.log" &
   fwd_pid=$!
   pids+=("$fwd_pid")
   socat -b 65536 "TCP-LISTEN:$socat_port,reuseaddr,fork" "TCP:127.0.0.1:$sink_port" &

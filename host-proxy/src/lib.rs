@@ -1,11 +1,13 @@
 //! The parent-instance side of nitro-keystore, as a library: the proxy
 //! daemon's parts ([`proxy`]), the secrets file ([`secrets_file`]), KMS key
-//! policies ([`policy`]) and the AWS client set-up ([`aws`]). The
+//! policies ([`policy`]), the AWS client set-up ([`aws`]) and the
+//! daemon's Prometheus metrics ([`metrics`]). The
 //! `keystore-host` binary's commands live in its own `cli` module.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod aws;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod secrets_file;

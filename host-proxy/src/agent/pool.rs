@@ -36,6 +36,8 @@ pub struct PoolConfig {
     pub wait: Duration,
     /// Connection settings; `privileged` is forced on.
     pub client: ClientConfig,
+    /// Where each request is counted, if metrics are on.
+    pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl PoolConfig {
@@ -49,6 +51,7 @@ impl PoolConfig {
                 privileged: true,
                 ..ClientConfig::default()
             },
+            metrics: None,
         }
     }
 }
@@ -116,6 +119,23 @@ impl Pool {
     /// Sends `op` on behalf of `caller` and returns the enclave's success
     /// answer (already checked to be the kind `op` expects).
     pub async fn call(
+        &self,
+        op: RequestOp,
+        caller: Option<Caller>,
+    ) -> Result<ResponseBody, PoolError> {
+        let Some(metrics) = &self.config.metrics else {
+            return self.forward(op, caller).await;
+        };
+        let start = std::time::Instant::now();
+        let name = crate::metrics::op_name(&op);
+        let uid = caller.as_ref().and_then(|caller| caller.uid);
+        let answer = self.forward(op, caller).await;
+        let error = answer.as_ref().err().map(PoolError::code);
+        metrics.agent_request(name, error, uid, start.elapsed());
+        answer
+    }
+
+    async fn forward(
         &self,
         op: RequestOp,
         caller: Option<Caller>,

@@ -3,15 +3,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use keystore_host::metrics::Metrics;
 use keystore_host::proxy::audit_log::{self, AuditDrain, AuditLogConfig};
 use keystore_host::proxy::credentials::{self, CredentialCache, ServiceLimits};
 use keystore_host::proxy::forwarder::{Forward, ForwarderLimits};
 use keystore_host::proxy::source::{S3Source, SecretsLocation, SecretsSource};
-use keystore_host::proxy::{Proxy, ProxyConfig};
+use keystore_host::proxy::{MetricsService, Proxy, ProxyConfig};
 use keystore_shared::Endpoint;
 
 /// Arguments of `proxy`.
@@ -93,6 +95,16 @@ pub struct ProxyArgs {
     /// `keystore_audit`).
     #[arg(long)]
     pub audit_journald: bool,
+    /// Where the Prometheus metrics are served (`GET /metrics`); a tcp
+    /// address must be a loopback one.
+    #[arg(long, value_name = "ENDPOINT", default_value = keystore_host::metrics::DEFAULT_LISTEN)]
+    pub metrics_listen: Endpoint,
+    /// Serve no metrics (and do not poll the enclave's `Status` for them).
+    #[arg(long)]
+    pub no_metrics: bool,
+    /// Seconds between two `Status` polls relayed into the metrics.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub metrics_status_poll: u64,
     /// Do not run the agent (applications then have no way to read).
     #[arg(long)]
     pub no_agent: bool,
@@ -103,9 +115,13 @@ pub struct ProxyArgs {
 
 /// Runs the proxy until SIGTERM or SIGINT.
 pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCode> {
-    let agent_config = (!args.no_agent)
+    let mut agent_config = (!args.no_agent)
         .then(|| args.agent.config(enclave))
         .transpose()?;
+    let metrics = (!args.no_metrics).then(|| Arc::new(Metrics::new()));
+    if let (Some(config), Some(metrics)) = (agent_config.as_mut(), &metrics) {
+        config.pool.metrics = Some(metrics.clone());
+    }
     let forwards = if args.forwards.is_empty() {
         let Some(region) = &args.region else {
             bail!("give --region (or AWS_REGION) or at least one --forward");
@@ -146,11 +162,12 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
         },
         credentials_listen: args.credentials_listen,
         credentials_limits: ServiceLimits::default(),
-        load_to: args.load_to,
+        load_to: args.load_to.clone(),
         secrets: None,
         secrets_poll: Duration::from_secs(args.secrets_poll.max(1)),
         enclave_cid: args.enclave_cid,
     };
+    let load_to = args.load_to;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -174,6 +191,16 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
         if let Some(drain) = audit {
             proxy = proxy.with_audit_drain(drain);
         }
+        if let Some(metrics) = metrics {
+            let listener = bind_metrics(&args.metrics_listen).await?;
+            tracing::info!(endpoint = %listener.local_endpoint(), "metrics");
+            proxy = proxy.with_metrics(MetricsService {
+                metrics,
+                listener,
+                status_from: load_to,
+                status_poll: Duration::from_secs(args.metrics_status_poll.max(1)),
+            });
+        }
         let agent = match agent_config {
             Some(config) => Some(
                 keystore_host::agent::Agent::bind(config)
@@ -187,5 +214,23 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
             .context("installing signal handlers")?;
         super::agent::run_with_proxy(proxy, agent).await?;
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Binds `--metrics-listen`: a tcp address must be a loopback one (the
+/// metrics say how busy and how healthy the keystore is; no one off the
+/// host needs that).
+async fn bind_metrics(endpoint: &Endpoint) -> anyhow::Result<keystore_shared::Listener> {
+    if let Endpoint::Tcp { host, .. } = endpoint {
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            bail!("--metrics-listen must be a loopback address, not {host}");
+        }
+    }
+    endpoint.bind().await.with_context(|| {
+        format!("binding --metrics-listen {endpoint} (--no-metrics to go without)")
     })
 }

@@ -277,6 +277,7 @@ pub struct Forwarder {
     limits: ForwarderLimits,
     resolver: Arc<dyn Resolve>,
     peers: VsockCidPeers,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl fmt::Debug for Forwarder {
@@ -307,6 +308,7 @@ impl Forwarder {
             peers: VsockCidPeers {
                 cid: super::DEFAULT_ENCLAVE_CID,
             },
+            metrics: None,
         }
     }
 
@@ -315,6 +317,12 @@ impl Forwarder {
     /// instance must not use its way to KMS.
     pub fn for_enclave_cid(mut self, cid: u32) -> Self {
         self.peers = VsockCidPeers { cid };
+        self
+    }
+
+    /// Counts connections and bytes into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -412,14 +420,22 @@ impl Forwarder {
             Ok(connected) => connected,
             Err(err) => {
                 tracing::warn!(conn = id, %peer, error = %err, "upstream unreachable; closing");
+                if let Some(metrics) = &self.metrics {
+                    metrics.forwarder_unreachable();
+                }
                 return;
             }
         };
         tracing::debug!(conn = id, %peer, upstream = %addr, "connected");
         // An idle or over-long connection is cut by the accept loop, which
         // logs it; the counts below come from the stream it watches.
+        let open = self.metrics.as_ref().map(|m| m.forwarder_opened());
         let ended = pipe(&mut client, upstream).await;
+        drop(open);
         let (to_upstream, to_client) = (client.bytes_read(), client.bytes_written());
+        if let Some(metrics) = &self.metrics {
+            metrics.forwarder_bytes(to_upstream, to_client);
+        }
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match ended {
             Ok(_) => tracing::info!(

@@ -56,6 +56,18 @@ pub enum LoadError {
     Timeout(Duration),
 }
 
+impl LoadError {
+    /// The step that failed, as a metrics label: `fetch`, `parse` or
+    /// `enclave`.
+    pub fn step(&self) -> &'static str {
+        match self {
+            LoadError::Source(_) => "fetch",
+            LoadError::File { .. } => "parse",
+            LoadError::Enclave(_) | LoadError::Timeout(_) => "enclave",
+        }
+    }
+}
+
 /// Client settings for the load port: 16 MiB requests, every wait bounded
 /// by `timeout`.
 fn load_port_client(timeout: Duration) -> ClientConfig {
@@ -177,6 +189,7 @@ pub fn entries_from_bytes(
 pub struct Loader {
     config: LoaderConfig,
     trigger: Arc<Notify>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Loader {
@@ -185,7 +198,13 @@ impl Loader {
         Loader {
             config,
             trigger: Arc::new(Notify::new()),
+            metrics: None,
         }
+    }
+
+    /// Counts each load (outcome and duration) into `metrics`.
+    pub fn set_metrics(&mut self, metrics: Arc<crate::metrics::Metrics>) {
+        self.metrics = Some(metrics);
     }
 
     /// A handle that forces a reload.
@@ -250,6 +269,7 @@ impl Loader {
             }
             // A forced or failing round reads the contents whatever was
             // seen; otherwise only a changed stamp or ETag reads them.
+            let started = std::time::Instant::now();
             let outcome = match self.config.source.poll(&mut seen, forced || failing).await {
                 Ok(None) => Ok(None),
                 Ok(Some(bytes)) => {
@@ -263,6 +283,13 @@ impl Loader {
                 }
                 Err(err) => Err(LoadError::from(err)),
             };
+            if let Some(metrics) = &self.metrics {
+                match &outcome {
+                    Ok(None) => {}
+                    Ok(Some(_)) => metrics.load("ok", started.elapsed()),
+                    Err(err) => metrics.load(err.step(), started.elapsed()),
+                }
+            }
             match outcome {
                 Ok(None) => failing = false,
                 Ok(Some((count, digest))) => {

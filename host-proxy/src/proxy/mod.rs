@@ -28,6 +28,21 @@ use forwarder::{Forward, Forwarder, ForwarderLimits};
 use loader::{Loader, LoaderConfig, ReloadTrigger};
 use source::SecretsSource;
 
+use crate::metrics::Metrics;
+
+/// The metrics endpoint and the enclave `Status` relay, run by the proxy.
+#[derive(Debug)]
+pub struct MetricsService {
+    /// The registry the parts count into.
+    pub metrics: std::sync::Arc<Metrics>,
+    /// Where `/metrics` is served (already bound).
+    pub listener: keystore_shared::Listener,
+    /// The enclave port whose `Status` is relayed (the load port).
+    pub status_from: Endpoint,
+    /// How often it is asked.
+    pub status_poll: std::time::Duration,
+}
+
 /// The enclave's CID when `nitro-cli run-enclave --enclave-cid 16` is used,
 /// as every default endpoint (`vsock://16:5000`) assumes.
 pub const DEFAULT_ENCLAVE_CID: u32 = 16;
@@ -84,6 +99,7 @@ pub struct Proxy {
     credentials: (CredentialsService, keystore_shared::Listener),
     loader: Option<Loader>,
     audit: Option<AuditDrain>,
+    metrics: Option<MetricsService>,
     stop: watch::Sender<bool>,
 }
 
@@ -129,6 +145,7 @@ impl Proxy {
             ),
             loader,
             audit: None,
+            metrics: None,
             stop: watch::channel(false).0,
         })
     }
@@ -136,6 +153,23 @@ impl Proxy {
     /// Also drains the enclave's audit trail into a log file.
     pub fn with_audit_drain(mut self, drain: AuditDrain) -> Self {
         self.audit = Some(drain);
+        self
+    }
+
+    /// Also serves `/metrics`, relays the enclave's `Status` into it and
+    /// has the forwarders and the loader count into it.
+    pub fn with_metrics(mut self, service: MetricsService) -> Self {
+        self.forwarders = self
+            .forwarders
+            .into_iter()
+            .map(|(forwarder, listener)| {
+                (forwarder.with_metrics(service.metrics.clone()), listener)
+            })
+            .collect();
+        if let Some(loader) = &mut self.loader {
+            loader.set_metrics(service.metrics.clone());
+        }
+        self.metrics = Some(service);
         self
     }
 
@@ -227,6 +261,17 @@ impl Proxy {
                 drain.run(done).await;
                 Ok(())
             });
+        }
+        if let Some(service) = self.metrics {
+            let metrics = service.metrics.clone();
+            let done = stopped(&self.stop);
+            tasks.spawn(async move {
+                metrics
+                    .poll_status(service.status_from, service.status_poll, done)
+                    .await;
+                Ok(())
+            });
+            tasks.spawn(service.metrics.serve(service.listener, stopped(&self.stop)));
         }
         let mut result = Ok(());
         while let Some(joined) = tasks.join_next().await {

@@ -37,14 +37,14 @@ const NOBODY: u32 = 65534;
 
 /// A temporary directory every user may traverse (the unprivileged clients
 /// must reach the agent socket inside it).
-fn open_dir() -> tempfile::TempDir {
+pub(crate) fn open_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     dir
 }
 
 /// Stops a server started by a helper here and waits until it has.
-struct Stopper {
+pub(crate) struct Stopper {
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -66,7 +66,10 @@ async fn real_enclave(dir: &Path) -> (Endpoint, Stopper) {
 
 /// [`real_enclave`], with the operator's access rules (canonical JSON, as
 /// the `keystore:rules` entry decrypts to) in its set.
-async fn real_enclave_with_rules(dir: &Path, rules: Option<&str>) -> (Endpoint, Stopper) {
+pub(crate) async fn real_enclave_with_rules(
+    dir: &Path,
+    rules: Option<&str>,
+) -> (Endpoint, Stopper) {
     let nsm: Arc<dyn Nsm> =
         Arc::new(MockNsm::open(dir.join("pki"), MockConfig::default()).unwrap());
     let (recipient, _refresher) = Recipient::start(
@@ -195,9 +198,9 @@ async fn fake_enclave_with_release(
     (endpoint, seen, release, stop)
 }
 
-struct RunningAgent {
-    socket: PathBuf,
-    http: Endpoint,
+pub(crate) struct RunningAgent {
+    pub(crate) socket: PathBuf,
+    pub(crate) http: Endpoint,
     _stop: oneshot::Sender<()>,
 }
 
@@ -231,7 +234,7 @@ async fn start_agent(dir: &Path, enclave: Endpoint, user: &str) -> RunningAgent 
     start_agent_with(dir, enclave, user, |_| {}).await
 }
 
-async fn start_agent_with(
+pub(crate) async fn start_agent_with(
     dir: &Path,
     enclave: Endpoint,
     user: &str,
@@ -299,7 +302,7 @@ async fn as_nobody(socket: &Path, groups: &str, request: &Request) -> Response {
 }
 
 /// `curl -sS URL` with extra arguments: (status, body).
-async fn curl(url: &str, args: &[&str]) -> (u16, String) {
+pub(crate) async fn curl(url: &str, args: &[&str]) -> (u16, String) {
     let mut command = Command::new("curl");
     command
         .args(["-sS", "-o", "-", "-w", "\n%{http_code}"])
@@ -837,7 +840,7 @@ async fn boto3_get_secret_value_reads_through_the_agent() {
 }
 
 /// Sends `Get NAME` as `nobody` through the agent socket.
-async fn get_as_nobody(socket: &Path, name: &str) -> ResponseBody {
+pub(crate) async fn get_as_nobody(socket: &Path, name: &str) -> ResponseBody {
     let request = Request::new(
         1,
         RequestOp::Get {

@@ -230,6 +230,8 @@ impl Stack {
             .args(["proxy", "--region", REGION, "--forward", &forward])
             // These tests read the enclave directly; the agent has its own.
             .arg("--no-agent")
+            // Not the machine's 9273: tests run in parallel.
+            .args(["--metrics-listen", "tcp://127.0.0.1:0"])
             .args(["--credentials-listen", &self.unix("credentials.sock")])
             .args(["--load-to", &self.unix("load.sock")])
             .arg("--audit-log")
@@ -248,6 +250,28 @@ impl Stack {
             .spawn()
             .unwrap();
         self.proxy = Some(Running { child, log });
+    }
+
+    /// The proxy's `/metrics` URL, from its start-up log line.
+    async fn metrics_url(&self) -> String {
+        let mut url = None;
+        self.until("the proxy's metrics endpoint in its log", || {
+            let log = self.proxy.as_ref().map(Running::log).unwrap_or_default();
+            url = log
+                .lines()
+                .filter(|line| line.contains("metrics"))
+                .find_map(|line| line.split("tcp://127.0.0.1:").nth(1))
+                .map(|rest| {
+                    rest.chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect::<String>()
+                })
+                .filter(|port| !port.is_empty())
+                .map(|port| format!("http://127.0.0.1:{port}/metrics"));
+            std::future::ready(url.is_some())
+        })
+        .await;
+        url.unwrap()
     }
 
     async fn status(&self) -> Option<StatusReport> {
@@ -420,6 +444,59 @@ async fn secrets_reach_the_enclave_only_through_attested_decrypts() {
     assert_eq!(d.faulted, 3, "{d:?}");
     assert!(d.calls <= 2 + 3 + 2, "retries are bounded: {d:?}");
     assert_eq!(d.plaintext_responses, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_counts_loads_forwarder_connections_and_relays_status() {
+    let mut stack = Stack::start().await;
+    let key = stack.key_id.clone();
+    let db = stack.encrypt(&key, "DB_PASSWORD", "hunter2").await;
+    stack.write_secrets(&[format!("DB_PASSWORD={db}")]);
+    stack.start_enclave();
+    stack.start_proxy();
+    stack.wait_for_value("DB_PASSWORD", "hunter2").await;
+    let url = stack.metrics_url().await;
+    let mut samples = HashMap::new();
+    let relayed = |samples: &HashMap<String, f64>| {
+        samples.get("keystore_enclave_secrets_loaded{}") == Some(&1.0)
+            && samples.get("keystore_loads_total{outcome=ok}") >= Some(&1.0)
+    };
+    stack
+        .until("the load and the relayed Status in /metrics", || {
+            let (status, text) = crate::metrics::scrape(&url);
+            assert_eq!(status, 200, "{text}");
+            samples = crate::metrics::parse(&text);
+            std::future::ready(relayed(&samples))
+        })
+        .await;
+    let get = |name: &str| samples.get(name).copied().unwrap_or(0.0);
+    assert_eq!(get("keystore_enclave_ready{}"), 1.0);
+    assert_eq!(get("keystore_enclave_up{}"), 1.0);
+    // Every attempt is timed, failed ones too (the enclave may not have
+    // been up for the first).
+    let attempts: f64 = samples
+        .iter()
+        .filter(|(name, _)| name.starts_with("keystore_loads_total{"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(get("keystore_load_duration_seconds_count{}"), attempts);
+    // The enclave's Decrypt went through the forwarder.
+    assert!(get("keystore_forwarder_connections_total{outcome=forwarded}") >= 1.0);
+    // The enclave keeps its KMS connection open: it is counted open now
+    // (bytes are added when a connection ends).
+    assert!(get("keystore_forwarder_open_connections{}") >= 1.0);
+    assert!(get("keystore_enclave_document_age_seconds{}") >= 0.0);
+    assert!(get("keystore_enclave_last_decrypt_age_seconds{}") >= 0.0);
+    // A broken file is counted as a failed parse and the set stays.
+    std::fs::write(stack.path("secrets.env"), "NOT A LINE\n").unwrap();
+    stack
+        .until("a failed load in /metrics", || {
+            let (_, text) = crate::metrics::scrape(&url);
+            samples = crate::metrics::parse(&text);
+            std::future::ready(samples.get("keystore_loads_total{outcome=parse}") >= Some(&1.0))
+        })
+        .await;
+    assert_eq!(stack.get("DB_PASSWORD").await.as_deref(), Some("hunter2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -725,6 +802,8 @@ impl Stack {
         let child = Command::new(env!("CARGO_BIN_EXE_keystore-host"))
             .args(["proxy", "--region", REGION, "--forward", &forward])
             .arg("--no-agent")
+            // Not the machine's 9273: tests run in parallel.
+            .args(["--metrics-listen", "tcp://127.0.0.1:0"])
             .args(["--credentials-listen", &self.unix("credentials.sock")])
             .args(["--load-to", &self.unix("load.sock")])
             .arg("--audit-log")

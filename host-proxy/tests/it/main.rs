@@ -27,6 +27,7 @@ mod loader;
 mod loader_signal;
 mod localstack;
 mod logs;
+mod metrics;
 mod moto;
 mod packaging;
 mod pinned_key_packaging;

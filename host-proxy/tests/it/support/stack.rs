@@ -123,6 +123,8 @@ impl Stack {
             .args(["proxy", "--region", super::moto::REGION])
             .args(["--forward", &forward])
             .arg("--no-agent")
+            // Not the machine's 9273: tests run in parallel.
+            .args(["--metrics-listen", "tcp://127.0.0.1:0"])
             .args(["--credentials-listen", &self.unix("credentials.sock")])
             .args(["--load-to", &self.unix("load.sock")])
             .args(["--secrets", secrets])

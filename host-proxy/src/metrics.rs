@@ -1,0 +1,610 @@
+//! The daemon's Prometheus metrics (issue 16), served as OpenMetrics text at
+//! `GET /metrics` on `--metrics-listen` (default [`DEFAULT_LISTEN`]).
+//!
+//! Labels carry only low-cardinality, non-secret data: an operation, an
+//! outcome, a caller's numeric uid (capped at [`MAX_UID_LABELS`] distinct
+//! values, then `other`). Never a secret's value or its name: names are
+//! data an attacker may choose, and would let one grow the registry
+//! without bound.
+//!
+//! What the enclave counts is relayed: [`Metrics::poll_status`] asks the
+//! enclave's `Status` over a privileged connection every few seconds and
+//! sets the `keystore_enclave_*` gauges from the answer.
+
+use std::collections::HashSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use keystore_shared::endpoint::{Endpoint, Listener, Stream};
+use keystore_shared::protocol::{ErrorCode, RequestOp, StatusReport};
+use keystore_shared::serve::{Accepted, Handler, Refusal, ServeConfig, ServeError, serve};
+use keystore_shared::{Client, ClientConfig};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Where `/metrics` is served by default (as issue 16 asks).
+pub const DEFAULT_LISTEN: &str = "tcp://127.0.0.1:9273";
+/// Distinct caller uids given their own denial label; the rest are `other`.
+pub const MAX_UID_LABELS: usize = 64;
+/// How often the enclave's `Status` is relayed by default.
+pub const DEFAULT_STATUS_POLL: Duration = Duration::from_secs(5);
+/// Time allowed for one `Status` call (connect and answer).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds of a scrape: head size, head arrival, connections at once.
+const MAX_HEAD_BYTES: usize = 8 * 1024;
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_CONNECTIONS: usize = 16;
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// The exposition's content type.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// An agent request: which operation, how it ended.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpOutcome {
+    op: &'static str,
+    outcome: &'static str,
+}
+
+/// An operation alone (latency).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
+/// A denied caller's uid, or `other` past the cap, or `none`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UidLabel {
+    uid: String,
+}
+
+/// Gives at most `cap` distinct values a label of their own; every later
+/// one shares `other`, so a caller cannot grow the registry.
+#[derive(Debug)]
+pub struct LabelCap {
+    cap: usize,
+    seen: Mutex<HashSet<u32>>,
+}
+
+impl LabelCap {
+    /// A cap of `cap` distinct values.
+    pub fn new(cap: usize) -> Self {
+        LabelCap {
+            cap,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The label for `uid`: itself if already seen or room is left,
+    /// otherwise `other`; `none` when the caller has no uid.
+    pub fn label(&self, uid: Option<u32>) -> String {
+        let Some(uid) = uid else {
+            return "none".to_owned();
+        };
+        let Ok(mut seen) = self.seen.lock() else {
+            return "other".to_owned();
+        };
+        if seen.contains(&uid) || (seen.len() < self.cap && seen.insert(uid)) {
+            uid.to_string()
+        } else {
+            "other".to_owned()
+        }
+    }
+}
+
+/// Every metric the daemon exposes, shared (`Arc`) by the parts that count.
+pub struct Metrics {
+    registry: Registry,
+    agent_requests: Family<OpOutcome, Counter>,
+    agent_latency: Family<OpLabel, Histogram>,
+    agent_denials: Family<UidLabel, Counter>,
+    uid_cap: LabelCap,
+    status_polls: Family<OutcomeLabel, Counter>,
+    loads: Family<OutcomeLabel, Counter>,
+    load_duration: Histogram,
+    forwarder_connections: Family<OutcomeLabel, Counter>,
+    forwarder_open: Gauge,
+    forwarder_bytes: Family<DirectionLabel, Counter>,
+    enclave_up: Gauge,
+    enclave_ready: Gauge,
+    enclave_secrets: Gauge,
+    enclave_uptime: Gauge<f64, AtomicU64>,
+    enclave_document_age: Gauge<f64, AtomicU64>,
+    enclave_decrypt_age: Gauge<f64, AtomicU64>,
+    enclave_refreshes: Gauge,
+    enclave_audit_buffered: Gauge,
+    enclave_audit_dropped: Gauge,
+    enclave_audit_gaps: Gauge,
+    enclave_audit_last_seq: Gauge,
+}
+
+/// Which way forwarded bytes went.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+/// Keeps `keystore_forwarder_open_connections` counted while alive.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// How a poll, load or connection ended.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Latency buckets from 1 ms to about 16 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered (prefix `keystore`).
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("keystore");
+        let agent_requests = Family::<OpOutcome, Counter>::default();
+        registry.register(
+            "agent_requests",
+            "Agent requests forwarded to the enclave, by operation and outcome",
+            agent_requests.clone(),
+        );
+        let agent_latency =
+            Family::<OpLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        registry.register(
+            "agent_request_duration_seconds",
+            "Time to answer an agent request, by operation",
+            agent_latency.clone(),
+        );
+        let agent_denials = Family::<UidLabel, Counter>::default();
+        registry.register(
+            "agent_denials",
+            "Agent reads the enclave denied, by caller uid (the first 64 uids, then other)",
+            agent_denials.clone(),
+        );
+        let status_polls = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "enclave_status_polls",
+            "Status polls of the enclave, by outcome",
+            status_polls.clone(),
+        );
+        let loads = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "loads",
+            "Loads of the secrets file into the enclave, by outcome (ok, or the failing step)",
+            loads.clone(),
+        );
+        let load_duration = latency_histogram();
+        registry.register(
+            "load_duration_seconds",
+            "Time to fetch, check and load the secrets file",
+            load_duration.clone(),
+        );
+        let forwarder_connections = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "forwarder_connections",
+            "Connections the KMS forwarders accepted, by outcome (forwarded, upstream_unreachable)",
+            forwarder_connections.clone(),
+        );
+        let forwarder_bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "forwarder_bytes",
+            "Bytes the KMS forwarders moved, by direction (to_upstream, to_enclave), added when a connection ends",
+            forwarder_bytes.clone(),
+        );
+        let mut gauge = |name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let forwarder_open = gauge(
+            "forwarder_open_connections",
+            "Connections the KMS forwarders hold open now",
+        );
+        let enclave_up = gauge(
+            "enclave_up",
+            "1 when the last Status poll of the enclave answered",
+        );
+        let enclave_ready = gauge(
+            "enclave_ready",
+            "1 when the enclave has secrets loaded and serves Get",
+        );
+        let enclave_secrets = gauge("enclave_secrets_loaded", "Secrets loaded in the enclave");
+        let enclave_refreshes = gauge(
+            "enclave_refreshes",
+            "Background refreshes the enclave completed since it started",
+        );
+        let enclave_audit_buffered = gauge(
+            "enclave_audit_buffered",
+            "Audit records waiting in the enclave to be drained",
+        );
+        let enclave_audit_dropped = gauge(
+            "enclave_audit_dropped",
+            "Audit records the enclave dropped since start (buffer full)",
+        );
+        let enclave_audit_gaps = gauge(
+            "enclave_audit_gaps",
+            "Audit gap records the enclave wrote since start",
+        );
+        let enclave_audit_last_seq = gauge(
+            "enclave_audit_last_seq",
+            "Sequence number of the enclave's newest audit record",
+        );
+        let mut seconds = |name: &str, help: &str| {
+            let g = Gauge::<f64, AtomicU64>::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let enclave_uptime = seconds("enclave_uptime_seconds", "Time since the enclave started");
+        let enclave_document_age = seconds(
+            "enclave_document_age_seconds",
+            "Age of the enclave's attestation document (KMS refuses past 300 s); -1 without one",
+        );
+        let enclave_decrypt_age = seconds(
+            "enclave_last_decrypt_age_seconds",
+            "Time since the enclave's last successful load or re-decrypt; -1 before the first",
+        );
+        Metrics {
+            registry,
+            agent_requests,
+            agent_latency,
+            agent_denials,
+            uid_cap: LabelCap::new(MAX_UID_LABELS),
+            status_polls,
+            loads,
+            load_duration,
+            forwarder_connections,
+            forwarder_open,
+            forwarder_bytes,
+            enclave_up,
+            enclave_ready,
+            enclave_secrets,
+            enclave_uptime,
+            enclave_document_age,
+            enclave_decrypt_age,
+            enclave_refreshes,
+            enclave_audit_buffered,
+            enclave_audit_dropped,
+            enclave_audit_gaps,
+            enclave_audit_last_seq,
+        }
+    }
+
+    /// Counts one agent request: its operation ([`op_name`]), how it ended (`ok` or the
+    /// protocol error code), its duration, and a denial by `uid`.
+    pub fn agent_request(
+        &self,
+        op: &'static str,
+        error: Option<ErrorCode>,
+        uid: Option<u32>,
+        took: Duration,
+    ) {
+        let outcome = error.map_or("ok", outcome_name);
+        self.agent_requests
+            .get_or_create(&OpOutcome { op, outcome })
+            .inc();
+        self.agent_latency
+            .get_or_create(&OpLabel { op })
+            .observe(took.as_secs_f64());
+        if error == Some(ErrorCode::Denied) {
+            self.agent_denials
+                .get_or_create(&UidLabel {
+                    uid: self.uid_cap.label(uid),
+                })
+                .inc();
+        }
+    }
+
+    /// Counts one load attempt: `outcome` is `ok` or the failing step
+    /// (`fetch`, `parse`, `enclave`).
+    pub fn load(&self, outcome: &'static str, took: Duration) {
+        self.loads.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.load_duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts a forwarder connection whose upstream could not be reached.
+    pub fn forwarder_unreachable(&self) {
+        self.forwarder_connections
+            .get_or_create(&OutcomeLabel {
+                outcome: "upstream_unreachable",
+            })
+            .inc();
+    }
+
+    /// Counts a forwarded connection and holds it open until the guard
+    /// drops.
+    pub fn forwarder_opened(&self) -> OpenConnection {
+        self.forwarder_connections
+            .get_or_create(&OutcomeLabel {
+                outcome: "forwarded",
+            })
+            .inc();
+        self.forwarder_open.inc();
+        OpenConnection(self.forwarder_open.clone())
+    }
+
+    /// Adds the bytes one forwarded connection moved.
+    pub fn forwarder_bytes(&self, to_upstream: u64, to_enclave: u64) {
+        for (direction, bytes) in [("to_upstream", to_upstream), ("to_enclave", to_enclave)] {
+            self.forwarder_bytes
+                .get_or_create(&DirectionLabel { direction })
+                .inc_by(bytes);
+        }
+    }
+
+    /// Sets the relayed gauges from an enclave's `Status` answer.
+    pub fn set_status(&self, status: &StatusReport) {
+        let ms = |v: Option<u64>| v.map_or(-1.0, |ms| ms as f64 / 1000.0);
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.enclave_up.set(1);
+        self.enclave_ready.set(i64::from(status.ready));
+        self.enclave_secrets.set(int(status.secret_count));
+        self.enclave_uptime.set(status.uptime_ms as f64 / 1000.0);
+        self.enclave_document_age.set(ms(status.document_age_ms));
+        self.enclave_decrypt_age.set(ms(status.last_decrypt_age_ms));
+        self.enclave_refreshes.set(int(status.refresh_count));
+        if let Some(audit) = &status.audit {
+            self.enclave_audit_buffered.set(int(audit.buffered));
+            self.enclave_audit_dropped.set(int(audit.dropped));
+            self.enclave_audit_gaps.set(int(audit.gaps));
+            self.enclave_audit_last_seq
+                .set(audit.last_seq.map_or(-1, int));
+        }
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+
+    /// Polls the enclave's `Status` at `enclave` every `every` (over a
+    /// privileged connection, as the enclave's ports require) until
+    /// `shutdown` completes.
+    pub async fn poll_status(
+        self: Arc<Self>,
+        enclave: Endpoint,
+        every: Duration,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                _ = tick.tick() => {}
+            }
+            match tokio::time::timeout(STATUS_TIMEOUT, fetch_status(&enclave)).await {
+                Ok(Ok(status)) => {
+                    self.set_status(&status);
+                    self.status_polls
+                        .get_or_create(&OutcomeLabel { outcome: "ok" })
+                        .inc();
+                }
+                outcome => {
+                    if let Ok(Err(err)) = &outcome {
+                        tracing::debug!(%enclave, error = %err, "Status poll failed");
+                    }
+                    self.enclave_up.set(0);
+                    self.status_polls
+                        .get_or_create(&OutcomeLabel { outcome: "error" })
+                        .inc();
+                }
+            }
+        }
+    }
+
+    /// Serves `GET /metrics` on `listener` until `shutdown` completes.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: Listener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let config = ServeConfig {
+            max_connections: MAX_CONNECTIONS,
+            idle_timeout: HEAD_TIMEOUT,
+            max_lifetime: Some(CONNECTION_LIFETIME),
+            ..ServeConfig::named("metrics")
+        };
+        serve(
+            listener,
+            Arc::new(MetricsHandler { metrics: self }),
+            Arc::new(crate::agent::http::LocalPeers),
+            config,
+            shutdown,
+        )
+        .await
+    }
+}
+
+/// The low-cardinality name of an operation (never its argument).
+pub fn op_name(op: &RequestOp) -> &'static str {
+    match op {
+        RequestOp::Get { .. } => "get",
+        RequestOp::List => "list",
+        RequestOp::Status => "status",
+        RequestOp::Attest { .. } => "attest",
+        RequestOp::Load { .. } => "load",
+        RequestOp::GetCredentials => "get_credentials",
+        RequestOp::AuditRead { .. } => "audit_read",
+        RequestOp::AuditCheckpoint => "audit_checkpoint",
+    }
+}
+
+/// An error code as a Prometheus label value.
+fn outcome_name(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::NotFound => "not_found",
+        ErrorCode::Denied => "denied",
+        ErrorCode::NotReady => "not_ready",
+        ErrorCode::BadRequest => "bad_request",
+        ErrorCode::TooLarge => "too_large",
+        ErrorCode::Unavailable => "unavailable",
+        ErrorCode::Internal => "internal",
+    }
+}
+
+/// One `Status` call over a fresh privileged connection.
+async fn fetch_status(enclave: &Endpoint) -> Result<StatusReport, keystore_shared::ClientError> {
+    let mut client = Client::connect_with(
+        enclave,
+        ClientConfig {
+            privileged: true,
+            ..ClientConfig::default()
+        },
+    )
+    .await?;
+    client.status().await
+}
+
+/// Answers scrapes.
+struct MetricsHandler {
+    metrics: Arc<Metrics>,
+}
+
+impl MetricsHandler {
+    fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let plain = |status, body: &'static str| {
+            let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+            *response.status_mut() = status;
+            response
+        };
+        if request.uri().path() != "/metrics" {
+            return plain(StatusCode::NOT_FOUND, "Not found\n");
+        }
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return plain(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed\n");
+        }
+        match self.metrics.encode() {
+            Ok(text) => {
+                let mut response = Response::new(Full::new(Bytes::from(text)));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(CONTENT_TYPE),
+                );
+                response
+            }
+            Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
+        }
+    }
+}
+
+impl Handler for MetricsHandler {
+    async fn handle(&self, mut conn: Accepted) {
+        let service = service_fn(|request: Request<Incoming>| {
+            let response = self.answer(&request);
+            async move { Ok::<_, std::convert::Infallible>(response) }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEAD_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .max_headers(32)
+            .keep_alive(false);
+        let http = builder.serve_connection(TokioIo::new(conn.stream), service);
+        tokio::pin!(http);
+        tokio::select! {
+            result = http.as_mut() => {
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "metrics connection ended");
+                }
+            }
+            () = conn.shutdown.wait() => {
+                http.as_mut().graceful_shutdown();
+                let _ = http.await;
+            }
+        }
+    }
+
+    async fn refuse(&self, stream: &mut Stream, _refusal: &Refusal) {
+        use tokio::io::AsyncWriteExt;
+        let _ = stream
+            .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await;
+        let _ = stream.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_labels_are_capped() {
+        let cap = LabelCap::new(3);
+        assert_eq!(cap.label(Some(10)), "10");
+        assert_eq!(cap.label(Some(11)), "11");
+        assert_eq!(cap.label(Some(12)), "12");
+        assert_eq!(cap.label(Some(13)), "other");
+        assert_eq!(cap.label(Some(99)), "other");
+        // Already seen values keep their own label.
+        assert_eq!(cap.label(Some(11)), "11");
+        assert_eq!(cap.label(None), "none");
+    }
+
+    #[test]
+    fn denials_by_many_uids_stay_bounded() {
+        let metrics = Metrics::new();
+        let op = op_name(&RequestOp::List);
+        for uid in 0..1000 {
+            metrics.agent_request(op, Some(ErrorCode::Denied), Some(uid), Duration::ZERO);
+        }
+        let text = metrics.encode().unwrap();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("keystore_agent_denials_total{"))
+            .count();
+        assert_eq!(series, MAX_UID_LABELS + 1);
+        assert!(text.contains("keystore_agent_denials_total{uid=\"other\"} 936"));
+        assert!(
+            text.contains("keystore_agent_requests_total{op=\"list\",outcome=\"denied\"} 1000")
+        );
+    }
+
+    #[test]
+    fn status_sets_gauges() {
+        let metrics = Metrics::new();
+        metrics.set_status(&StatusReport {
+            ready: true,
+            secret_count: 7,
+            document_age_ms: Some(1500),
+            ..StatusReport::default()
+        });
+        let text = metrics.encode().unwrap();
+        assert!(text.contains("keystore_enclave_ready 1\n"), "{text}");
+        assert!(text.contains("keystore_enclave_secrets_loaded 7\n"));
+        assert!(text.contains("keystore_enclave_document_age_seconds 1.5\n"));
+        assert!(text.contains("keystore_enclave_last_decrypt_age_seconds -1.0\n"));
+    }
+}
