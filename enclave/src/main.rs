@@ -230,6 +230,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.nsm == NsmKind::Device && args.mock_pki.is_some() {
         bail!("--mock-pki only makes sense with --nsm mock");
     }
+    if args.nsm == NsmKind::Device && args.mock_debug_pcrs {
+        bail!("--mock-debug-pcrs only makes sense with --nsm mock");
+    }
     // Installed before anything slow so a signal during start-up is not
     // the default (immediate) termination.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
