@@ -120,6 +120,11 @@ struct Args {
     /// required with `--nsm mock`.
     #[arg(long, value_name = "DIR", required_if_eq("nsm", "mock"))]
     mock_pki: Option<PathBuf>,
+    /// With `--nsm mock`: report all-zero PCRs, as a `--debug-mode`
+    /// enclave's NSM does (for tests of what notices one).
+    #[cfg_attr(not(feature = "mock"), arg(hide = true))]
+    #[arg(long, requires = "mock_pki")]
+    mock_debug_pcrs: bool,
     /// RSA recipient key size: 2048, 3072 or 4096.
     #[arg(long, default_value = "4096", value_name = "BITS")]
     recipient_bits: RecipientBits,
@@ -224,6 +229,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.nsm == NsmKind::Device && args.mock_pki.is_some() {
         bail!("--mock-pki only makes sense with --nsm mock");
+    }
+    if args.nsm == NsmKind::Device && args.mock_debug_pcrs {
+        bail!("--mock-debug-pcrs only makes sense with --nsm mock");
     }
     // Installed before anything slow so a signal during start-up is not
     // the default (immediate) termination.
@@ -340,6 +348,14 @@ fn open_mock_nsm(args: &Args) -> anyhow::Result<Arc<dyn Nsm>> {
         .as_ref()
         .context("--nsm mock needs --mock-pki DIR")?;
     tracing::warn!(pki = %dir.display(), "using the MOCK NSM: attestation documents prove nothing");
+    if args.mock_debug_pcrs {
+        tracing::warn!("the mock NSM reports all-zero PCRs, as a debug-mode enclave");
+        return Ok(Arc::new(MockNsm::open_with_pcr0(
+            dir,
+            MockConfig::default(),
+            [0; keystore_nsm::mock::PCR_LEN],
+        )?));
+    }
     Ok(Arc::new(MockNsm::open(dir, MockConfig::default())?))
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use keystore_shared::Caller;
 use keystore_shared::attestation::{MAX_ATTEST_USER_DATA, attest_user_data};
 use keystore_shared::name::is_reserved;
-use keystore_shared::protocol::{BreakerStatus, ErrorCode, LoadEntry, StatusReport};
+use keystore_shared::protocol::{BreakerStatus, ErrorCode, KmsPins, LoadEntry, StatusReport};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
@@ -273,6 +273,18 @@ impl KeystoreService {
                     next_probe_in_ms: b.next_probe_in.map(millis),
                     opened: b.opened,
                 }
+            }),
+            kms_pins: self.loader.as_ref().map(|loader| {
+                let kms = loader.kms();
+                Box::new(KmsPins {
+                    region: kms.region().unwrap_or_default(),
+                    key_arns: kms
+                        .pinned_keys()
+                        .keys()
+                        .iter()
+                        .map(|key| key.as_str().to_owned())
+                        .collect(),
+                })
             }),
         }
     }

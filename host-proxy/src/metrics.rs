@@ -126,6 +126,8 @@ pub struct Metrics {
     enclave_audit_dropped: Gauge,
     enclave_audit_gaps: Gauge,
     enclave_audit_last_seq: Gauge,
+    /// The daemon's configuration as JSON, for `GET /health` (doctor).
+    health: std::sync::OnceLock<String>,
 }
 
 /// Which way forwarded bytes went.
@@ -295,6 +297,15 @@ impl Metrics {
             enclave_audit_dropped,
             enclave_audit_gaps,
             enclave_audit_last_seq,
+            health: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Sets what `GET /health` answers (once; later calls are ignored):
+    /// the daemon's configuration, for `keystore-host doctor`.
+    pub fn set_health(&self, info: &crate::doctor::network::DaemonInfo) {
+        if let Ok(json) = serde_json::to_string(info) {
+            let _ = self.health.set(json);
         }
     }
 
@@ -499,11 +510,25 @@ impl MetricsHandler {
             *response.status_mut() = status;
             response
         };
-        if request.uri().path() != "/metrics" {
+        let path = request.uri().path();
+        if path != "/metrics" && path != crate::doctor::network::HEALTH_PATH {
             return plain(StatusCode::NOT_FOUND, "Not found\n");
         }
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed\n");
+        }
+        if path == crate::doctor::network::HEALTH_PATH {
+            return match self.metrics.health.get() {
+                Some(json) => {
+                    let mut response = Response::new(Full::new(Bytes::from(json.clone())));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("application/json"),
+                    );
+                    response
+                }
+                None => plain(StatusCode::NOT_FOUND, "Not found\n"),
+            };
         }
         match self.metrics.encode() {
             Ok(text) => {

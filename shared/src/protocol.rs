@@ -557,6 +557,22 @@ pub struct StatusReport {
     /// to say or without KMS.
     #[serde(default)]
     pub breaker: Option<BreakerStatus>,
+    /// What the enclave's image pins for KMS (its `--region` and
+    /// `--kms-key-arn`); `None` from an enclave too old to say or without
+    /// KMS. Boxed to keep [`ResponseBody`] small.
+    #[serde(default)]
+    pub kms_pins: Option<Box<KmsPins>>,
+}
+
+/// What an enclave's image pins for KMS, in [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct KmsPins {
+    /// The AWS region KMS calls are sent to.
+    #[serde(default)]
+    pub region: String,
+    /// The key ARNs `Decrypt` may use.
+    #[serde(default)]
+    pub key_arns: Vec<String>,
 }
 
 /// The KMS circuit breaker's state in [`StatusReport`].

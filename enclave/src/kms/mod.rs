@@ -399,6 +399,11 @@ impl Kms {
         })
     }
 
+    /// The region KMS calls are signed for and sent to.
+    pub fn region(&self) -> Option<String> {
+        self.client.config().region().map(ToString::to_string)
+    }
+
     /// The keys `Decrypt` may use.
     pub fn pinned_keys(&self) -> &PinnedKeys {
         &self.pinned

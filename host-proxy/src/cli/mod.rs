@@ -5,6 +5,7 @@ pub mod agent;
 pub mod attestation;
 pub mod audit;
 pub mod client;
+pub mod doctor;
 pub mod encrypt;
 pub mod policy;
 pub mod proxy;
@@ -30,7 +31,8 @@ pub struct Cli {
         value_name = "ENDPOINT"
     )]
     pub agent: Endpoint,
-    /// The enclave's secret port. With `get`/`list`/`status`/`attest`,
+    /// The enclave's secret port. With `get`/`list`/`status`/`attest`
+    /// (and `doctor`, default vsock://16:5000),
     /// talk to it directly instead of through the agent, from a privileged
     /// port (root: the operator's way in). For `agent` and `proxy`, where
     /// the agent forwards to (default vsock://16:5000).
@@ -88,6 +90,10 @@ pub enum Command {
     /// New data key for a file-key file (and with --key-id, a new KMS key);
     /// version + 1. Needs a `--rotator` principal.
     Rotate(secrets::RotateArgs),
+    /// Check a deployment in order (enclave, daemon, allowlist, DNS, TLS,
+    /// credentials, PCRs, pinned key, document, loads, audit) and say what
+    /// to do about each failure. Exit 0 only when none fails.
+    Doctor(Box<doctor::DoctorArgs>),
     /// Edit a sealed file's values in $EDITOR (plaintext only on tmpfs),
     /// then seal it again; version + 1. Needs a `--rotator` principal.
     Edit(secrets::EditArgs),
@@ -112,6 +118,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Decrypt(args) => secrets::decrypt(args),
         Command::Rotate(args) => secrets::rotate(args),
         Command::Edit(args) => secrets::edit(args),
+        Command::Doctor(args) => doctor::run(cli.enclave.as_ref(), *args),
     }
 }
 

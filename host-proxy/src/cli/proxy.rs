@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use keystore_host::doctor::network::{DaemonInfo, ForwardInfo};
 use keystore_host::metrics::Metrics;
 use keystore_host::proxy::audit_log::{self, AuditDrain, AuditLogConfig};
 use keystore_host::proxy::credentials::{self, CredentialCache, ServiceLimits};
@@ -119,6 +120,14 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
         .then(|| args.agent.config(enclave))
         .transpose()?;
     let metrics = (!args.no_metrics).then(|| Arc::new(Metrics::new()));
+    let health = DaemonInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        region: args.region.clone(),
+        forwards: Vec::new(),
+        audit_log: (!args.no_audit_log).then(|| args.audit_log.display().to_string()),
+        load_to: args.load_to.to_string(),
+        loads_secrets: args.secrets.is_some(),
+    };
     if let (Some(config), Some(metrics)) = (agent_config.as_mut(), &metrics) {
         config.pool.metrics = Some(metrics.clone());
     }
@@ -130,6 +139,18 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
     } else {
         args.forwards
     };
+    if let Some(metrics) = &metrics {
+        metrics.set_health(&DaemonInfo {
+            forwards: forwards
+                .iter()
+                .map(|f| ForwardInfo {
+                    listen: f.listen.to_string(),
+                    upstream: f.upstream.to_string(),
+                })
+                .collect(),
+            ..health
+        });
+    }
     let s3_ca = args
         .s3_ca_bundle
         .as_ref()

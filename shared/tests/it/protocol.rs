@@ -10,7 +10,7 @@ use keystore_shared::frame::{
 use keystore_shared::protocol::{
     AuditBatch, AuditCursor, AuditEntry, AuditStatus, BreakerStatus, Credentials,
     DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME,
-    DEFAULT_MAX_SECRET_VALUE, ErrorCode, LoadEntry, MAX_AUDIT_BATCH, PROTOCOL_VERSION,
+    DEFAULT_MAX_SECRET_VALUE, ErrorCode, KmsPins, LoadEntry, MAX_AUDIT_BATCH, PROTOCOL_VERSION,
     ProtocolError, Request, RequestOp, Response, ResponseBody, SecretBytes, SecretString,
     StatusReport, max_response_frame,
 };
@@ -145,6 +145,13 @@ fn all_responses() -> Vec<Response> {
                     next_probe_in_ms: Some(900),
                     opened: 2,
                 }),
+                kms_pins: Some(Box::new(KmsPins {
+                    region: "eu-west-1".into(),
+                    key_arns: vec![
+                        "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+                            .into(),
+                    ],
+                })),
             }),
         ),
         Response::new(3, ResponseBody::Status(StatusReport::default())),
