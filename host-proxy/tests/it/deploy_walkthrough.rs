@@ -33,8 +33,9 @@
 //! rely on it. `keystore-host` is what step 2 installs in `/usr/local/bin`:
 //! the real binary, except `status`, `attest` and `get`, which need the
 //! enclave over vsock: those are answered by a stand-in that checks the
-//! enclave was started (for `attest`, that the PCR0 given is the one
-//! `nitro-cli` reported; for `get`, that the daemon runs). `keystore-host encrypt` and `policy` are
+//! enclave was started and, without `--enclave`, that the daemon (whose
+//! agent they then go through) runs; for `attest`, that the PCR0 given is
+//! the one `nitro-cli` reported. `keystore-host encrypt` and `policy` are
 //! real: `encrypt` reaches the KMS emulator through the SDK's own
 //! `AWS_ENDPOINT_URL_KMS` and the emulator's CA through `SSL_CERT_FILE`,
 //! with no flag added to the README's command. `install`, `cp`, `printf`,
@@ -260,18 +261,25 @@ done"#,
 /// commands that need the enclave over vsock.
 const KEYSTORE_HOST_STANDIN: &str = r#"#!/usr/bin/env bash
 echo "keystore-host $*" >> "$NK_CALLS"
+# Without --enclave these go through the agent, which the daemon runs.
+reach() {
+  [ -f "$NK_STATE/enclave-running" ] || { echo "keystore-host: the enclave does not answer" >&2; exit 1; }
+  case " $* " in
+    *" --enclave "*) ;;
+    *) [ -f "$NK_STATE/keystore-host-proxy.active" ] ||
+         { echo "keystore-host: no agent at /run/nitro-keystore/agent.sock" >&2; exit 1; } ;;
+  esac
+}
 for a in "$@"; do
   case "$a" in
     status)
-      [ -f "$NK_STATE/enclave-running" ] || { echo "keystore-host: the enclave does not answer" >&2; exit 1; }
-      echo "ready"; exit 0 ;;
+      reach "$@"; echo "ready"; exit 0 ;;
     attest)
-      [ -f "$NK_STATE/enclave-running" ] || { echo "keystore-host: the enclave does not answer" >&2; exit 1; }
+      reach "$@"
       case " $* " in *" --pcr 0=$NK_PCR0 "*) echo "PCR0 matches"; exit 0 ;; esac
       echo "keystore-host attest: PCR0 does not match" >&2; exit 1 ;;
     get)
-      [ -f "$NK_STATE/enclave-running" ] && [ -f "$NK_STATE/keystore-host-proxy.active" ] ||
-        { echo "keystore-host: nothing loaded" >&2; exit 1; }
+      reach "$@"
       name=${!#}
       grep -q "^$name=" /etc/nitro-keystore/secrets.env || { echo "keystore-host: $name not found" >&2; exit 1; }
       echo "(stand-in value of $name)"; exit 0 ;;
