@@ -78,13 +78,7 @@ impl AwsArgs {
         location: &Location,
         f: impl AsyncFnOnce(aws_sdk_kms::Client, Option<S3Access>) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
-        let ca = self
-            .ca_bundle
-            .as_ref()
-            .map(|path| {
-                std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
-            })
-            .transpose()?;
+        let ca = read_ca_bundle(self.ca_bundle.as_deref())?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -122,13 +116,7 @@ impl S3Args {
         if !matches!(location, Location::S3(_)) {
             return Ok(None);
         }
-        let ca = self
-            .s3_ca_bundle
-            .as_ref()
-            .map(|path| {
-                std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
-            })
-            .transpose()?;
+        let ca = read_ca_bundle(self.s3_ca_bundle.as_deref())?;
         Ok(Some(
             S3Access::connect(
                 region,
@@ -139,6 +127,14 @@ impl S3Args {
             .await?,
         ))
     }
+}
+
+/// The PEM file of a `--ca-bundle`/`--s3-ca-bundle` flag, if given.
+pub fn read_ca_bundle(path: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
+    path.map(|path| {
+        std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
+    })
+    .transpose()
 }
 
 /// The file argument as a [`Location`] and its format (`--format`, else
