@@ -41,7 +41,8 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 2
 fi
 [ -f "$eif" ] || { echo "run-enclave.sh: no EIF at $eif (run scripts/build-eif.sh)" >&2; exit 1; }
-keystore_host=${KEYSTORE_HOST:-keystore-host}
+# sudo's secure_path may leave out /usr/local/bin, where the README installs it.
+keystore_host=${KEYSTORE_HOST:-$(command -v keystore-host || echo /usr/local/bin/keystore-host)}
 command -v "$keystore_host" >/dev/null 2>&1 || {
   echo "run-enclave.sh: '$keystore_host' not found (install keystore-host or set KEYSTORE_HOST)" >&2
   exit 1

@@ -341,9 +341,24 @@ mod tests {
         c
     }
 
-    fn fail(core: &mut BreakerCore, now: Instant) {
+    /// One call admitted at `now` that ends with `outcome`.
+    fn call(core: &mut BreakerCore, now: Instant, outcome: Outcome) {
         let admit = core.admit(now).unwrap();
-        core.record(now, admit, Outcome::Fault, top);
+        core.record(now, admit, outcome, top);
+    }
+
+    fn fail(core: &mut BreakerCore, now: Instant) {
+        call(core, now, Outcome::Fault);
+    }
+
+    /// A breaker of [`config`] that `threshold` faults at `t0` opened.
+    fn opened() -> (BreakerCore, Instant) {
+        let t0 = Instant::now();
+        let mut core = BreakerCore::new(config());
+        for _ in 0..config().failure_threshold {
+            fail(&mut core, t0);
+        }
+        (core, t0)
     }
 
     #[test]
@@ -353,8 +368,7 @@ mod tests {
         fail(&mut core, t0);
         fail(&mut core, t0);
         // An answer (even a refusal) resets the count.
-        let admit = core.admit(t0).unwrap();
-        core.record(t0, admit, Outcome::Answered, top);
+        call(&mut core, t0, Outcome::Answered);
         fail(&mut core, t0);
         fail(&mut core, t0);
         assert_eq!(core.snapshot(t0).state, BreakerState::Closed);
@@ -375,8 +389,7 @@ mod tests {
         let t0 = Instant::now();
         let mut core = BreakerCore::new(config());
         for _ in 0..10 {
-            let admit = core.admit(t0).unwrap();
-            core.record(t0, admit, Outcome::Neutral, top);
+            call(&mut core, t0, Outcome::Neutral);
         }
         assert_eq!(core.snapshot(t0).state, BreakerState::Closed);
         assert_eq!(core.snapshot(t0).consecutive_failures, 0);
@@ -384,11 +397,7 @@ mod tests {
 
     #[test]
     fn one_probe_then_closed_on_success() {
-        let t0 = Instant::now();
-        let mut core = BreakerCore::new(config());
-        for _ in 0..3 {
-            fail(&mut core, t0);
-        }
+        let (mut core, t0) = opened();
         let t1 = t0 + SEC;
         assert_eq!(core.admit(t1), Ok(Admit::Probe));
         assert_eq!(core.snapshot(t1).state, BreakerState::HalfOpen);
@@ -408,11 +417,7 @@ mod tests {
 
     #[test]
     fn failed_probes_back_off_exponentially_up_to_the_bound() {
-        let t0 = Instant::now();
-        let mut core = BreakerCore::new(config());
-        for _ in 0..3 {
-            fail(&mut core, t0);
-        }
+        let (mut core, t0) = opened();
         let mut now = t0;
         let mut waits = Vec::new();
         for _ in 0..6 {
@@ -451,11 +456,7 @@ mod tests {
 
     #[test]
     fn a_probe_that_learns_nothing_lets_the_next_call_probe() {
-        let t0 = Instant::now();
-        let mut core = BreakerCore::new(config());
-        for _ in 0..3 {
-            fail(&mut core, t0);
-        }
+        let (mut core, t0) = opened();
         let t1 = t0 + SEC;
         assert_eq!(core.admit(t1), Ok(Admit::Probe));
         core.record(t1, Admit::Probe, Outcome::Neutral, top);

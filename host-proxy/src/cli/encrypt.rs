@@ -48,6 +48,15 @@ pub struct EncryptArgs {
     /// the default for a file already written that way.
     #[arg(long)]
     pub per_value_kms: bool,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+/// Where KMS (and S3, for `s3://`) is and how to reach it: the flags of
+/// every operator command that calls KMS (`encrypt`, `decrypt`, `rotate`,
+/// `edit`).
+#[derive(Debug, Args)]
+pub struct AwsArgs {
     /// AWS region (default: the SDK's region chain).
     #[arg(long)]
     pub region: Option<String>,
@@ -59,6 +68,27 @@ pub struct EncryptArgs {
     pub ca_bundle: Option<PathBuf>,
     #[command(flatten)]
     pub s3: S3Args,
+}
+
+impl AwsArgs {
+    /// A KMS client (and an S3 client if `location` is an object) on a
+    /// new single-threaded runtime, running `f`.
+    pub fn run<T>(
+        self,
+        location: &Location,
+        f: impl AsyncFnOnce(aws_sdk_kms::Client, Option<S3Access>) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let ca = read_ca_bundle(self.ca_bundle.as_deref())?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        runtime.block_on(async {
+            let s3 = self.s3.access(location, self.region.clone()).await?;
+            let sdk = keystore_host::aws::sdk_config(self.region, self.endpoint_url, ca).await?;
+            f(aws_sdk_kms::Client::new(&sdk), s3).await
+        })
+    }
 }
 
 /// How an operator command reaches S3 for `s3://BUCKET/KEY`.
@@ -86,13 +116,7 @@ impl S3Args {
         if !matches!(location, Location::S3(_)) {
             return Ok(None);
         }
-        let ca = self
-            .s3_ca_bundle
-            .as_ref()
-            .map(|path| {
-                std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
-            })
-            .transpose()?;
+        let ca = read_ca_bundle(self.s3_ca_bundle.as_deref())?;
         Ok(Some(
             S3Access::connect(
                 region,
@@ -103,6 +127,14 @@ impl S3Args {
             .await?,
         ))
     }
+}
+
+/// The PEM file of a `--ca-bundle`/`--s3-ca-bundle` flag, if given.
+pub fn read_ca_bundle(path: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
+    path.map(|path| {
+        std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
+    })
+    .transpose()
 }
 
 /// The file argument as a [`Location`] and its format (`--format`, else
@@ -128,25 +160,10 @@ pub fn report_update(location: &Location, updated: &Updated) {
 /// read, `If-Match`) and prints what changed.
 pub fn run(args: EncryptArgs) -> anyhow::Result<ExitCode> {
     let (location, format) = locate(&args.file, args.format)?;
-    let ca = args
-        .ca_bundle
-        .as_ref()
-        .map(|path| {
-            std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
-        })
-        .transpose()?;
     // Checked before any KMS call, so a mistake costs nothing.
     let rules = args.rules.as_deref().map(read_rules).transpose()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     let label = PathBuf::from(location.to_string());
-    let (report, updated) = runtime.block_on(async {
-        let sdk =
-            keystore_host::aws::sdk_config(args.region.clone(), args.endpoint_url, ca).await?;
-        let client = aws_sdk_kms::Client::new(&sdk);
-        let s3 = args.s3.access(&location, args.region).await?;
+    let (report, updated) = args.aws.run(&location, async |client, s3| {
         let selection = Selection::patterns(args.keys);
         let mode = match (args.file_key, args.per_value_kms) {
             (true, _) => KeyMode::FileKey,

@@ -151,13 +151,7 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
             ..health
         });
     }
-    let s3_ca = args
-        .s3_ca_bundle
-        .as_ref()
-        .map(|path| {
-            std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
-        })
-        .transpose()?;
+    let s3_ca = crate::cli::encrypt::read_ca_bundle(args.s3_ca_bundle.as_deref())?;
     let audit = if args.no_audit_log {
         None
     } else {

@@ -11,55 +11,11 @@ use clap::Args;
 use keystore_host::secrets_file::Format;
 use keystore_host::secrets_file::edit::{EditOptions, EditOutcome, default_editor, edit_file};
 use keystore_host::secrets_file::encrypt::{Selection, write_private_atomically};
-use keystore_host::secrets_file::location::{self, Location, S3Access};
+use keystore_host::secrets_file::location::{self, Location};
 use keystore_host::secrets_file::rotate::{rotate_bytes, rotate_file};
 use keystore_host::secrets_file::unseal::decrypt_bytes;
 
-use crate::cli::encrypt::{S3Args, locate, report_update};
-
-/// Where KMS (and S3, for `s3://`) is and how to reach it (as for
-/// `encrypt`).
-#[derive(Debug, Args)]
-pub struct KmsArgs {
-    /// AWS region (default: the SDK's region chain).
-    #[arg(long)]
-    pub region: Option<String>,
-    /// KMS endpoint URL, e.g. a KMS emulator.
-    #[arg(long, value_name = "URL")]
-    pub endpoint_url: Option<String>,
-    /// Extra trusted CA certificates (PEM), for an emulator's test CA.
-    #[arg(long, value_name = "PEM")]
-    pub ca_bundle: Option<PathBuf>,
-    #[command(flatten)]
-    pub s3: S3Args,
-}
-
-impl KmsArgs {
-    /// A KMS client (and an S3 client if `location` is an object) on a
-    /// new single-threaded runtime, running `f`.
-    fn run<T>(
-        self,
-        location: &Location,
-        f: impl AsyncFnOnce(aws_sdk_kms::Client, Option<S3Access>) -> anyhow::Result<T>,
-    ) -> anyhow::Result<T> {
-        let ca = self
-            .ca_bundle
-            .as_ref()
-            .map(|path| {
-                std::fs::read(path).with_context(|| format!("reading CA bundle {}", path.display()))
-            })
-            .transpose()?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
-        runtime.block_on(async {
-            let s3 = self.s3.access(location, self.region.clone()).await?;
-            let sdk = keystore_host::aws::sdk_config(self.region, self.endpoint_url, ca).await?;
-            f(aws_sdk_kms::Client::new(&sdk), s3).await
-        })
-    }
-}
+use crate::cli::encrypt::{AwsArgs, locate, report_update};
 
 /// Arguments of `decrypt`.
 #[derive(Debug, Args)]
@@ -79,7 +35,7 @@ pub struct DecryptArgs {
     #[arg(short = 'o', long = "out", value_name = "FILE")]
     pub out: Option<PathBuf>,
     #[command(flatten)]
-    pub kms: KmsArgs,
+    pub kms: AwsArgs,
 }
 
 /// Arguments of `rotate`.
@@ -99,7 +55,7 @@ pub struct RotateArgs {
     #[arg(long, value_name = "KEY")]
     pub key_id: Option<String>,
     #[command(flatten)]
-    pub kms: KmsArgs,
+    pub kms: AwsArgs,
 }
 
 /// Arguments of `edit`.
@@ -119,7 +75,7 @@ pub struct EditArgs {
     #[arg(long, value_name = "KEY")]
     pub key_id: Option<String>,
     #[command(flatten)]
-    pub kms: KmsArgs,
+    pub kms: AwsArgs,
 }
 
 /// Runs `decrypt`.

@@ -6,12 +6,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_kms::primitives::Blob;
 use keystore_host::secrets_file::dotenv::DotEnv;
 use keystore_host::secrets_file::encrypt::{EncryptError, Selection, encrypt_file};
 use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
 use keystore_tests::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle, Operation};
+
+use crate::support::ops::sdk_client;
 
 const ACCESS_KEY_ID: &str = "AKIAHOSTENCRYPTTEST1";
 const SECRET_ACCESS_KEY: &str = "host-encrypt-test-secret";
@@ -26,22 +27,7 @@ async fn emulator(dir: &Path) -> MockKmsHandle {
 
 /// An SDK client for checking results; built the way the CLI builds its own.
 async fn client(kms: &MockKmsHandle) -> aws_sdk_kms::Client {
-    let ca = std::fs::read(kms.ca_pem_path()).unwrap();
-    let http = keystore_host::aws::https_client(Some(ca)).unwrap();
-    let config = aws_sdk_kms::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(kms.region().to_owned()))
-        .endpoint_url(kms.endpoint_url())
-        .credentials_provider(Credentials::new(
-            ACCESS_KEY_ID,
-            SECRET_ACCESS_KEY,
-            None,
-            None,
-            "test",
-        ))
-        .http_client(http)
-        .build();
-    aws_sdk_kms::Client::from_conf(config)
+    sdk_client(kms, (ACCESS_KEY_ID, SECRET_ACCESS_KEY))
 }
 
 async fn decrypt(

@@ -7,16 +7,18 @@
 use std::path::Path;
 use std::process::Command;
 
-use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_kms::primitives::Blob;
 use keystore_host::secrets_file::dotenv::DotEnv;
-use keystore_host::secrets_file::encrypt::{EncryptError, Selection};
+use keystore_host::secrets_file::encrypt::{EncryptError, EncryptReport, Selection};
 use keystore_host::secrets_file::file_key::{FileKeyEncryptError, KeyMode, encrypt};
 use keystore_host::secrets_file::{Format, entries as load_entries};
+use keystore_shared::access::AccessRules;
 use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
 use keystore_shared::file_record::{FileKey, FileRecord};
 use keystore_shared::name::FILE_NAME;
 use keystore_tests::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle, Operation};
+
+use crate::support::ops::sdk_client;
 
 const ACCESS_KEY_ID: &str = "AKIAHOSTFILEKEYTEST1";
 const SECRET_ACCESS_KEY: &str = "host-file-key-test-secret";
@@ -33,22 +35,7 @@ async fn start(dir: &Path) -> Kms {
         vec![Credential::new(ACCESS_KEY_ID, SECRET_ACCESS_KEY)],
     );
     let kms = MockKms::start(config).await.unwrap();
-    let ca = std::fs::read(kms.ca_pem_path()).unwrap();
-    let http = keystore_host::aws::https_client(Some(ca)).unwrap();
-    let config = aws_sdk_kms::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(kms.region().to_owned()))
-        .endpoint_url(kms.endpoint_url())
-        .credentials_provider(Credentials::new(
-            ACCESS_KEY_ID,
-            SECRET_ACCESS_KEY,
-            None,
-            None,
-            "test",
-        ))
-        .http_client(http)
-        .build();
-    let client = aws_sdk_kms::Client::from_conf(config);
+    let client = sdk_client(&kms, (ACCESS_KEY_ID, SECRET_ACCESS_KEY));
     // The default policy lets this caller decrypt without attestation, so
     // the test can check what the enclave would see.
     let key_id = kms.create_key(None).unwrap().key_id;
@@ -56,6 +43,27 @@ async fn start(dir: &Path) -> Kms {
         kms,
         client,
         key_id,
+    }
+}
+
+impl Kms {
+    /// `encrypt` of the `.env` file at `path`, every value, under the key.
+    async fn encrypt_env(
+        &self,
+        path: &Path,
+        rules: Option<&AccessRules>,
+        mode: KeyMode,
+    ) -> Result<EncryptReport, EncryptError> {
+        encrypt(
+            &self.client,
+            &self.key_id,
+            path,
+            Format::Env,
+            &Selection::all(),
+            rules,
+            mode,
+        )
+        .await
     }
 }
 
@@ -195,17 +203,10 @@ async fn values_over_4_kib_and_rules_are_sealed_under_the_file_key() {
         b"rules:\n  - who: { uid: 1000 }\n    read: [SMALL]\n",
     )
     .unwrap();
-    let report = encrypt(
-        &kms.client,
-        &kms.key_id,
-        &path,
-        Format::Env,
-        &Selection::all(),
-        Some(&rules),
-        KeyMode::Auto,
-    )
-    .await
-    .unwrap();
+    let report = kms
+        .encrypt_env(&path, Some(&rules), KeyMode::Auto)
+        .await
+        .unwrap();
     assert_eq!(report.encrypted, ["CERT", "SMALL"]);
     assert_eq!(report.file_key.as_ref().unwrap().entries, 3);
     let (file, record, key) = open_file(&kms, &path).await;
@@ -221,34 +222,17 @@ async fn a_file_with_fk_values_takes_no_new_value_and_no_per_value_kms() {
     let kms = start(dir.path()).await;
     let path = dir.path().join(".env");
     std::fs::write(&path, "A=1\nB=2\n").unwrap();
-    encrypt(
-        &kms.client,
-        &kms.key_id,
-        &path,
-        Format::Env,
-        &Selection::all(),
-        None,
-        KeyMode::Auto,
-    )
-    .await
-    .unwrap();
+    kms.encrypt_env(&path, None, KeyMode::Auto).await.unwrap();
     let sealed = std::fs::read_to_string(&path).unwrap();
 
     // A new plain value cannot join without the current data key.
     let before = format!("{sealed}C=new-secret\n");
     std::fs::write(&path, &before).unwrap();
     kms.kms.reset_calls();
-    let err = encrypt(
-        &kms.client,
-        &kms.key_id,
-        &path,
-        Format::Env,
-        &Selection::all(),
-        None,
-        KeyMode::Auto,
-    )
-    .await
-    .unwrap_err();
+    let err = kms
+        .encrypt_env(&path, None, KeyMode::Auto)
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             &err,
@@ -262,17 +246,10 @@ async fn a_file_with_fk_values_takes_no_new_value_and_no_per_value_kms() {
     assert_eq!(kms.kms.calls(Operation::GenerateDataKey).calls, 0);
 
     // Nor as a per-value KMS envelope the record would not name.
-    let err = encrypt(
-        &kms.client,
-        &kms.key_id,
-        &path,
-        Format::Env,
-        &Selection::all(),
-        None,
-        KeyMode::PerValueKms,
-    )
-    .await
-    .unwrap_err();
+    let err = kms
+        .encrypt_env(&path, None, KeyMode::PerValueKms)
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             err,
@@ -305,17 +282,7 @@ async fn per_value_files_stay_per_value_unless_asked_and_then_get_a_record_whose
 
     // Auto on a file with kms values: one Encrypt per value, as before.
     std::fs::write(&path, format!("K={k}\nP=plain\n")).unwrap();
-    let report = encrypt(
-        &kms.client,
-        &kms.key_id,
-        &path,
-        Format::Env,
-        &Selection::all(),
-        None,
-        KeyMode::Auto,
-    )
-    .await
-    .unwrap();
+    let report = kms.encrypt_env(&path, None, KeyMode::Auto).await.unwrap();
     assert_eq!(
         (report.encrypted.as_slice(), &report.file_key),
         (&["P".to_owned()][..], &None)
@@ -328,17 +295,10 @@ async fn per_value_files_stay_per_value_unless_asked_and_then_get_a_record_whose
 
     // --file-key on a kms-only file: a record naming its kms values.
     std::fs::write(&path, format!("K={k}\n")).unwrap();
-    let report = encrypt(
-        &kms.client,
-        &kms.key_id,
-        &path,
-        Format::Env,
-        &Selection::all(),
-        None,
-        KeyMode::FileKey,
-    )
-    .await
-    .unwrap();
+    let report = kms
+        .encrypt_env(&path, None, KeyMode::FileKey)
+        .await
+        .unwrap();
     assert!(report.encrypted.is_empty());
     let (file, record, _) = open_file(&kms, &path).await;
     assert_eq!((record.version, record.manifest.len()), (1, 1));
@@ -350,17 +310,7 @@ async fn per_value_files_stay_per_value_unless_asked_and_then_get_a_record_whose
     // replaced in place.
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, format!("{text}NEW=later\n")).unwrap();
-    encrypt(
-        &kms.client,
-        &kms.key_id,
-        &path,
-        Format::Env,
-        &Selection::all(),
-        None,
-        KeyMode::Auto,
-    )
-    .await
-    .unwrap();
+    kms.encrypt_env(&path, None, KeyMode::Auto).await.unwrap();
     let (file, record, key) = open_file(&kms, &path).await;
     assert_eq!(record.version, 2);
     assert_ne!(record.file_id, first_id);

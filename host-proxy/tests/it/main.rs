@@ -15,6 +15,7 @@ mod audit_verify;
 mod client_commands;
 mod credentials;
 mod decrypt;
+mod deploy_walkthrough;
 mod doctor;
 mod dotenv;
 mod e2e;

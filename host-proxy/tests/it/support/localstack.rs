@@ -19,12 +19,12 @@
 //! calls, no DNS server).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use keystore_tests::tls::{SERVER_CERT_FILE, SERVER_KEY_FILE, TestPki};
 
-use super::peer::{AwsPeer, REGION, cache_dir, free_port, install_venv, wait_ready};
+use super::peer::{AwsPeer, PeerProcess, REGION, cache_dir, install_venv};
 
 /// The LocalStack release these tests were written against.
 pub const LOCALSTACK_VERSION: &str = "2026.3.0";
@@ -72,12 +72,9 @@ check "$1"
     venv
 }
 
-/// A running LocalStack (KMS and S3), killed (by its PID) when dropped.
+/// A running LocalStack, killed (by its PID) when dropped.
 pub struct LocalStack {
-    child: Child,
-    port: u16,
-    pki: TestPki,
-    log: PathBuf,
+    process: PeerProcess,
 }
 
 impl LocalStack {
@@ -95,59 +92,45 @@ impl LocalStack {
         let root = dir.join("localstack-fs");
         std::fs::create_dir_all(&root).unwrap();
         let log = dir.join("localstack.log");
-        for _ in 0..3 {
-            let port = free_port();
-            let listen = format!("127.0.0.1:{port}");
-            let mut child = Command::new(venv.join("bin/python"))
-                .args(["-m", "localstack.runtime.main"])
-                .env_clear()
-                .env("PATH", std::env::var("PATH").unwrap_or_default())
-                .env("HOME", std::env::var("HOME").unwrap_or_default())
-                .env("GATEWAY_SERVER", "hypercorn")
-                .env("GATEWAY_LISTEN", &listen)
-                .env("LOCALSTACK_HOST", &listen)
-                .env("SERVICES", "kms,s3")
-                .env("EAGER_SERVICE_LOADING", "1")
-                .env("DNS_ADDRESS", "0")
-                .env("SKIP_SSL_CERT_DOWNLOAD", "1")
-                .env("DISABLE_EVENTS", "1")
-                .env("FILESYSTEM_ROOT", &root)
-                .env("CUSTOM_SSL_CERT_PATH", &combined)
-                .env("AWS_DEFAULT_REGION", REGION)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            if wait_ready(&mut child, port, Duration::from_secs(180)) {
-                return LocalStack {
-                    child,
-                    port,
-                    pki,
-                    log,
-                };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!(
-            "LocalStack did not start on 127.0.0.1:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+        let process = PeerProcess::start(
+            "LocalStack",
+            pki,
+            log,
+            3,
+            Duration::from_secs(180),
+            |port| {
+                let listen = format!("127.0.0.1:{port}");
+                let mut command = Command::new(venv.join("bin/python"));
+                command
+                    .args(["-m", "localstack.runtime.main"])
+                    .env_clear()
+                    .env("PATH", std::env::var("PATH").unwrap_or_default())
+                    .env("HOME", std::env::var("HOME").unwrap_or_default())
+                    .env("GATEWAY_SERVER", "hypercorn")
+                    .env("GATEWAY_LISTEN", &listen)
+                    .env("LOCALSTACK_HOST", &listen)
+                    .env("SERVICES", "kms,s3")
+                    .env("EAGER_SERVICE_LOADING", "1")
+                    .env("DNS_ADDRESS", "0")
+                    .env("SKIP_SSL_CERT_DOWNLOAD", "1")
+                    .env("DISABLE_EVENTS", "1")
+                    .env("FILESYSTEM_ROOT", &root)
+                    .env("CUSTOM_SSL_CERT_PATH", &combined)
+                    .env("AWS_DEFAULT_REGION", REGION);
+                command
+            },
         );
+        LocalStack { process }
     }
 }
 
 impl AwsPeer for LocalStack {
-    fn port(&self) -> u16 {
-        self.port
+    fn process(&self) -> &PeerProcess {
+        &self.process
     }
 
-    fn ca_pem_path(&self) -> PathBuf {
-        self.pki.ca_pem_path()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+    fn process_mut(&mut self) -> &mut PeerProcess {
+        &mut self.process
     }
 
     fn python(&self) -> PathBuf {
@@ -163,16 +146,5 @@ impl AwsPeer for LocalStack {
         self.log()
             .matches(&format!("AWS s3.{op} => {status}"))
             .count()
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for LocalStack {
-    fn drop(&mut self) {
-        self.stop();
     }
 }

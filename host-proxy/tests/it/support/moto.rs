@@ -7,13 +7,13 @@
 //! fails with pip's output: these tests never skip silently.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use keystore_tests::tls::{SERVER_CERT_FILE, SERVER_KEY_FILE, TestPki};
 
 pub use super::peer::{AwsPeer, REGION};
-use super::peer::{cache_dir, free_port, install_venv, wait_ready};
+use super::peer::{PeerProcess, cache_dir, install_venv};
 
 /// The moto release these tests were written against.
 pub const MOTO_VERSION: &str = "5.2.5";
@@ -44,10 +44,7 @@ python3 -m venv "$1"
 
 /// A running moto server, killed (by its PID) when dropped.
 pub struct Moto {
-    child: Child,
-    port: u16,
-    pki: TestPki,
-    log: PathBuf,
+    process: PeerProcess,
 }
 
 impl Moto {
@@ -56,53 +53,40 @@ impl Moto {
     pub fn start(dir: &Path) -> Moto {
         let venv = venv();
         let pki = TestPki::create(dir.join("moto-tls")).unwrap();
-        let log = dir.join("moto.log");
-        // A port just freed by the kernel; if another process takes it
-        // first, moto fails to bind and we try another.
-        for _ in 0..5 {
-            let port = free_port();
-            let mut child = Command::new(venv.join("bin/python"))
-                .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
-                .arg(port.to_string())
-                .arg("-c")
-                .arg(pki.dir().join(SERVER_CERT_FILE))
-                .arg("-k")
-                .arg(pki.dir().join(SERVER_KEY_FILE))
-                .env("AWS_DEFAULT_REGION", REGION)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            if wait_ready(&mut child, port, Duration::from_secs(60)) {
-                return Moto {
-                    child,
-                    port,
-                    pki,
-                    log,
-                };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!(
-            "moto did not start on 127.0.0.1:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+        let (cert, key) = (
+            pki.dir().join(SERVER_CERT_FILE),
+            pki.dir().join(SERVER_KEY_FILE),
         );
+        let process = PeerProcess::start(
+            "moto",
+            pki,
+            dir.join("moto.log"),
+            5,
+            Duration::from_secs(60),
+            |port| {
+                let mut command = Command::new(venv.join("bin/python"));
+                command
+                    .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+                    .arg(port.to_string())
+                    .arg("-c")
+                    .arg(&cert)
+                    .arg("-k")
+                    .arg(&key)
+                    .env("AWS_DEFAULT_REGION", REGION);
+                command
+            },
+        );
+        Moto { process }
     }
 }
 
 impl AwsPeer for Moto {
-    fn port(&self) -> u16 {
-        self.port
+    fn process(&self) -> &PeerProcess {
+        &self.process
     }
 
-    fn ca_pem_path(&self) -> PathBuf {
-        self.pki.ca_pem_path()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+    fn process_mut(&mut self) -> &mut PeerProcess {
+        &mut self.process
     }
 
     fn python(&self) -> PathBuf {
@@ -127,16 +111,5 @@ impl AwsPeer for Moto {
             .lines()
             .filter(|line| line.contains(&request) && line.contains(&status))
             .count()
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        AwsPeer::stop(self);
     }
 }

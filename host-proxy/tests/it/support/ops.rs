@@ -70,16 +70,7 @@ impl Ops {
 
     /// An SDK client signing as `who`.
     pub fn client(&self, who: (&str, &str)) -> aws_sdk_kms::Client {
-        let ca = std::fs::read(self.kms.ca_pem_path()).unwrap();
-        let http = keystore_host::aws::https_client(Some(ca)).unwrap();
-        let config = aws_sdk_kms::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(self.kms.region().to_owned()))
-            .endpoint_url(self.kms.endpoint_url())
-            .credentials_provider(Credentials::new(who.0, who.1, None, None, "test"))
-            .http_client(http)
-            .build();
-        aws_sdk_kms::Client::from_conf(config)
+        sdk_client(&self.kms, who)
     }
 
     /// `keystore-host COMMAND ARGS... --region ... --endpoint-url ...
@@ -128,6 +119,22 @@ impl Ops {
         assert_ok(&out);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+}
+
+/// An SDK client of the emulator `kms` signing as `who` (access key id,
+/// secret), over HTTPS trusting the emulator's CA: built the way the CLI
+/// builds its own.
+pub fn sdk_client(kms: &MockKmsHandle, who: (&str, &str)) -> aws_sdk_kms::Client {
+    let ca = std::fs::read(kms.ca_pem_path()).unwrap();
+    let http = keystore_host::aws::https_client(Some(ca)).unwrap();
+    let config = aws_sdk_kms::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(kms.region().to_owned()))
+        .endpoint_url(kms.endpoint_url())
+        .credentials_provider(Credentials::new(who.0, who.1, None, None, "test"))
+        .http_client(http)
+        .build();
+    aws_sdk_kms::Client::from_conf(config)
 }
 
 /// Asserts the command succeeded, showing its output if not.

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keystore_tests::tls::TestPki;
+
 /// Region every peer test uses.
 pub const REGION: &str = "us-east-1";
 
@@ -25,14 +27,26 @@ pub trait AwsPeer {
         format!("https://localhost:{}", self.port())
     }
 
+    /// The server's process.
+    fn process(&self) -> &PeerProcess;
+
+    /// The server's process, to stop it.
+    fn process_mut(&mut self) -> &mut PeerProcess;
+
     /// The port on 127.0.0.1.
-    fn port(&self) -> u16;
+    fn port(&self) -> u16 {
+        self.process().port
+    }
 
     /// The test CA (PEM) that the server's certificate chains to.
-    fn ca_pem_path(&self) -> PathBuf;
+    fn ca_pem_path(&self) -> PathBuf {
+        self.process().pki.ca_pem_path()
+    }
 
     /// The server's log so far.
-    fn log(&self) -> String;
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.process().log).unwrap_or_default()
+    }
 
     /// The venv's python, for boto3 checks.
     fn python(&self) -> PathBuf;
@@ -45,7 +59,9 @@ pub trait AwsPeer {
     fn s3_answers(&self, op: &str, bucket: &str, key: &str, status: u16) -> usize;
 
     /// Stops the server (by its PID) and waits for it.
-    fn stop(&mut self);
+    fn stop(&mut self) {
+        self.process_mut().stop();
+    }
 
     /// Runs a boto3 script against this server: `argv[1]` is the endpoint,
     /// `argv[2]` the CA bundle, then `args`. Returns stdout; panics with
@@ -110,9 +126,68 @@ pub fn install_venv(lock: &str, venv: &std::path::Path, script: &str, what: &str
     );
 }
 
+/// A peer server's process, started on a free port of 127.0.0.1 with its
+/// stderr in a log file; killed (by its PID) when dropped.
+pub struct PeerProcess {
+    child: Child,
+    port: u16,
+    pki: TestPki,
+    log: PathBuf,
+}
+
+impl PeerProcess {
+    /// Runs `command(port)` on a port just freed by the kernel, stderr to
+    /// `log`, and waits up to `within` until it accepts connections. If it
+    /// exits first (another process took the port), tries another port,
+    /// `attempts` times in all; then panics with the log.
+    pub fn start(
+        name: &str,
+        pki: TestPki,
+        log: PathBuf,
+        attempts: u32,
+        within: Duration,
+        command: impl Fn(u16) -> Command,
+    ) -> PeerProcess {
+        for _ in 0..attempts {
+            let port = free_port();
+            let mut child = command(port)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            if wait_ready(&mut child, port, within) {
+                return PeerProcess {
+                    child,
+                    port,
+                    pki,
+                    log,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!(
+            "{name} did not start on 127.0.0.1:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Waits until the child accepts connections on `port`; false if it exits
 /// (e.g. the port was taken) or takes longer than `within`.
-pub fn wait_ready(child: &mut Child, port: u16, within: Duration) -> bool {
+fn wait_ready(child: &mut Child, port: u16, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     while Instant::now() < deadline {
