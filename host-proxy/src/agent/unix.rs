@@ -99,6 +99,9 @@ impl Handler for UnixHandler {
                 () = shutdown.wait() => return,
                 read = tokio::time::timeout(self.idle_timeout, connection.read_frame_with(decode_request)) => read,
             };
+            // A complete frame is being answered: not evicted for a
+            // newcomer until the answer is written.
+            let working = connection.get_ref().working();
             let response = match read.map(|frame| frame.and_then(Option::transpose)) {
                 Err(_) | Ok(Ok(None)) => return,
                 Ok(Ok(Some((id, request)))) => match request {
@@ -120,6 +123,7 @@ impl Handler for UnixHandler {
             };
             let written = connection.write_message(&response).await;
             drop(response);
+            drop(working);
             if written.is_err() {
                 return;
             }
