@@ -521,8 +521,12 @@ impl Session<'_> {
                 Err(_elapsed) => Next::Close("idle timeout"),
                 Ok(Ok(None)) => Next::Close("peer closed"),
                 Ok(Ok(Some(decoded))) => {
-                    // Not evicted for a newcomer until this is answered.
-                    let _working = self.connection.get_ref().working();
+                    // A real request is not evicted for a newcomer until it
+                    // is answered; a frame that is no request proves nothing.
+                    let _working = decoded
+                        .request
+                        .is_ok()
+                        .then(|| self.connection.get_ref().working());
                     answered += 1;
                     self.answer(decoded).await
                 }

@@ -22,10 +22,11 @@
 //!    first **evicts** one connection that is waiting for its next request
 //!    rather than queueing behind it: a peer that connects and says nothing,
 //!    or trickles a frame, cannot hold slots that someone else needs. The
-//!    victim is the connection waiting longest, taken from the peer (unix
-//!    uid; every tcp or vsock peer counts as one) holding the most waiting
-//!    connections, so one local user's squatting sockets are evicted before
-//!    another user's. A connection is never evicted while its handler marks
+//!    victim is chosen among connections that never had a request answered
+//!    (else among all waiting ones), from the peer (unix uid; every tcp or
+//!    vsock peer counts as one) holding the most of them, so one local
+//!    user's squatting sockets go before another user's, and of that peer's
+//!    the one waiting longest. A connection is never evicted while its handler marks
 //!    a request in progress ([`Watched::working`]). The victim's slot passes
 //!    to the newcomer at once, so a burst of newcomers does not queue
 //!    behind victims still closing. When every slot is busy with requests,
@@ -53,7 +54,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -570,6 +571,7 @@ impl Admission {
             state: AtomicU64::new(millis(self.epoch.elapsed())),
             evicted: Notify::new(),
             owner,
+            proven: AtomicBool::new(false),
             slot: Mutex::new(Some(slot)),
         });
         self.lock().insert(id, standing.clone());
@@ -586,25 +588,30 @@ impl Admission {
     }
 
     /// Takes the slot of one connection waiting for a request, and tells
-    /// it to close: the one waiting longest, of the owner with the most
-    /// waiting connections. The slot passes straight to the newcomer, so a
-    /// burst of newcomers never queues behind victims still closing.
+    /// it to close. Connections that never had a request answered go
+    /// first; among them (or else among the rest), the owner with the most
+    /// waiting connections, and of its, the one waiting longest. The slot
+    /// passes straight to the newcomer, so a burst of newcomers never
+    /// queues behind victims still closing.
     fn evict_one(&self) -> Option<OwnedSemaphorePermit> {
         let admitted = self.lock();
         // A candidate may start a request between the choice and the
         // swap below; then the next candidate is tried (bounded).
         for _ in 0..4 {
-            let mut waiting: HashMap<Option<u32>, usize> = HashMap::new();
-            for standing in admitted.values() {
-                if standing.waiting_since().is_some() {
-                    *waiting.entry(standing.owner).or_default() += 1;
-                }
+            let waiting = || {
+                admitted
+                    .values()
+                    .filter_map(|s| s.waiting_since().map(|since| (since, s)))
+            };
+            let proven = !waiting().any(|(_, s)| !s.proven.load(Ordering::Acquire));
+            let class = || waiting().filter(|(_, s)| s.proven.load(Ordering::Acquire) == proven);
+            let mut per_owner: HashMap<Option<u32>, usize> = HashMap::new();
+            for (_, standing) in class() {
+                *per_owner.entry(standing.owner).or_default() += 1;
             }
-            let (&owner, _) = waiting.iter().max_by_key(|(_, count)| **count)?;
-            let victim = admitted
-                .values()
-                .filter(|s| s.owner == owner)
-                .filter_map(|s| s.waiting_since().map(|since| (since, s)))
+            let (&owner, _) = per_owner.iter().max_by_key(|(_, count)| **count)?;
+            let victim = class()
+                .filter(|(_, s)| s.owner == owner)
                 .min_by_key(|(since, _)| *since);
             let (since, victim) = victim?;
             if victim
@@ -754,6 +761,8 @@ struct Standing {
     evicted: Notify,
     /// The unix uid of the peer; `None` for tcp and vsock peers.
     owner: Option<u32>,
+    /// Whether a request was ever in progress on it ([`Watched::working`]).
+    proven: AtomicBool,
     /// The connection's slot, until it ends or a newcomer evicts it.
     slot: Mutex<Option<OwnedSemaphorePermit>>,
 }
@@ -849,6 +858,7 @@ impl RequestMarker {
     /// As [`Watched::working`].
     pub fn working(&self) -> Working {
         let standing = self.0.clone();
+        standing.proven.store(true, Ordering::Release);
         let mut state = standing.state.load(Ordering::Acquire);
         // Too late if already evicted: the connection is being closed.
         while state < EVICTED {

@@ -206,8 +206,8 @@ async fn with_eviction_a_newcomer_takes_the_slot_of_the_connection_waiting_longe
     echo(&mut c, b"c").await;
     assert!(read_to_close(&mut b).await.is_empty());
     echo(&mut a, b"a").await;
-    // Once a's request is done it waits too, but since later than c, which
-    // has waited since its admission: c goes first.
+    // Once a's request is done it waits too, but it had a request answered
+    // and c never did (and c has waited longer): c goes first.
     echo(&mut a, b"D").await;
     let mut d = endpoint.connect().await.unwrap();
     echo(&mut d, b"d").await;
