@@ -8,8 +8,11 @@
 //! controls is bounded:
 //!
 //! - connections: at most [`ServerConfig::max_connections`] are served; a
-//!   connection beyond that waits up to [`ServerConfig::admission_wait`] for a
-//!   slot, then is told `Error{Unavailable, "server busy"}` and closed;
+//!   connection beyond that first evicts the connection that has waited
+//!   longest for its next request (`ServeConfig::evict_idle`: idle and
+//!   trickling sockets cannot starve a client), and if every slot is busy
+//!   answering, waits up to [`ServerConfig::admission_wait`] for a slot,
+//!   then is told `Error{Unavailable, "server busy"}` and closed;
 //! - time: a complete request frame must arrive within
 //!   [`ServerConfig::idle_timeout`] (so a silent or trickling peer is dropped),
 //!   answering one within [`ServerConfig::request_timeout`], and no
@@ -270,6 +273,9 @@ impl Server {
             idle_timeout: config.idle_timeout,
             max_lifetime: config.max_lifetime,
             shutdown_grace: config.shutdown_grace,
+            // A peer that holds slots without asking anything (idle or
+            // trickling sockets) gives way to a newcomer (issue 15).
+            evict_idle: true,
         };
         // The load port never opens to everyone: `Load` replaces the set.
         let policy: Arc<dyn PeerPolicy> = match (config.role, config.secret_peers) {
@@ -515,6 +521,12 @@ impl Session<'_> {
                 Err(_elapsed) => Next::Close("idle timeout"),
                 Ok(Ok(None)) => Next::Close("peer closed"),
                 Ok(Ok(Some(decoded))) => {
+                    // A real request is not evicted for a newcomer until it
+                    // is answered; a frame that is no request proves nothing.
+                    let _working = decoded
+                        .request
+                        .is_ok()
+                        .then(|| self.connection.get_ref().working());
                     answered += 1;
                     self.answer(decoded).await
                 }

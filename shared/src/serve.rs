@@ -16,6 +16,21 @@
 //!    are bounded too: each gets [`REFUSAL_TIMEOUT`], and when as many
 //!    refusals are already under way as there are slots, further ones are
 //!    closed without a word.
+//!
+//!    With [`ServeConfig::evict_idle`] (request/response servers: the
+//!    enclave's ports, the agent), a connection that finds every slot taken
+//!    first **evicts** one connection that is waiting for its next request
+//!    rather than queueing behind it: a peer that connects and says nothing,
+//!    or trickles a frame, cannot hold slots that someone else needs. The
+//!    victim is chosen among connections that never had a request answered
+//!    (else among all waiting ones), from the peer (unix uid; every tcp or
+//!    vsock peer counts as one) holding the most of them, so one local
+//!    user's squatting sockets go before another user's, and of that peer's
+//!    the one waiting longest. A connection is never evicted while its handler marks
+//!    a request in progress ([`Watched::working`]). The victim's slot passes
+//!    to the newcomer at once, so a burst of newcomers does not queue
+//!    behind victims still closing. When every slot is busy with requests,
+//!    the newcomer waits as above.
 //! 3. **Serving**: [`Handler::handle`] runs on the connection, wrapped so
 //!    that no byte moving in either direction for
 //!    [`ServeConfig::idle_timeout`] closes it, and so that it never lives
@@ -34,17 +49,18 @@
 //! off from 10 ms to 1 s and continue; any other accept error stops the loop
 //! (after the same drain) and is returned.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -72,11 +88,17 @@ pub struct ServeConfig {
     pub max_lifetime: Option<Duration>,
     /// How long connections may finish after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Whether a connection finding every slot taken evicts the one that
+    /// has waited longest for its next request (see the module docs). Only
+    /// for handlers that mark requests in progress with
+    /// [`Watched::working`]; a byte pipe (the forwarder) must not turn it on.
+    pub evict_idle: bool,
 }
 
 impl ServeConfig {
     /// Defaults for a server called `name`: 256 connections, 2 s admission
-    /// wait, 60 s idle timeout, no lifetime bound, 5 s shutdown grace.
+    /// wait, 60 s idle timeout, no lifetime bound, 5 s shutdown grace, no
+    /// eviction.
     pub fn named(name: &'static str) -> Self {
         ServeConfig {
             name,
@@ -85,6 +107,7 @@ impl ServeConfig {
             idle_timeout: Duration::from_secs(60),
             max_lifetime: None,
             shutdown_grace: Duration::from_secs(5),
+            evict_idle: false,
         }
     }
 
@@ -356,6 +379,9 @@ pub async fn serve<H: Handler>(
             refusing: Arc::new(Semaphore::new(config.max_connections)),
             max_connections: config.max_connections,
             wait: config.admission_wait,
+            evict_idle: config.evict_idle,
+            epoch: Instant::now(),
+            admitted: Mutex::new(HashMap::new()),
         }),
         listener,
         handler,
@@ -454,6 +480,12 @@ impl<H: Handler> AcceptLoop<H> {
                         .await;
                     return;
                 }
+                let owner = match &peer {
+                    Peer::Unix {
+                        cred: Some(cred), ..
+                    } => Some(cred.uid),
+                    _ => None,
+                };
                 let Some(slot) = admission.admit(&mut shutdown).await else {
                     if !shutdown.is_started() {
                         tracing::warn!(
@@ -469,8 +501,9 @@ impl<H: Handler> AcceptLoop<H> {
                 };
                 let opened = Instant::now();
                 let activity = Arc::new(Activity::new());
+                let standing = admission.register(id, owner, slot);
                 let conn = Accepted {
-                    stream: Watched::new(stream, activity.clone()),
+                    stream: Watched::new(stream, activity.clone(), standing.standing.clone()),
                     peer,
                     id,
                     shutdown,
@@ -485,6 +518,7 @@ impl<H: Handler> AcceptLoop<H> {
                     () = handler.handle(conn) => "done",
                     () = activity.idle(idle_timeout) => "idle timeout",
                     () = lifetime => "lifetime limit",
+                    () = standing.standing.evicted.notified() => "evicted for a new connection",
                 };
                 let (read, written) = (
                     activity.read.load(Ordering::Relaxed),
@@ -497,7 +531,8 @@ impl<H: Handler> AcceptLoop<H> {
                 } else {
                     tracing::info!(reason, read, written, duration_ms, "connection cut");
                 }
-                drop(slot);
+                // Frees the slot, unless a newcomer took it (eviction).
+                drop(standing);
             }
             .instrument(span),
         );
@@ -514,9 +549,90 @@ struct Admission {
     refusing: Arc<Semaphore>,
     max_connections: usize,
     wait: Duration,
+    /// Whether a newcomer evicts a connection waiting for a request.
+    evict_idle: bool,
+    /// The zero of every [`Standing`]'s clock.
+    epoch: Instant,
+    /// Where each admitted connection stands, by connection id.
+    admitted: Mutex<HashMap<u64, Arc<Standing>>>,
 }
 
 impl Admission {
+    /// Records an admitted connection as a candidate for eviction until the
+    /// returned guard is dropped.
+    fn register(
+        self: &Arc<Self>,
+        id: u64,
+        owner: Option<u32>,
+        slot: OwnedSemaphorePermit,
+    ) -> Registered {
+        let standing = Arc::new(Standing {
+            epoch: self.epoch,
+            state: AtomicU64::new(millis(self.epoch.elapsed())),
+            evicted: Notify::new(),
+            owner,
+            proven: AtomicBool::new(false),
+            slot: Mutex::new(Some(slot)),
+        });
+        self.lock().insert(id, standing.clone());
+        Registered {
+            admission: self.clone(),
+            id,
+            standing,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Standing>>> {
+        // The map stays consistent whatever panicked while holding it.
+        self.admitted.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the slot of one connection waiting for a request, and tells
+    /// it to close. Connections that never had a request answered go
+    /// first; among them (or else among the rest), the owner with the most
+    /// waiting connections, and of its, the one waiting longest. The slot
+    /// passes straight to the newcomer, so a burst of newcomers never
+    /// queues behind victims still closing.
+    fn evict_one(&self) -> Option<OwnedSemaphorePermit> {
+        let admitted = self.lock();
+        // A candidate may start a request between the choice and the
+        // swap below; then the next candidate is tried (bounded).
+        for _ in 0..4 {
+            let waiting = || {
+                admitted
+                    .values()
+                    .filter_map(|s| s.waiting_since().map(|since| (since, s)))
+            };
+            let proven = !waiting().any(|(_, s)| !s.proven.load(Ordering::Acquire));
+            let class = || waiting().filter(|(_, s)| s.proven.load(Ordering::Acquire) == proven);
+            let mut per_owner: HashMap<Option<u32>, usize> = HashMap::new();
+            for (_, standing) in class() {
+                *per_owner.entry(standing.owner).or_default() += 1;
+            }
+            let (&owner, _) = per_owner.iter().max_by_key(|(_, count)| **count)?;
+            let victim = class()
+                .filter(|(_, s)| s.owner == owner)
+                .min_by_key(|(since, _)| *since);
+            let (since, victim) = victim?;
+            if victim
+                .state
+                .compare_exchange(since, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                victim.evicted.notify_one();
+                let slot = victim
+                    .slot
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                if slot.is_some() {
+                    return slot;
+                }
+            }
+        }
+        None
+    }
+
     /// A slot, or `None` when none frees up within the wait (or on
     /// shutdown).
     async fn admit(&self, shutdown: &mut Shutdown) -> Option<OwnedSemaphorePermit> {
@@ -524,6 +640,12 @@ impl Admission {
             Ok(slot) => return Some(slot),
             Err(TryAcquireError::Closed) => return None,
             Err(TryAcquireError::NoPermits) => {}
+        }
+        if self.evict_idle
+            && let Some(slot) = self.evict_one()
+        {
+            tracing::debug!("every slot taken: evicted the connection waiting longest");
+            return Some(slot);
         }
         let _waiter = self.waiting.clone().try_acquire_owned().ok()?;
         tokio::select! {
@@ -621,18 +743,140 @@ impl Activity {
     }
 }
 
+/// [`Standing::state`] while a request is in progress.
+const WORKING: u64 = u64::MAX;
+/// [`Standing::state`] once the connection was told to close.
+const EVICTED: u64 = u64::MAX - 1;
+
+/// Where an admitted connection stands, for eviction.
+#[derive(Debug)]
+struct Standing {
+    /// [`Admission::epoch`].
+    epoch: Instant,
+    /// Milliseconds since `epoch` at which it began waiting for a request
+    /// (admission, or the end of its last request), or [`WORKING`], or
+    /// [`EVICTED`].
+    state: AtomicU64,
+    /// Fires when the connection is evicted.
+    evicted: Notify,
+    /// The unix uid of the peer; `None` for tcp and vsock peers.
+    owner: Option<u32>,
+    /// Whether a request was ever in progress on it ([`Watched::working`]).
+    proven: AtomicBool,
+    /// The connection's slot, until it ends or a newcomer evicts it.
+    slot: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl Standing {
+    /// Since when it has been waiting for a request, if it is.
+    fn waiting_since(&self) -> Option<u64> {
+        let state = self.state.load(Ordering::Acquire);
+        (state < EVICTED).then_some(state)
+    }
+}
+
+/// Removes a connection from the eviction candidates when it ends.
+struct Registered {
+    admission: Arc<Admission>,
+    id: u64,
+    standing: Arc<Standing>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.admission.lock().remove(&self.id);
+        // Frees the slot now, whoever still holds the standing.
+        drop(
+            self.standing
+                .slot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+    }
+}
+
+/// Marks a request in progress on its connection while it lives
+/// ([`Watched::working`]); dropping it makes the connection a candidate for
+/// eviction again, as waiting since then.
+#[derive(Debug)]
+#[must_use = "the request counts as in progress only while this lives"]
+pub struct Working {
+    standing: Arc<Standing>,
+}
+
+impl Drop for Working {
+    fn drop(&mut self) {
+        let now = millis(self.standing.epoch.elapsed());
+        // An evicted connection stays evicted.
+        let _ =
+            self.standing
+                .state
+                .compare_exchange(WORKING, now, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
 /// A stream whose reads and writes count as activity for the idle timeout.
 #[derive(Debug)]
 pub struct Watched<S> {
     inner: S,
     activity: Arc<Activity>,
+    standing: Arc<Standing>,
 }
 
 impl<S> Watched<S> {
-    fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Watched { inner, activity }
+    fn new(inner: S, activity: Arc<Activity>, standing: Arc<Standing>) -> Self {
+        Watched {
+            inner,
+            activity,
+            standing,
+        }
     }
 
+    /// Marks a request in progress until the guard is dropped, so that
+    /// [`ServeConfig::evict_idle`] never closes this connection mid-request.
+    /// A handler takes it once a complete request has been read and drops
+    /// it once the answer is written; in between requests (and before the
+    /// first) the connection may be evicted for a newcomer when every slot
+    /// is taken.
+    pub fn working(&self) -> Working {
+        self.standing().working()
+    }
+
+    /// A handle that marks requests in progress on this connection, for a
+    /// handler that hands the stream itself to a protocol library (HTTP).
+    pub fn standing(&self) -> RequestMarker {
+        RequestMarker(self.standing.clone())
+    }
+}
+
+/// Marks requests in progress on one connection; see [`Watched::working`].
+#[derive(Debug, Clone)]
+pub struct RequestMarker(Arc<Standing>);
+
+impl RequestMarker {
+    /// As [`Watched::working`].
+    pub fn working(&self) -> Working {
+        let standing = self.0.clone();
+        standing.proven.store(true, Ordering::Release);
+        let mut state = standing.state.load(Ordering::Acquire);
+        // Too late if already evicted: the connection is being closed.
+        while state < EVICTED {
+            match standing.state.compare_exchange(
+                state,
+                WORKING,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => state = now,
+            }
+        }
+        Working { standing }
+    }
+}
+
+impl<S> Watched<S> {
     /// The wrapped stream.
     pub fn get_ref(&self) -> &S {
         &self.inner

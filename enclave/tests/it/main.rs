@@ -8,6 +8,7 @@
 
 mod support;
 
+mod abuse_matrix;
 mod access;
 mod audit;
 mod breaker;

@@ -132,10 +132,14 @@ impl HttpHandler {
 impl Handler for HttpHandler {
     async fn handle(&self, mut conn: Accepted) {
         let shared = self.shared.clone();
+        let standing = conn.stream.standing();
         let service = service_fn(move |request: Request<Incoming>| {
             let shared = shared.clone();
+            // Not evicted for a newcomer while this request is answered.
+            let working = standing.working();
             async move {
                 let answer = tokio::time::timeout(REQUEST_TIMEOUT, shared.answer(request)).await;
+                drop(working);
                 Ok::<_, std::convert::Infallible>(answer.unwrap_or_else(|_| {
                     error(StatusCode::GATEWAY_TIMEOUT, "TimeoutError", "Timeout")
                 }))

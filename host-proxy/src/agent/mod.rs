@@ -181,6 +181,9 @@ impl Agent {
             max_connections: self.config.max_connections.max(1),
             idle_timeout: self.config.idle_timeout,
             max_lifetime: Some(DEFAULT_MAX_LIFETIME),
+            // Every local user may connect: sockets that ask nothing give
+            // way to a newcomer, the busiest user's first (issue 15).
+            evict_idle: true,
             ..ServeConfig::named(name)
         };
         let mut tasks = tokio::task::JoinSet::new();

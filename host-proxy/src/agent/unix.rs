@@ -99,10 +99,16 @@ impl Handler for UnixHandler {
                 () = shutdown.wait() => return,
                 read = tokio::time::timeout(self.idle_timeout, connection.read_frame_with(decode_request)) => read,
             };
+            // A request is not evicted for a newcomer until its answer is
+            // written; a frame that is no request proves nothing.
+            let mut working = None;
             let response = match read.map(|frame| frame.and_then(Option::transpose)) {
                 Err(_) | Ok(Ok(None)) => return,
                 Ok(Ok(Some((id, request)))) => match request {
-                    Ok(request) => self.answer(id, request, &caller).await,
+                    Ok(request) => {
+                        working = Some(connection.get_ref().working());
+                        self.answer(id, request, &caller).await
+                    }
                     Err(message) => Response::error(id, ErrorCode::BadRequest, message),
                 },
                 Ok(Err(FrameError::Decode(reason))) => Response::error(
@@ -120,6 +126,7 @@ impl Handler for UnixHandler {
             };
             let written = connection.write_message(&response).await;
             drop(response);
+            drop(working);
             if written.is_err() {
                 return;
             }

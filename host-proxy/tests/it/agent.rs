@@ -50,7 +50,7 @@ pub(crate) struct Stopper {
 }
 
 impl Stopper {
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let _ = self.stop.send(());
         tokio::time::timeout(Duration::from_secs(30), self.task)
             .await

@@ -9,6 +9,7 @@
 mod support;
 
 mod agent;
+mod agent_abuse;
 mod attestation_cli;
 mod audit_drain;
 mod audit_verify;

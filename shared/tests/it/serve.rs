@@ -158,6 +158,65 @@ async fn slots_bound_concurrency_and_a_freed_slot_admits_a_waiter() {
     server.shutdown().await.unwrap();
 }
 
+/// Echoes each byte; `W` marks a request in progress until `D`.
+struct Marking;
+
+impl Handler for Marking {
+    async fn handle(&self, mut conn: Accepted) {
+        let mut working = None;
+        let mut buf = [0u8; 1];
+        while let Ok(1) = conn.stream.read(&mut buf).await {
+            match buf[0] {
+                b'W' => working = Some(conn.stream.working()),
+                b'D' => working = None,
+                _ => {}
+            }
+            if conn.stream.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+        drop(working);
+    }
+}
+
+#[tokio::test]
+async fn with_eviction_a_newcomer_takes_the_slot_of_the_connection_waiting_longest() {
+    let listener: Listener = Endpoint::tcp("127.0.0.1", 0).bind().await.unwrap();
+    let endpoint = listener.local_endpoint().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let config = ServeConfig {
+        // Without eviction a newcomer would wait this long: far past `within`.
+        admission_wait: Duration::from_secs(60),
+        evict_idle: true,
+        ..config()
+    };
+    let task = tokio::spawn(serve(
+        listener,
+        Arc::new(Marking),
+        Arc::new(AnyPeer),
+        config,
+        stopped,
+    ));
+    let mut a = endpoint.connect().await.unwrap();
+    echo(&mut a, b"W").await; // a request in progress: never evicted
+    let mut b = endpoint.connect().await.unwrap();
+    echo(&mut b, b"x").await; // waiting for its next request
+    // Both slots taken: the newcomer evicts b, not a.
+    let mut c = endpoint.connect().await.unwrap();
+    echo(&mut c, b"c").await;
+    assert!(read_to_close(&mut b).await.is_empty());
+    echo(&mut a, b"a").await;
+    // Once a's request is done it waits too, but it had a request answered
+    // and c never did (and c has waited longer): c goes first.
+    echo(&mut a, b"D").await;
+    let mut d = endpoint.connect().await.unwrap();
+    echo(&mut d, b"d").await;
+    assert!(read_to_close(&mut c).await.is_empty());
+    echo(&mut a, b"a").await;
+    let _ = stop.send(());
+    within("serve to return", task).await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_connection_that_waits_too_long_is_refused_as_busy() {
     let server = Server::start(config(), Arc::new(AnyPeer)).await;
