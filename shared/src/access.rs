@@ -81,7 +81,10 @@ const ECHOED_CHARS: usize = 64;
 /// order they are written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RulesError {
-    /// The encoded rules are larger than [`MAX_RULES_LEN`].
+    /// The encoded rules are larger than [`MAX_RULES_LEN`]: the input, or
+    /// the canonical JSON of rules read or built any other way (YAML, whose
+    /// aliases can expand a small file, or [`AccessRules::new`]), so the
+    /// host never accepts rules the enclave would refuse.
     #[error("the access rules are {len} bytes; at most {max} are accepted")]
     TooLarge {
         /// Size of the input.
@@ -349,7 +352,20 @@ impl AccessRules {
         for (i, rule) in rules.iter().enumerate() {
             check_rule(i + 1, rule, rule.read.len())?;
         }
-        Ok(AccessRules { rules })
+        AccessRules { rules }.check_encoded_len()
+    }
+
+    /// Refuses rules whose canonical JSON the enclave would refuse as too
+    /// large: the counts alone allow far more than [`MAX_RULES_LEN`] bytes.
+    fn check_encoded_len(self) -> Result<Self, RulesError> {
+        let len = self.to_json().len();
+        if len > MAX_RULES_LEN {
+            return Err(RulesError::TooLarge {
+                len,
+                max: MAX_RULES_LEN,
+            });
+        }
+        Ok(self)
     }
 
     /// What applies without a rules entry: uid 0 may read every name, and
@@ -442,7 +458,7 @@ impl TryFrom<RulesDocument> for AccessRules {
             check_rule(rule_no, &rule, raw.read.total)?;
             rules.push(rule);
         }
-        Ok(AccessRules { rules })
+        AccessRules { rules }.check_encoded_len()
     }
 }
 
@@ -595,5 +611,38 @@ mod tests {
                 "{pattern:?} vs {name:?}"
             );
         }
+    }
+
+    /// Found while writing the `rules_parse` fuzz property "rules that
+    /// parse re-encode to JSON the enclave reads back": the counts allow
+    /// 1000 rules of 1000 patterns, megabytes of canonical JSON, but the
+    /// enclave refuses more than `MAX_RULES_LEN` bytes, so the host's
+    /// `encrypt --file-key` stored rules the enclave then refused, failing
+    /// every load.
+    #[test]
+    fn rules_the_enclave_would_refuse_as_too_large_are_refused_when_built() {
+        let long = "P".repeat(MAX_PATTERN_LEN);
+        let rule = |n: usize| Rule {
+            who: Who::Any,
+            read: vec![NamePattern::new(&long).unwrap(); n],
+        };
+        // 300 patterns of 256 bytes: under every count, over 64 KiB.
+        let err = AccessRules::new(vec![rule(300)]).unwrap_err();
+        assert!(
+            matches!(err, RulesError::TooLarge { len, max: MAX_RULES_LEN } if len > MAX_RULES_LEN),
+            "{err:?}"
+        );
+        let document: RulesDocument = serde_json::from_value(serde_json::json!({
+            "rules": [{ "who": "any", "read": vec![long.as_str(); 300] }]
+        }))
+        .unwrap();
+        assert!(matches!(
+            AccessRules::try_from(document),
+            Err(RulesError::TooLarge { .. })
+        ));
+        // Just under the bound: accepted, and the enclave reads it back.
+        let fits = AccessRules::new(vec![rule(200)]).unwrap();
+        assert!(fits.to_json().len() <= MAX_RULES_LEN);
+        assert_eq!(AccessRules::from_json(&fits.to_json()).unwrap(), fits);
     }
 }

@@ -295,16 +295,61 @@ impl Request {
 /// `v`, with `op` skipped unread (no allocation, whatever it holds). A
 /// server reads this first so that a request with a bad operation is still
 /// answered with its id, and checks the version before decoding the rest.
-#[derive(Debug, Deserialize)]
+///
+/// It reads both forms the CBOR decoder accepts for a [`Request`]: a map,
+/// and a packed array (`[id, v, op, caller]`, fields in declaration order),
+/// so every request that decodes has a header that decodes too.
+#[derive(Debug)]
 pub struct RequestHeader {
     /// The request's id, if it has one.
-    #[serde(default)]
     pub id: Option<u64>,
     /// The protocol version, if given.
-    #[serde(default)]
     pub v: Option<u16>,
+    op: Option<serde::de::IgnoredAny>,
+}
+
+/// [`RequestHeader`] as a map: the derived field-by-name decoding.
+#[derive(Deserialize)]
+struct HeaderMap {
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default)]
+    v: Option<u16>,
     #[serde(default)]
     op: Option<serde::de::IgnoredAny>,
+}
+
+impl<'de> Deserialize<'de> for RequestHeader {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct HeaderVisitor;
+        impl<'de> serde::de::Visitor<'de> for HeaderVisitor {
+            type Value = RequestHeader;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a request")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let HeaderMap { id, v, op } =
+                    HeaderMap::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RequestHeader { id, v, op })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let id = seq.next_element::<u64>()?;
+                let v = seq.next_element::<u16>()?;
+                let op = seq.next_element::<serde::de::IgnoredAny>()?;
+                // The caller and anything after it: skipped unread, as the
+                // map form skips unknown keys.
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(RequestHeader { id, v, op })
+            }
+        }
+        deserializer.deserialize_struct("RequestHeader", &["id", "v", "op"], HeaderVisitor)
+    }
 }
 
 impl RequestHeader {
@@ -765,4 +810,47 @@ impl<'de> Deserialize<'de> for SecretString {
 /// Equality whose running time depends only on the lengths (`subtle`).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     bool::from(subtle::ConstantTimeEq::ct_eq(a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::decode_body;
+
+    /// Found by the `frame_decode` fuzz target's property: `[1, 1, "List",
+    /// null]` (a request packed as an array, caller included) decoded as a
+    /// `Request` while its header was refused as trailing data, so the
+    /// server refused a request it could read.
+    #[test]
+    fn packed_request_has_a_header() {
+        let body = [0x84, 0x01, 0x01, 0x64, b'L', b'i', b's', b't', 0xf6];
+        let request: Request = decode_body(&body).unwrap();
+        let header: RequestHeader = decode_body(&body).unwrap();
+        assert_eq!(header.id, Some(request.id));
+        assert_eq!(header.v, Some(request.v));
+        assert!(header.has_op());
+        // Shorter and longer arrays: the header reads what is there.
+        let header: RequestHeader = decode_body(&[0x82, 0x07, 0x01]).unwrap();
+        assert_eq!(
+            (header.id, header.v, header.has_op()),
+            (Some(7), Some(1), false)
+        );
+        let header: RequestHeader = decode_body(&[
+            0x85, 0x07, 0x01, 0x66, b'S', b't', b'a', b't', b'u', b's', 0xf6, 0x00,
+        ])
+        .unwrap();
+        assert_eq!((header.id, header.has_op()), (Some(7), true));
+    }
+
+    #[test]
+    fn map_header_reads_id_and_version_only() {
+        let body = crate::frame::encode_frame(&Request::new(9, RequestOp::Status), 1024).unwrap();
+        let header: RequestHeader = decode_body(&body[4..]).unwrap();
+        assert_eq!(
+            (header.id, header.v, header.has_op()),
+            (Some(9), Some(1), true)
+        );
+        let header: RequestHeader = decode_body(&[0xa0]).unwrap();
+        assert_eq!((header.id, header.v, header.has_op()), (None, None, false));
+    }
 }

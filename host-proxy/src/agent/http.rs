@@ -52,6 +52,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::pool::{Pool, PoolError};
+use super::query::{Query, parse_json, parse_path, parse_query};
 use super::token::Tokens;
 
 /// The token headers the Secrets Manager Agent checks by default.
@@ -206,14 +207,6 @@ fn error(status: StatusCode, kind: &str, message: &str) -> Response<Full<Bytes>>
     response
 }
 
-/// What a `GetSecretValue` request asks.
-#[derive(Debug, PartialEq, Eq)]
-struct Query {
-    secret_id: String,
-    version_id: Option<String>,
-    version_stage: Option<String>,
-}
-
 impl Shared {
     async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = request.uri().path();
@@ -283,17 +276,8 @@ impl Shared {
                 );
             }
         };
-        #[derive(serde::Deserialize)]
-        #[serde(rename_all = "PascalCase")]
-        struct Input {
-            secret_id: String,
-            #[serde(default)]
-            version_id: Option<String>,
-            #[serde(default)]
-            version_stage: Option<String>,
-        }
-        let input: Input = match serde_json::from_slice(&bytes) {
-            Ok(input) => input,
+        let query = match parse_json(&bytes) {
+            Ok(query) => query,
             Err(_) => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -301,11 +285,6 @@ impl Shared {
                     "the body must be a JSON object with a string SecretId",
                 );
             }
-        };
-        let query = Query {
-            secret_id: input.secret_id,
-            version_id: input.version_id,
-            version_stage: input.version_stage,
         };
         self.get_secret_value(&query, caller, Dates::ApiNumber)
             .await
@@ -525,123 +504,9 @@ impl AsRef<[u8]> for Wiped {
     }
 }
 
-/// `secretId`, `versionId`, `versionStage`, `refreshNow` from a query
-/// string (form-encoded, as the Secrets Manager Agent parses it).
-fn parse_query(query: &str) -> Result<Query, String> {
-    let parsed = parse_params(query, true)?;
-    let secret_id = parsed
-        .secret_id
-        .filter(|id| !id.is_empty())
-        .ok_or_else(|| "missing parameter secretId".to_owned())?;
-    Ok(Query {
-        secret_id,
-        version_id: parsed.version_id,
-        version_stage: parsed.version_stage,
-    })
-}
-
-/// `/v1/NAME?versionId=..`: the name is the rest of the path, decoded.
-fn parse_path(rest: &str, query: &str) -> Result<Query, String> {
-    let secret_id = percent_decode(rest, false)?;
-    if secret_id.is_empty() {
-        return Err("missing secret ID".to_owned());
-    }
-    let parsed = parse_params(query, false)?;
-    Ok(Query {
-        secret_id,
-        version_id: parsed.version_id,
-        version_stage: parsed.version_stage,
-    })
-}
-
-#[derive(Default)]
-struct Params {
-    secret_id: Option<String>,
-    version_id: Option<String>,
-    version_stage: Option<String>,
-}
-
-fn parse_params(query: &str, secret_id_allowed: bool) -> Result<Params, String> {
-    let mut params = Params::default();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = percent_decode(key, true)?;
-        let value = percent_decode(value, true)?;
-        match key.as_str() {
-            "secretId" if secret_id_allowed => params.secret_id = Some(value),
-            "versionId" => params.version_id = Some(value),
-            "versionStage" => params.version_stage = Some(value),
-            // Every read goes to the enclave; there is no cache to refresh.
-            "refreshNow" => match value.to_lowercase().as_str() {
-                "true" | "1" | "false" | "0" => {}
-                _ => return Err("invalid refreshNow value".to_owned()),
-            },
-            other => return Err(format!("unknown parameter: {other}")),
-        }
-    }
-    Ok(params)
-}
-
-/// Decodes `%XX` escapes (and `+` as a space in form data); the result must
-/// be UTF-8.
-fn percent_decode(text: &str, plus_is_space: bool) -> Result<String, String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        match b {
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| "invalid percent-encoding in the request".to_owned())?;
-                out.push(hex);
-                i += 3;
-            }
-            b'+' if plus_is_space => {
-                out.push(b' ');
-                i += 1;
-            }
-            _ => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| "the request is not valid UTF-8".to_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn queries_parse_like_the_secrets_manager_agent() {
-        let q =
-            parse_query("secretId=db%2Fpassword&versionStage=AWSCURRENT&refreshNow=true").unwrap();
-        assert_eq!(q.secret_id, "db/password");
-        assert_eq!(q.version_stage.as_deref(), Some("AWSCURRENT"));
-        assert_eq!(parse_query("secretId=a+b").unwrap().secret_id, "a b");
-        assert_eq!(
-            parse_query("versionId=x").unwrap_err(),
-            "missing parameter secretId"
-        );
-        assert_eq!(
-            parse_query("secretId=a&colour=red").unwrap_err(),
-            "unknown parameter: colour"
-        );
-        assert_eq!(
-            parse_query("secretId=a&refreshNow=maybe").unwrap_err(),
-            "invalid refreshNow value"
-        );
-        assert!(parse_query("secretId=%zz").is_err());
-        assert!(parse_query("secretId=%ff").is_err());
-        let p = parse_path("db/password", "versionStage=AWSCURRENT").unwrap();
-        assert_eq!(p.secret_id, "db/password");
-        assert_eq!(parse_path("", "").unwrap_err(), "missing secret ID");
-        assert!(parse_path("a", "secretId=b").is_err());
-    }
 
     #[test]
     fn json_has_the_get_secret_value_shape() {

@@ -21,6 +21,7 @@
 pub mod http;
 pub mod identity;
 pub mod pool;
+pub mod query;
 pub mod token;
 pub mod unix;
 

@@ -205,4 +205,24 @@ rules:
         let err = parse_rules(b"rules:\n  - who: any\n    read: []\n").unwrap_err();
         assert_eq!(err, ParseError::Rules(RulesError::NoPatterns { rule: 1 }));
     }
+
+    /// A small file whose aliases expand to rules the enclave would refuse
+    /// as too large (over `MAX_RULES_LEN` bytes of canonical JSON) is
+    /// refused here, before anything is encrypted.
+    #[test]
+    fn aliases_cannot_expand_rules_past_what_the_enclave_accepts() {
+        let patterns: Vec<String> = (0..20).map(|i| format!("{i:0>200}")).collect();
+        let mut yaml = format!(
+            "rules:\n  - who: any\n    read: &p [{}]\n",
+            patterns.join(", ")
+        );
+        for _ in 0..30 {
+            yaml.push_str("  - who: any\n    read: *p\n");
+        }
+        assert!(yaml.len() < 8 * 1024);
+        match parse_rules(yaml.as_bytes()) {
+            Err(ParseError::Rules(RulesError::TooLarge { len, max })) => assert!(len > max),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
 }

@@ -14,5 +14,6 @@ mod client;
 mod endpoint;
 mod frame;
 mod frame_proptest;
+mod fuzz_seeds;
 mod protocol;
 mod serve;
