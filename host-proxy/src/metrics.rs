@@ -458,6 +458,7 @@ pub fn op_name(op: &RequestOp) -> &'static str {
         RequestOp::GetCredentials => "get_credentials",
         RequestOp::AuditRead { .. } => "audit_read",
         RequestOp::AuditCheckpoint => "audit_checkpoint",
+        RequestOp::LogRead { .. } => "log_read",
     }
 }
 
