@@ -19,8 +19,10 @@
 //! What is recorded is what the enclave prints on stderr: operation kinds,
 //! outcomes, peers, stages and error texts, never a secret's value (the
 //! enclave never logs one: values live in `Zeroizing` buffers with
-//! redacting `Debug`). The relay's own reads (`op = "log_read"`) are not
-//! recorded, so the relay does not feed itself.
+//! redacting `Debug`). The daemon's routine polls that succeed (`op` =
+//! `log_read`, `audit_read` or `status` with `outcome = "ok"`) are not
+//! recorded, so the relay does not feed itself nor fill the journal with
+//! its own heartbeat; a poll that fails is.
 
 use std::collections::VecDeque;
 use std::fmt::{self, Write as _};
@@ -208,7 +210,7 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for RingLayer {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let mut visitor = Collect::default();
         event.record(&mut visitor);
-        if visitor.relay_read {
+        if visitor.is_routine_poll() {
             return;
         }
         let metadata = event.metadata();
@@ -237,18 +239,30 @@ fn level_of(level: Level) -> LogLevel {
 struct Collect {
     message: String,
     fields: Vec<LogField>,
-    /// The event is about a `LogRead` request: not recorded.
-    relay_read: bool,
+    /// The event is about a polling request (`op`).
+    poll: bool,
+    /// The event says its request succeeded (`outcome = "ok"`).
+    ok: bool,
 }
 
+/// The operations the daemon polls.
+const POLLED_OPS: &[&str] = &["log_read", "audit_read", "status"];
+
 impl Collect {
+    /// A successful daemon poll: not worth a journal line.
+    fn is_routine_poll(&self) -> bool {
+        self.poll && self.ok
+    }
+
     fn add(&mut self, field: &Field, value: String) {
         if field.name() == "message" {
             self.message = truncate(&value, MAX_MESSAGE_LEN);
             return;
         }
-        if field.name() == "op" && value == "log_read" {
-            self.relay_read = true;
+        match field.name() {
+            "op" => self.poll = POLLED_OPS.contains(&value.as_str()),
+            "outcome" => self.ok = value == "ok",
+            _ => {}
         }
         if self.fields.len() < MAX_LOG_FIELDS {
             self.fields.push(LogField {
@@ -428,10 +442,13 @@ mod tests {
             let long = "z".repeat(10 * MAX_FIELD_VALUE_LEN);
             tracing::info!(detail = ?long, "long");
             tracing::info!(op = "log_read", outcome = "ok", "request");
+            tracing::info!(op = "audit_read", outcome = "ok", "request");
             tracing::info!(op = "status", outcome = "ok", "request");
+            tracing::info!(op = "status", outcome = "Denied", "request");
+            tracing::info!(op = "get", outcome = "ok", "request");
         });
         let batch = ring.read(None, 10);
-        assert_eq!(batch.entries.len(), 3, "{batch:?}");
+        assert_eq!(batch.entries.len(), 4, "{batch:?}");
         let first = &batch.entries[0];
         assert_eq!(first.level, LogLevel::Warn);
         assert_eq!(first.target, "keystore_enclave::load");
@@ -452,8 +469,13 @@ mod tests {
         let long = &batch.entries[1].fields[0].value;
         assert!(long.len() <= MAX_FIELD_VALUE_LEN, "{}", long.len());
         assert!(long.ends_with('…'));
-        // The relay's own reads are not recorded; other requests are.
-        assert_eq!(batch.entries[2].fields[0].value, "status");
+        // Routine polls that succeed are not recorded; failed ones and
+        // other requests are.
+        let ops: Vec<_> = batch.entries[2..]
+            .iter()
+            .map(|e| (e.fields[0].value.as_str(), e.fields[1].value.as_str()))
+            .collect();
+        assert_eq!(ops, [("status", "Denied"), ("get", "ok")]);
     }
 
     #[test]
