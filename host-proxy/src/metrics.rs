@@ -648,12 +648,31 @@ impl Metrics {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Kept open between polls: a connection per poll would put two
+        // lines a poll into the enclave's (relayed) log.
+        let mut client = None;
         loop {
             tokio::select! {
                 () = &mut shutdown => return,
                 _ = tick.tick() => {}
             }
-            match tokio::time::timeout(STATUS_TIMEOUT, fetch_status(&enclave)).await {
+            let reused = client.is_some();
+            let mut polled =
+                tokio::time::timeout(STATUS_TIMEOUT, fetch_status(&enclave, &mut client)).await;
+            if !matches!(polled, Ok(Ok(_))) {
+                client = None;
+                // The kept connection may just have idled out: one retry
+                // on a fresh one before the enclave counts as down.
+                if reused {
+                    polled =
+                        tokio::time::timeout(STATUS_TIMEOUT, fetch_status(&enclave, &mut client))
+                            .await;
+                    if !matches!(polled, Ok(Ok(_))) {
+                        client = None;
+                    }
+                }
+            }
+            match polled {
                 Ok(Ok(status)) => {
                     self.set_status(&status);
                     self.status_polls
@@ -724,17 +743,26 @@ fn outcome_name(code: ErrorCode) -> &'static str {
     }
 }
 
-/// One `Status` call over a fresh privileged connection.
-async fn fetch_status(enclave: &Endpoint) -> Result<StatusReport, keystore_shared::ClientError> {
-    let mut client = Client::connect_with(
-        enclave,
-        ClientConfig {
-            privileged: true,
-            ..ClientConfig::default()
-        },
-    )
-    .await?;
-    client.status().await
+/// One `Status` call over `client`'s privileged connection, opened first
+/// if there is none.
+async fn fetch_status(
+    enclave: &Endpoint,
+    client: &mut Option<Client>,
+) -> Result<StatusReport, keystore_shared::ClientError> {
+    let connected = match client {
+        Some(connected) => connected,
+        None => client.insert(
+            Client::connect_with(
+                enclave,
+                ClientConfig {
+                    privileged: true,
+                    ..ClientConfig::default()
+                },
+            )
+            .await?,
+        ),
+    };
+    connected.status().await
 }
 
 /// Answers scrapes.
@@ -840,6 +868,136 @@ mod tests {
         assert!(
             text.contains("keystore_agent_requests_total{op=\"list\",outcome=\"denied\"} 1000")
         );
+    }
+
+    /// `StatusReport` with these KMS counts, breaker opened count and
+    /// uptime.
+    fn status_with(calls: &[(&str, &str, u64)], opened: u64, uptime_ms: u64) -> StatusReport {
+        use keystore_shared::protocol::{BreakerStatus, KmsCallCount, KmsCallStats};
+        StatusReport {
+            uptime_ms,
+            kms: Some(KmsCallStats {
+                calls: calls
+                    .iter()
+                    .map(|(operation, outcome, count)| KmsCallCount {
+                        operation: (*operation).to_owned(),
+                        outcome: (*outcome).to_owned(),
+                        count: *count,
+                    })
+                    .collect(),
+            }),
+            breaker: Some(BreakerStatus {
+                state: "open".into(),
+                consecutive_failures: 4,
+                next_probe_in_ms: Some(100),
+                opened,
+            }),
+            ..StatusReport::default()
+        }
+    }
+
+    #[test]
+    fn relayed_kms_counts_stay_monotonic_and_bounded() {
+        let metrics = Metrics::new();
+        metrics.set_status(&status_with(
+            &[("Decrypt", "ok", 5), ("Decrypt", "ThrottlingException", 2)],
+            1,
+            1_000,
+        ));
+        metrics.set_status(&status_with(
+            &[
+                ("Decrypt", "ok", 7),
+                ("Decrypt", "ThrottlingException", 2),
+                // Labels a peer made up are counted as `other`, summed.
+                ("Decrypt", "EvilException<script>", 1),
+                ("Decrypt", "AnotherMadeUp", 2),
+                ("Encrypt", "ok", 1),
+            ],
+            2,
+            2_000,
+        ));
+        let text = metrics.encode().unwrap();
+        let has = |line: &str| assert!(text.contains(line), "{line} missing:\n{text}");
+        has("keystore_enclave_kms_calls_total{operation=\"Decrypt\",outcome=\"ok\"} 7\n");
+        has(
+            "keystore_enclave_kms_calls_total{operation=\"Decrypt\",outcome=\"ThrottlingException\"} 2\n",
+        );
+        has("keystore_enclave_kms_calls_total{operation=\"Decrypt\",outcome=\"other\"} 3\n");
+        has("keystore_enclave_kms_calls_total{operation=\"other\",outcome=\"ok\"} 1\n");
+        has("keystore_enclave_kms_breaker_opened_total 2\n");
+        has("keystore_enclave_kms_breaker_state 2\n");
+        has("keystore_enclave_kms_breaker_consecutive_failures 4\n");
+        assert!(!text.contains("Evil"), "{text}");
+        // The enclave restarts (uptime went down): its counts start over,
+        // the daemon's counters keep growing.
+        metrics.set_status(&status_with(&[("Decrypt", "ok", 3)], 1, 500));
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(
+                "keystore_enclave_kms_calls_total{operation=\"Decrypt\",outcome=\"ok\"} 10\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("keystore_enclave_kms_breaker_opened_total 3\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn breaker_states_have_documented_values() {
+        assert_eq!(breaker_state_value("closed"), 0);
+        assert_eq!(breaker_state_value("half-open"), 1);
+        assert_eq!(breaker_state_value("open"), 2);
+        assert_eq!(breaker_state_value("melted"), -1);
+        let text = Metrics::new().encode().unwrap();
+        // No enclave seen yet: unknown.
+        assert!(
+            text.contains("keystore_enclave_kms_breaker_state -1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn audit_drains_s3_fetches_and_relayed_logs_are_counted() {
+        let metrics = Metrics::new();
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains("keystore_audit_seconds_since_last_drain -1.0\n"),
+            "{text}"
+        );
+        metrics.audit_drain(Some(3));
+        metrics.audit_drain(None);
+        metrics.audit_drain(Some(0));
+        metrics.s3_fetch("ok");
+        metrics.s3_fetch("not_modified");
+        metrics.s3_fetch("not_modified");
+        metrics.log_read(true);
+        metrics.log_event_relayed(LogLevel::Warn);
+        metrics.log_event_relayed(LogLevel::Warn);
+        let (up, down) = metrics.forwarder_byte_counters();
+        up.inc_by(10);
+        down.inc_by(20);
+        let text = metrics.encode().unwrap();
+        for line in [
+            "keystore_audit_drained_records_total 3\n",
+            "keystore_audit_drains_total{outcome=\"ok\"} 2\n",
+            "keystore_audit_drains_total{outcome=\"error\"} 1\n",
+            "keystore_s3_fetches_total{outcome=\"not_modified\"} 2\n",
+            "keystore_enclave_log_reads_total{outcome=\"ok\"} 1\n",
+            "keystore_enclave_log_events_relayed_total{level=\"warn\"} 2\n",
+            "keystore_forwarder_bytes_total{direction=\"to_upstream\"} 10\n",
+            "keystore_forwarder_bytes_total{direction=\"to_enclave\"} 20\n",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        let since = text
+            .lines()
+            .find_map(|l| l.strip_prefix("keystore_audit_seconds_since_last_drain "))
+            .unwrap()
+            .parse::<f64>()
+            .unwrap();
+        assert!(since >= 0.0, "{since}");
     }
 
     #[test]

@@ -159,22 +159,28 @@ impl LogRelay {
     }
 
     async fn read(&mut self) -> Result<LogBatch, LogRelayError> {
-        let mut client = match self.client.take() {
-            Some(client) => client,
-            None => {
-                Client::connect_with(
-                    &self.config.enclave,
-                    ClientConfig {
-                        connect_timeout: self.config.timeout,
-                        request_timeout: self.config.timeout,
-                        // The load port serves privileged peers only.
-                        privileged: true,
-                        ..ClientConfig::default()
-                    },
-                )
-                .await?
+        if let Some(mut client) = self.client.take() {
+            match client.log_read(self.cursor, self.config.batch).await {
+                Ok(batch) => {
+                    self.client = Some(client);
+                    return Ok(batch);
+                }
+                // The kept connection may have idled out (a poll longer
+                // than the enclave's idle timeout): once more on a new one.
+                Err(err) => tracing::debug!(error = %err, "kept enclave connection failed"),
             }
-        };
+        }
+        let mut client = Client::connect_with(
+            &self.config.enclave,
+            ClientConfig {
+                connect_timeout: self.config.timeout,
+                request_timeout: self.config.timeout,
+                // The load port serves privileged peers only.
+                privileged: true,
+                ..ClientConfig::default()
+            },
+        )
+        .await?;
         let batch = client.log_read(self.cursor, self.config.batch).await?;
         self.client = Some(client);
         Ok(batch)

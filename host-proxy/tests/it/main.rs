@@ -18,6 +18,7 @@ mod decrypt;
 mod dotenv;
 mod e2e;
 mod edit;
+mod enclave_logs;
 mod encrypt;
 mod file_key;
 mod formats;
