@@ -291,6 +291,7 @@ impl Visit for Collect {
 struct Bounded {
     text: String,
     max: usize,
+    cut: bool,
 }
 
 impl Bounded {
@@ -298,6 +299,7 @@ impl Bounded {
         Bounded {
             text: String::new(),
             max,
+            cut: false,
         }
     }
 
@@ -308,6 +310,9 @@ impl Bounded {
 
 impl fmt::Write for Bounded {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        if self.cut {
+            return Ok(());
+        }
         let room = self.max.saturating_sub(self.text.len());
         if s.len() <= room {
             self.text.push_str(s);
@@ -318,8 +323,8 @@ impl fmt::Write for Bounded {
             }
             self.text.push_str(&s[..end]);
             // Marks the cut; `truncate` then bounds it precisely.
-            self.text.push_str("…");
-            self.max = self.text.len();
+            self.text.push('…');
+            self.cut = true;
         }
         Ok(())
     }
@@ -476,6 +481,15 @@ mod tests {
             .map(|e| (e.fields[0].value.as_str(), e.fields[1].value.as_str()))
             .collect();
         assert_eq!(ops, [("status", "Denied"), ("get", "ok")]);
+    }
+
+    #[test]
+    fn a_huge_debug_value_is_cut_once_while_formatting() {
+        let mut sink = Bounded::new(10);
+        for _ in 0..100 {
+            write!(sink, "abcdef").unwrap();
+        }
+        assert_eq!(sink.into_string(), "abcdefabcd…");
     }
 
     #[test]

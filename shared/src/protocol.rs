@@ -493,6 +493,9 @@ pub struct Response {
 
 /// The outcome of a request: the success matching its operation, or an
 /// error.
+// `Status` is the large variant: a response lives for one exchange, and
+// boxing it would change every reader of `ResponseBody::Status`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ResponseBody {
     /// Answer to `Get`.
