@@ -46,6 +46,9 @@ pub struct EnclaveConfig {
     pub reload_every: Duration,
     /// The audit trail's buffer and checkpoint interval.
     pub audit: AuditConfig,
+    /// The ring of recent log events the daemon relays (`LogRead`); the
+    /// caller installs its `tracing` layer. `None`: `LogRead` is refused.
+    pub log_ring: Option<Arc<crate::log_ring::LogRing>>,
 }
 
 impl std::fmt::Debug for EnclaveConfig {
@@ -77,6 +80,7 @@ impl EnclaveConfig {
             load: LoadConfig::default(),
             reload_every: Duration::from_secs(3600),
             audit: AuditConfig::default(),
+            log_ring: None,
         }
     }
 }
@@ -194,6 +198,9 @@ impl Enclave {
             }
             None => None,
         };
+        if let Some(ring) = config.log_ring {
+            service = service.with_log_ring(ring);
+        }
         let service = Arc::new(service);
 
         let (stop, stop_rx) = watch::channel(false);

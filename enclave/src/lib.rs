@@ -13,6 +13,7 @@ pub mod enclave;
 pub mod file_key;
 pub mod kms;
 pub mod load;
+pub mod log_ring;
 pub mod recipient;
 pub mod server;
 pub mod service;

@@ -20,6 +20,7 @@ use keystore_enclave::enclave::{Enclave, EnclaveConfig};
 use keystore_enclave::kms::breaker::{self, BreakerConfig};
 use keystore_enclave::kms::{KmsConfig, PinnedKeys};
 use keystore_enclave::load::LoadConfig;
+use keystore_enclave::log_ring::{self, LogRing};
 use keystore_enclave::recipient::{RecipientBits, RecipientConfig};
 use keystore_enclave::server::{self, SecretPeers, ServerConfig};
 use keystore_nsm::{DeviceNsm, Nsm};
@@ -151,6 +152,19 @@ struct Args {
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Recent log events kept for the host daemon to relay into the
+    /// parent's journal (`LogRead` on the load port); past it the oldest
+    /// are dropped and counted. `0` keeps none (the relay is refused).
+    #[arg(long, value_name = "N", default_value_t = log_ring::DEFAULT_CAPACITY)]
+    log_ring: usize,
+    /// Bytes of log event text the ring keeps.
+    #[arg(long, value_name = "BYTES", default_value_t = log_ring::DEFAULT_MAX_BYTES)]
+    log_ring_bytes: usize,
+    /// Lowest level kept in the ring (`error`, `warn`, `info`, `debug`,
+    /// `trace`); events `--log-level` filters out of stderr may still be
+    /// kept.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    log_ring_level: tracing_subscriber::filter::LevelFilter,
 }
 
 /// Which NSM implementation to open.
@@ -193,12 +207,12 @@ fn start() -> anyhow::Result<()> {
     // First thing, before any secret exists in this process.
     disable_core_dumps()?;
     let args = Args::parse();
-    init_tracing(&args)?;
+    let ring = init_tracing(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(args))
+    runtime.block_on(run(args, ring))
 }
 
 /// A core dump of this process would contain the seal key, the recipient
@@ -208,21 +222,43 @@ fn disable_core_dumps() -> anyhow::Result<()> {
     setrlimit(Resource::RLIMIT_CORE, 0, 0).context("cannot disable core dumps (RLIMIT_CORE)")
 }
 
-fn init_tracing(args: &Args) -> anyhow::Result<()> {
+/// Installs the stderr logger (filtered by `--log-level`) and, unless
+/// `--log-ring 0`, the ring the daemon relays (filtered by
+/// `--log-ring-level`), which it returns.
+fn init_tracing(args: &Args) -> anyhow::Result<Option<Arc<LogRing>>> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .with_context(|| format!("invalid --log-level {:?}", args.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match args.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    }
-    .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+    let ansi = std::io::stderr().is_terminal();
+    let stderr = match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let ring =
+        (args.log_ring > 0).then(|| Arc::new(LogRing::new(args.log_ring, args.log_ring_bytes)));
+    let ring_layer = ring
+        .as_ref()
+        .map(|ring| ring.layer().with_filter(args.log_ring_level));
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(ring_layer)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))?;
+    Ok(ring)
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, ring: Option<Arc<LogRing>>) -> anyhow::Result<()> {
     #[cfg(not(feature = "mock"))]
     if args.nsm == NsmKind::Mock {
         bail!(NO_MOCK);
@@ -268,6 +304,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..LoadConfig::default()
     };
     config.reload_every = args.reload_every;
+    config.log_ring = ring;
     config.audit = AuditConfig {
         buffer_records: args.audit_buffer,
         buffer_bytes: args.audit_buffer_bytes,
@@ -402,6 +439,17 @@ mod tests {
         assert_eq!(defaults.max_stale, Duration::from_secs(24 * 3600));
         assert_eq!(defaults.audit_buffer, audit::DEFAULT_BUFFER_RECORDS);
         assert_eq!(defaults.audit_checkpoint_interval, Duration::from_secs(300));
+        assert_eq!(defaults.log_ring, log_ring::DEFAULT_CAPACITY);
+        assert_eq!(
+            defaults.log_ring_level,
+            tracing_subscriber::filter::LevelFilter::INFO
+        );
+        let quiet = Args::try_parse_from(["keystore-enclave", "--log-ring-level", "warn"]).unwrap();
+        assert_eq!(
+            quiet.log_ring_level,
+            tracing_subscriber::filter::LevelFilter::WARN
+        );
+        assert!(Args::try_parse_from(["keystore-enclave", "--log-ring-level", "loud"]).is_err());
         let any = Args::try_parse_from(["keystore-enclave", "--secret-peers", "any"]).unwrap();
         assert_eq!(any.secret_peers, SecretPeers::Any);
         assert!(Args::try_parse_from(["keystore-enclave", "--secret-peers", "all"]).is_err());

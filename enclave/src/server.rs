@@ -398,7 +398,7 @@ fn decode_request(body: &[u8]) -> Result<Decoded, FrameError> {
         decode_body::<Request>(body).map_err(|err| {
             ServiceError::BadRequest(format!(
                 "`op` is not a valid operation of protocol version {PROTOCOL_VERSION} \
-                 (Get, List, Status, Attest, Load, AuditRead, AuditCheckpoint): {}",
+                 (Get, List, Status, Attest, Load, AuditRead, AuditCheckpoint, LogRead): {}",
                 match err {
                     // Redacted by the frame layer: schema names only.
                     FrameError::Decode(reason) => reason,
@@ -720,7 +720,10 @@ async fn apply(
     // `Load` privileged even if a listener is ever misconfigured.
     let load_port_op = matches!(
         op,
-        RequestOp::Load { .. } | RequestOp::AuditRead { .. } | RequestOp::AuditCheckpoint
+        RequestOp::Load { .. }
+            | RequestOp::AuditRead { .. }
+            | RequestOp::AuditCheckpoint
+            | RequestOp::LogRead { .. }
     );
     if load_port_op && !context.privileged {
         return Err(ServiceError::Denied(format!(
@@ -739,7 +742,7 @@ async fn apply(
         (Role::Loading, RequestOp::Status) => {}
         (Role::Loading, _) => {
             return Err(ServiceError::BadRequest(format!(
-                "the load port answers Load, Status and the audit operations only, not {}; \
+                "the load port answers Load, Status, the audit operations and LogRead only, not {}; \
                  host apps use the secret port",
                 op.kind()
             )));
@@ -785,6 +788,12 @@ async fn apply(
                 .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
             Ok(ResponseBody::AuditCheckpointed { seq })
         }
+        RequestOp::LogRead { after, max } => match service.log_ring() {
+            Some(ring) => Ok(ResponseBody::LogRecords(ring.read(after.as_ref(), max))),
+            None => Err(ServiceError::Unavailable(
+                "this enclave keeps no log ring (--log-ring 0)".to_owned(),
+            )),
+        },
         RequestOp::GetCredentials => Err(ServiceError::Unsupported(
             "GetCredentials is served by the host's credentials service, not by the enclave"
                 .to_owned(),
@@ -831,9 +840,9 @@ impl Audited {
                 false,
             ),
             RequestOp::Status => (AuditOp::Status, Vec::new(), None, true),
-            RequestOp::AuditRead { .. } | RequestOp::AuditCheckpoint => {
-                (AuditOp::Audit, Vec::new(), None, true)
-            }
+            RequestOp::AuditRead { .. }
+            | RequestOp::AuditCheckpoint
+            | RequestOp::LogRead { .. } => (AuditOp::Audit, Vec::new(), None, true),
             // Valid CBOR, but not a request this server takes.
             RequestOp::GetCredentials => (AuditOp::Malformed, Vec::new(), None, false),
         };

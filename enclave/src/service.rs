@@ -20,6 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::audit::AuditTrail;
 use crate::load::Loader;
+use crate::log_ring::LogRing;
 use crate::recipient::Recipient;
 use crate::store::{Store, StoreError, validate_name};
 use keystore_nsm::{AttestationRequest, MAX_ATTESTATION_FIELD, Nsm};
@@ -97,6 +98,7 @@ pub struct KeystoreService {
     attestations: Semaphore,
     loader: Option<Arc<Loader>>,
     audit: Arc<AuditTrail>,
+    logs: Option<Arc<LogRing>>,
 }
 
 impl std::fmt::Debug for KeystoreService {
@@ -128,7 +130,19 @@ impl KeystoreService {
             attestations: Semaphore::new(MAX_CONCURRENT_ATTESTATIONS),
             loader: None,
             audit,
+            logs: None,
         }
+    }
+
+    /// Serves `LogRead` from `ring` (the enclave's recent log events).
+    pub fn with_log_ring(mut self, ring: Arc<LogRing>) -> Self {
+        self.logs = Some(ring);
+        self
+    }
+
+    /// The log ring `LogRead` reads, if the enclave keeps one.
+    pub fn log_ring(&self) -> Option<&Arc<LogRing>> {
+        self.logs.as_ref()
     }
 
     /// The audit trail every request is recorded in.
@@ -286,6 +300,8 @@ impl KeystoreService {
                         .collect(),
                 })
             }),
+            kms: self.loader.as_ref().map(|loader| loader.kms().call_stats()),
+            logs: self.logs.as_ref().map(|ring| ring.status()),
         }
     }
 

@@ -11,10 +11,10 @@
 //! enclave's `Status` over a privileged connection every few seconds and
 //! sets the `keystore_enclave_*` gauges from the answer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -23,7 +23,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use keystore_shared::endpoint::{Endpoint, Listener, Stream};
-use keystore_shared::protocol::{ErrorCode, RequestOp, StatusReport};
+use keystore_shared::protocol::{
+    ErrorCode, KMS_CALL_OUTCOMES, KMS_OPERATIONS, LogLevel, RequestOp, StatusReport,
+};
 use keystore_shared::serve::{Accepted, Handler, Refusal, ServeConfig, ServeError, serve};
 use keystore_shared::{Client, ClientConfig};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -128,6 +130,75 @@ pub struct Metrics {
     enclave_audit_last_seq: Gauge,
     /// The daemon's configuration as JSON, for `GET /health` (doctor).
     health: std::sync::OnceLock<String>,
+    enclave_kms_calls: Family<KmsCallLabels, Counter>,
+    enclave_breaker_state: Gauge,
+    enclave_breaker_failures: Gauge,
+    enclave_breaker_opened: Counter,
+    enclave_log_buffered: Gauge,
+    enclave_log_dropped: Gauge,
+    audit_drained: Counter,
+    audit_drains: Family<OutcomeLabel, Counter>,
+    audit_since_drain: Gauge<f64, AtomicU64>,
+    last_audit_drain: Mutex<Option<Instant>>,
+    s3_fetches: Family<OutcomeLabel, Counter>,
+    log_events_relayed: Family<LevelLabel, Counter>,
+    log_reads: Family<OutcomeLabel, Counter>,
+    relayed: Mutex<Relayed>,
+}
+
+/// A relayed KMS call count's labels: both from fixed sets.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KmsCallLabels {
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+/// A relayed log event's level.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LevelLabel {
+    level: &'static str,
+}
+
+/// What the last `Status` said of the enclave's counters, to turn them into
+/// increments of the daemon's own counters (so they stay monotonic across
+/// enclave restarts, which `rate()` needs).
+#[derive(Debug, Default)]
+struct Relayed {
+    uptime_ms: u64,
+    counts: HashMap<(&'static str, &'static str), u64>,
+}
+
+impl Relayed {
+    /// The increment from the last value of `key` to `now` (all of `now`
+    /// after a restart or when the value went down).
+    fn advance(&mut self, key: (&'static str, &'static str), now: u64, restarted: bool) -> u64 {
+        let last = self.counts.insert(key, now).unwrap_or(0);
+        if restarted || now < last {
+            now
+        } else {
+            now - last
+        }
+    }
+}
+
+/// The numeric breaker state `keystore_enclave_kms_breaker_state` reports.
+pub fn breaker_state_value(state: &str) -> i64 {
+    match state {
+        "closed" => 0,
+        "half-open" => 1,
+        "open" => 2,
+        _ => -1,
+    }
+}
+
+/// `name` as one of `known`, or `other`: a peer's text never becomes a
+/// label value of its own.
+fn known_label(known: &'static [&'static str], name: &str) -> &'static str {
+    known
+        .iter()
+        .copied()
+        .find(|k| *k == name)
+        .unwrap_or("other")
 }
 
 /// Which way forwarded bytes went.
@@ -219,7 +290,7 @@ impl Metrics {
         let forwarder_bytes = Family::<DirectionLabel, Counter>::default();
         registry.register(
             "forwarder_bytes",
-            "Bytes the KMS forwarders moved, by direction (to_upstream, to_enclave), added when a connection ends",
+            "Bytes the KMS forwarders moved, by direction (to_upstream, to_enclave), counted as each chunk passes",
             forwarder_bytes.clone(),
         );
         let mut gauge = |name: &str, help: &str| {
@@ -260,6 +331,22 @@ impl Metrics {
             "enclave_audit_last_seq",
             "Sequence number of the enclave's newest audit record",
         );
+        let enclave_breaker_state = gauge(
+            "enclave_kms_breaker_state",
+            "The enclave's KMS circuit breaker: 0 closed, 1 half-open, 2 open, -1 unknown or no KMS",
+        );
+        let enclave_breaker_failures = gauge(
+            "enclave_kms_breaker_consecutive_failures",
+            "KMS service failures in a row, as the enclave's breaker counts them",
+        );
+        let enclave_log_buffered = gauge(
+            "enclave_log_buffered",
+            "Log events waiting in the enclave's ring to be relayed",
+        );
+        let enclave_log_dropped = gauge(
+            "enclave_log_dropped",
+            "Log events the enclave's ring dropped since start (full before they were relayed)",
+        );
         let mut seconds = |name: &str, help: &str| {
             let g = Gauge::<f64, AtomicU64>::default();
             registry.register(name, help, g.clone());
@@ -274,6 +361,54 @@ impl Metrics {
             "enclave_last_decrypt_age_seconds",
             "Time since the enclave's last successful load or re-decrypt; -1 before the first",
         );
+        let audit_since_drain = seconds(
+            "audit_seconds_since_last_drain",
+            "Time since the audit drain last read the enclave's trail successfully; -1 before the first",
+        );
+        audit_since_drain.set(-1.0);
+        let enclave_kms_calls = Family::<KmsCallLabels, Counter>::default();
+        registry.register(
+            "enclave_kms_calls",
+            "KMS calls the enclave made, by operation and outcome (ok, KMS's __type, or the failing stage), relayed from Status",
+            enclave_kms_calls.clone(),
+        );
+        let enclave_breaker_opened = Counter::default();
+        registry.register(
+            "enclave_kms_breaker_opened",
+            "Times the enclave's KMS circuit breaker opened, relayed from Status",
+            enclave_breaker_opened.clone(),
+        );
+        let audit_drained = Counter::default();
+        registry.register(
+            "audit_drained_records",
+            "Audit records the drain wrote to the audit log",
+            audit_drained.clone(),
+        );
+        let audit_drains = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "audit_drains",
+            "Polls of the enclave's audit trail, by outcome (ok, error)",
+            audit_drains.clone(),
+        );
+        let s3_fetches = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "s3_fetches",
+            "Fetches of the S3 secrets file, by outcome (ok, not_modified, or the error kind)",
+            s3_fetches.clone(),
+        );
+        let log_events_relayed = Family::<LevelLabel, Counter>::default();
+        registry.register(
+            "enclave_log_events_relayed",
+            "Enclave log events re-emitted into the daemon's log, by level",
+            log_events_relayed.clone(),
+        );
+        let log_reads = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "enclave_log_reads",
+            "Reads of the enclave's log ring, by outcome (ok, error)",
+            log_reads.clone(),
+        );
+        enclave_breaker_state.set(-1);
         Metrics {
             registry,
             agent_requests,
@@ -297,6 +432,20 @@ impl Metrics {
             enclave_audit_dropped,
             enclave_audit_gaps,
             enclave_audit_last_seq,
+            enclave_kms_calls,
+            enclave_breaker_state,
+            enclave_breaker_failures,
+            enclave_breaker_opened,
+            enclave_log_buffered,
+            enclave_log_dropped,
+            audit_drained,
+            audit_drains,
+            audit_since_drain,
+            last_audit_drain: Mutex::new(None),
+            s3_fetches,
+            log_events_relayed,
+            log_reads,
+            relayed: Mutex::new(Relayed::default()),
             health: std::sync::OnceLock::new(),
         }
     }
@@ -362,13 +511,62 @@ impl Metrics {
         OpenConnection(self.forwarder_open.clone())
     }
 
-    /// Adds the bytes one forwarded connection moved.
-    pub fn forwarder_bytes(&self, to_upstream: u64, to_enclave: u64) {
-        for (direction, bytes) in [("to_upstream", to_upstream), ("to_enclave", to_enclave)] {
+    /// The forwarded-bytes counters (to the upstream, to the enclave), for
+    /// a connection to add to as each chunk passes.
+    pub fn forwarder_byte_counters(&self) -> (Counter, Counter) {
+        let counter = |direction| {
             self.forwarder_bytes
                 .get_or_create(&DirectionLabel { direction })
-                .inc_by(bytes);
+                .clone()
+        };
+        (counter("to_upstream"), counter("to_enclave"))
+    }
+
+    /// Counts one poll of the audit trail: `Some(records written)` when it
+    /// succeeded.
+    pub fn audit_drain(&self, written: Option<usize>) {
+        let outcome = if written.is_some() { "ok" } else { "error" };
+        self.audit_drains
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+        if let Some(written) = written {
+            self.audit_drained
+                .inc_by(u64::try_from(written).unwrap_or(u64::MAX));
+            *self
+                .last_audit_drain
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         }
+    }
+
+    /// Counts one fetch of the S3 secrets file: `ok`, `not_modified` or an
+    /// error kind (a fixed set, [`crate::proxy::source::S3ErrorKind::as_str`]).
+    pub fn s3_fetch(&self, outcome: &'static str) {
+        self.s3_fetches
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    /// Counts one read of the enclave's log ring and what it carried.
+    pub fn log_read(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.log_reads
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    /// Counts one enclave log event re-emitted at `level`.
+    pub fn log_event_relayed(&self, level: LogLevel) {
+        let level = match level {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        };
+        self.log_events_relayed
+            .get_or_create(&LevelLabel { level })
+            .inc();
     }
 
     /// Sets the relayed gauges from an enclave's `Status` answer.
@@ -389,10 +587,61 @@ impl Metrics {
             self.enclave_audit_last_seq
                 .set(audit.last_seq.map_or(-1, int));
         }
+        match &status.breaker {
+            Some(breaker) => {
+                self.enclave_breaker_state
+                    .set(breaker_state_value(&breaker.state));
+                self.enclave_breaker_failures
+                    .set(int(breaker.consecutive_failures));
+            }
+            None => {
+                self.enclave_breaker_state.set(-1);
+            }
+        }
+        if let Some(logs) = &status.logs {
+            self.enclave_log_buffered.set(int(logs.buffered));
+            self.enclave_log_dropped.set(int(logs.dropped));
+        }
+        let mut relayed = self.relayed.lock().unwrap_or_else(PoisonError::into_inner);
+        let restarted = status.uptime_ms < relayed.uptime_ms;
+        relayed.uptime_ms = status.uptime_ms;
+        if let Some(breaker) = &status.breaker {
+            let more = relayed.advance(("breaker", "opened"), breaker.opened, restarted);
+            self.enclave_breaker_opened.inc_by(more);
+        }
+        if restarted {
+            // A new run counts from zero: forget the old run's values.
+            relayed.counts.retain(|key, _| key.0 == "breaker");
+        }
+        if let Some(kms) = &status.kms {
+            // Sums per label first: two entries mapped to `other` add up.
+            let mut now: HashMap<(&'static str, &'static str), u64> = HashMap::new();
+            for call in &kms.calls {
+                let key = (
+                    known_label(KMS_OPERATIONS, &call.operation),
+                    known_label(KMS_CALL_OUTCOMES, &call.outcome),
+                );
+                let sum = now.entry(key).or_default();
+                *sum = sum.saturating_add(call.count);
+            }
+            for ((operation, outcome), count) in now {
+                let more = relayed.advance((operation, outcome), count, false);
+                self.enclave_kms_calls
+                    .get_or_create(&KmsCallLabels { operation, outcome })
+                    .inc_by(more);
+            }
+        }
     }
 
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let last_drain = *self
+            .last_audit_drain
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = last_drain {
+            self.audit_since_drain.set(at.elapsed().as_secs_f64());
+        }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
         Ok(text)
@@ -410,12 +659,31 @@ impl Metrics {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Kept open between polls: a connection per poll would put two
+        // lines a poll into the enclave's (relayed) log.
+        let mut client = None;
         loop {
             tokio::select! {
                 () = &mut shutdown => return,
                 _ = tick.tick() => {}
             }
-            match tokio::time::timeout(STATUS_TIMEOUT, fetch_status(&enclave)).await {
+            let reused = client.is_some();
+            let mut polled =
+                tokio::time::timeout(STATUS_TIMEOUT, fetch_status(&enclave, &mut client)).await;
+            if !matches!(polled, Ok(Ok(_))) {
+                client = None;
+                // The kept connection may just have idled out: one retry
+                // on a fresh one before the enclave counts as down.
+                if reused {
+                    polled =
+                        tokio::time::timeout(STATUS_TIMEOUT, fetch_status(&enclave, &mut client))
+                            .await;
+                    if !matches!(polled, Ok(Ok(_))) {
+                        client = None;
+                    }
+                }
+            }
+            match polled {
                 Ok(Ok(status)) => {
                     self.set_status(&status);
                     self.status_polls
@@ -469,6 +737,7 @@ pub fn op_name(op: &RequestOp) -> &'static str {
         RequestOp::GetCredentials => "get_credentials",
         RequestOp::AuditRead { .. } => "audit_read",
         RequestOp::AuditCheckpoint => "audit_checkpoint",
+        RequestOp::LogRead { .. } => "log_read",
     }
 }
 
@@ -485,17 +754,26 @@ fn outcome_name(code: ErrorCode) -> &'static str {
     }
 }
 
-/// One `Status` call over a fresh privileged connection.
-async fn fetch_status(enclave: &Endpoint) -> Result<StatusReport, keystore_shared::ClientError> {
-    let mut client = Client::connect_with(
-        enclave,
-        ClientConfig {
-            privileged: true,
-            ..ClientConfig::default()
-        },
-    )
-    .await?;
-    client.status().await
+/// One `Status` call over `client`'s privileged connection, opened first
+/// if there is none.
+async fn fetch_status(
+    enclave: &Endpoint,
+    client: &mut Option<Client>,
+) -> Result<StatusReport, keystore_shared::ClientError> {
+    let connected = match client {
+        Some(connected) => connected,
+        None => client.insert(
+            Client::connect_with(
+                enclave,
+                ClientConfig {
+                    privileged: true,
+                    ..ClientConfig::default()
+                },
+            )
+            .await?,
+        ),
+    };
+    connected.status().await
 }
 
 /// Answers scrapes.
@@ -615,6 +893,136 @@ mod tests {
         assert!(
             text.contains("keystore_agent_requests_total{op=\"list\",outcome=\"denied\"} 1000")
         );
+    }
+
+    /// `StatusReport` with these KMS counts, breaker opened count and
+    /// uptime.
+    fn status_with(calls: &[(&str, &str, u64)], opened: u64, uptime_ms: u64) -> StatusReport {
+        use keystore_shared::protocol::{BreakerStatus, KmsCallCount, KmsCallStats};
+        StatusReport {
+            uptime_ms,
+            kms: Some(KmsCallStats {
+                calls: calls
+                    .iter()
+                    .map(|(operation, outcome, count)| KmsCallCount {
+                        operation: (*operation).to_owned(),
+                        outcome: (*outcome).to_owned(),
+                        count: *count,
+                    })
+                    .collect(),
+            }),
+            breaker: Some(BreakerStatus {
+                state: "open".into(),
+                consecutive_failures: 4,
+                next_probe_in_ms: Some(100),
+                opened,
+            }),
+            ..StatusReport::default()
+        }
+    }
+
+    #[test]
+    fn relayed_kms_counts_stay_monotonic_and_bounded() {
+        let metrics = Metrics::new();
+        metrics.set_status(&status_with(
+            &[("Decrypt", "ok", 5), ("Decrypt", "ThrottlingException", 2)],
+            1,
+            1_000,
+        ));
+        metrics.set_status(&status_with(
+            &[
+                ("Decrypt", "ok", 7),
+                ("Decrypt", "ThrottlingException", 2),
+                // Labels a peer made up are counted as `other`, summed.
+                ("Decrypt", "EvilException<script>", 1),
+                ("Decrypt", "AnotherMadeUp", 2),
+                ("Encrypt", "ok", 1),
+            ],
+            2,
+            2_000,
+        ));
+        let text = metrics.encode().unwrap();
+        let has = |line: &str| assert!(text.contains(line), "{line} missing:\n{text}");
+        has("keystore_enclave_kms_calls_total{operation=\"Decrypt\",outcome=\"ok\"} 7\n");
+        has(
+            "keystore_enclave_kms_calls_total{operation=\"Decrypt\",outcome=\"ThrottlingException\"} 2\n",
+        );
+        has("keystore_enclave_kms_calls_total{operation=\"Decrypt\",outcome=\"other\"} 3\n");
+        has("keystore_enclave_kms_calls_total{operation=\"other\",outcome=\"ok\"} 1\n");
+        has("keystore_enclave_kms_breaker_opened_total 2\n");
+        has("keystore_enclave_kms_breaker_state 2\n");
+        has("keystore_enclave_kms_breaker_consecutive_failures 4\n");
+        assert!(!text.contains("Evil"), "{text}");
+        // The enclave restarts (uptime went down): its counts start over,
+        // the daemon's counters keep growing.
+        metrics.set_status(&status_with(&[("Decrypt", "ok", 3)], 1, 500));
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(
+                "keystore_enclave_kms_calls_total{operation=\"Decrypt\",outcome=\"ok\"} 10\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("keystore_enclave_kms_breaker_opened_total 3\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn breaker_states_have_documented_values() {
+        assert_eq!(breaker_state_value("closed"), 0);
+        assert_eq!(breaker_state_value("half-open"), 1);
+        assert_eq!(breaker_state_value("open"), 2);
+        assert_eq!(breaker_state_value("melted"), -1);
+        let text = Metrics::new().encode().unwrap();
+        // No enclave seen yet: unknown.
+        assert!(
+            text.contains("keystore_enclave_kms_breaker_state -1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn audit_drains_s3_fetches_and_relayed_logs_are_counted() {
+        let metrics = Metrics::new();
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains("keystore_audit_seconds_since_last_drain -1.0\n"),
+            "{text}"
+        );
+        metrics.audit_drain(Some(3));
+        metrics.audit_drain(None);
+        metrics.audit_drain(Some(0));
+        metrics.s3_fetch("ok");
+        metrics.s3_fetch("not_modified");
+        metrics.s3_fetch("not_modified");
+        metrics.log_read(true);
+        metrics.log_event_relayed(LogLevel::Warn);
+        metrics.log_event_relayed(LogLevel::Warn);
+        let (up, down) = metrics.forwarder_byte_counters();
+        up.inc_by(10);
+        down.inc_by(20);
+        let text = metrics.encode().unwrap();
+        for line in [
+            "keystore_audit_drained_records_total 3\n",
+            "keystore_audit_drains_total{outcome=\"ok\"} 2\n",
+            "keystore_audit_drains_total{outcome=\"error\"} 1\n",
+            "keystore_s3_fetches_total{outcome=\"not_modified\"} 2\n",
+            "keystore_enclave_log_reads_total{outcome=\"ok\"} 1\n",
+            "keystore_enclave_log_events_relayed_total{level=\"warn\"} 2\n",
+            "keystore_forwarder_bytes_total{direction=\"to_upstream\"} 10\n",
+            "keystore_forwarder_bytes_total{direction=\"to_enclave\"} 20\n",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        let since = text
+            .lines()
+            .find_map(|l| l.strip_prefix("keystore_audit_seconds_since_last_drain "))
+            .unwrap()
+            .parse::<f64>()
+            .unwrap();
+        assert!(since >= 0.0, "{since}");
     }
 
     #[test]

@@ -243,6 +243,19 @@ impl Client {
         }
     }
 
+    /// The enclave's log events after `after` (at most `max`; load port,
+    /// privileged connections only). Naming `after` acknowledges it.
+    pub async fn log_read(
+        &mut self,
+        after: Option<crate::protocol::LogCursor>,
+        max: u32,
+    ) -> Result<crate::protocol::LogBatch, ClientError> {
+        match self.call(RequestOp::LogRead { after, max }).await? {
+            ResponseBody::LogRecords(batch) => Ok(batch),
+            other => Err(unexpected("log_read", &other)),
+        }
+    }
+
     /// A fresh attestation document binding `nonce` (and `user_data`). The
     /// document is returned unverified: check it with
     /// [`crate::attestation::Verifier`] before trusting anything in it.

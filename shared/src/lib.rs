@@ -28,6 +28,7 @@ pub use endpoint::{Endpoint, EndpointError, Listener, Peer, Stream};
 pub use frame::{Connection, FrameError, FrameLimits};
 pub use name::{NameError, SecretName};
 pub use protocol::{
-    Credentials, ErrorCode, LoadEntry, PROTOCOL_VERSION, ProtocolError, Request, RequestOp,
-    Response, ResponseBody, SecretBytes, SecretString, StatusReport,
+    Credentials, ErrorCode, LoadEntry, LogBatch, LogCursor, LogEvent, LogLevel, PROTOCOL_VERSION,
+    ProtocolError, Request, RequestOp, Response, ResponseBody, SecretBytes, SecretString,
+    StatusReport,
 };

@@ -117,6 +117,169 @@ pub enum RequestOp {
     },
     /// Makes an attested checkpoint now (load port, privileged peers only).
     AuditCheckpoint,
+    /// The enclave's recent log events after `after` (load port, privileged
+    /// peers only), for the daemon to re-emit into its own log (issue 16).
+    /// Like [`RequestOp::AuditRead`], naming an event acknowledges it and
+    /// every one before it, so a restarted daemon resumes where the last
+    /// one stopped; a cursor of another run acknowledges nothing.
+    LogRead {
+        /// The last event the reader has re-emitted, if any.
+        #[serde(default)]
+        after: Option<LogCursor>,
+        /// Most events wanted (the enclave caps it at [`MAX_LOG_BATCH`]).
+        max: u32,
+    },
+}
+
+/// Most events one [`ResponseBody::LogRecords`] carries; the decoder
+/// refuses the next one.
+pub const MAX_LOG_BATCH: usize = 512;
+
+/// Most bytes of events the enclave puts in one batch (at least one event
+/// is always sent): well under the response frame limit.
+pub const MAX_LOG_BATCH_BYTES: usize = 256 * 1024;
+
+/// Most fields one [`LogEvent`] carries; the decoder refuses the next one.
+pub const MAX_LOG_FIELDS: usize = 32;
+
+/// A point in the enclave's log: the run (random per enclave start) and an
+/// event's sequence number in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogCursor {
+    /// The enclave run the sequence numbers belong to.
+    pub run: u64,
+    /// The event's sequence number (the first event of a run is 1).
+    pub seq: u64,
+}
+
+/// A log event's level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LogLevel {
+    /// `ERROR`.
+    Error,
+    /// `WARN`.
+    Warn,
+    /// `INFO`.
+    Info,
+    /// `DEBUG`.
+    Debug,
+    /// `TRACE`.
+    Trace,
+}
+
+impl LogLevel {
+    /// The level as `tracing` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "ERROR",
+            LogLevel::Warn => "WARN",
+            LogLevel::Info => "INFO",
+            LogLevel::Debug => "DEBUG",
+            LogLevel::Trace => "TRACE",
+        }
+    }
+}
+
+/// One field of a [`LogEvent`]: its name and its value as text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogField {
+    /// The field's name.
+    pub name: String,
+    /// Its value, formatted (bounded by the enclave).
+    pub value: String,
+}
+
+/// One event the enclave logged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEvent {
+    /// Its sequence number in the run.
+    pub seq: u64,
+    /// When it was logged, in milliseconds since the Unix epoch (the
+    /// enclave's clock).
+    pub unix_ms: u64,
+    /// Its level.
+    pub level: LogLevel,
+    /// Its `tracing` target (the module that logged it).
+    pub target: String,
+    /// Its message.
+    pub message: String,
+    /// Its other fields, in the order logged.
+    #[serde(default, deserialize_with = "bounded_log_fields")]
+    pub fields: Vec<LogField>,
+}
+
+/// Answer to `LogRead`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LogBatch {
+    /// The enclave run these events belong to.
+    pub run: u64,
+    /// Events in sequence order (at most [`MAX_LOG_BATCH`]).
+    #[serde(deserialize_with = "bounded_log_events")]
+    pub entries: Vec<LogEvent>,
+    /// Whether more events are buffered after these.
+    #[serde(default)]
+    pub more: bool,
+    /// Events the enclave dropped since it started (its ring was full
+    /// before they were read).
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+/// Deserializes a batch's events, refusing more than [`MAX_LOG_BATCH`].
+fn bounded_log_events<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<LogEvent>, D::Error> {
+    bounded_seq::<D, LogEvent>(deserializer, MAX_LOG_BATCH, "log events")
+}
+
+/// Deserializes an event's fields, refusing more than [`MAX_LOG_FIELDS`].
+fn bounded_log_fields<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<LogField>, D::Error> {
+    bounded_seq::<D, LogField>(deserializer, MAX_LOG_FIELDS, "log fields")
+}
+
+/// Deserializes a sequence of at most `max` items (`what` names them in
+/// the error); the item past the bound is refused, not stored.
+fn bounded_seq<'de, D, T>(
+    deserializer: D,
+    max: usize,
+    what: &'static str,
+) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Bounded<T> {
+        max: usize,
+        what: &'static str,
+        item: std::marker::PhantomData<T>,
+    }
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Bounded<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "at most {} {}", self.max, self.what)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let hint = seq.size_hint().unwrap_or(0).min(self.max).min(1024);
+            let mut items = Vec::with_capacity(hint);
+            while let Some(item) = seq.next_element::<T>()? {
+                if items.len() == self.max {
+                    return Err(serde::de::Error::invalid_length(self.max + 1, &self));
+                }
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+    deserializer.deserialize_seq(Bounded {
+        max,
+        what,
+        item: std::marker::PhantomData,
+    })
 }
 
 /// Most records one [`ResponseBody::AuditRecords`] carries; the decoder
@@ -240,6 +403,7 @@ impl RequestOp {
             RequestOp::GetCredentials => "get_credentials",
             RequestOp::AuditRead { .. } => "audit_read",
             RequestOp::AuditCheckpoint => "audit_checkpoint",
+            RequestOp::LogRead { .. } => "log_read",
         }
     }
 
@@ -254,6 +418,7 @@ impl RequestOp {
             RequestOp::GetCredentials => "Credentials",
             RequestOp::AuditRead { .. } => "AuditRecords",
             RequestOp::AuditCheckpoint => "AuditCheckpointed",
+            RequestOp::LogRead { .. } => "LogRecords",
         }
     }
 }
@@ -373,6 +538,9 @@ pub struct Response {
 
 /// The outcome of a request: the success matching its operation, or an
 /// error.
+// `Status` is the large variant: a response lives for one exchange, and
+// boxing it would change every reader of `ResponseBody::Status`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ResponseBody {
     /// Answer to `Get`.
@@ -409,6 +577,8 @@ pub enum ResponseBody {
         /// Its sequence number.
         seq: u64,
     },
+    /// Answer to `LogRead`.
+    LogRecords(LogBatch),
     /// The request failed. The message never contains secret material.
     Error {
         /// Machine-readable category.
@@ -430,6 +600,7 @@ impl ResponseBody {
             ResponseBody::Credentials(_) => "Credentials",
             ResponseBody::AuditRecords(_) => "AuditRecords",
             ResponseBody::AuditCheckpointed { .. } => "AuditCheckpointed",
+            ResponseBody::LogRecords(_) => "LogRecords",
             ResponseBody::Error { .. } => "Error",
         }
     }
@@ -607,6 +778,89 @@ pub struct StatusReport {
     /// KMS. Boxed to keep [`ResponseBody`] small.
     #[serde(default)]
     pub kms_pins: Option<Box<KmsPins>>,
+    /// KMS calls since start by operation and outcome (issue 16); `None`
+    /// from an enclave too old to say or without KMS.
+    #[serde(default)]
+    pub kms: Option<KmsCallStats>,
+    /// The in-enclave log ring the daemon relays (issue 16); `None` from
+    /// an enclave too old to say or with the ring off.
+    #[serde(default)]
+    pub logs: Option<LogRingStatus>,
+}
+
+/// The outcomes a KMS call is counted under ([`KmsCallCount::outcome`]):
+/// `ok`, KMS's own `__type`s, then failures before or around an answer.
+/// A fixed set, so a peer cannot grow a metric's label values: anything
+/// else is counted as `other`.
+pub const KMS_CALL_OUTCOMES: &[&str] = &[
+    "ok",
+    "AccessDeniedException",
+    "DisabledException",
+    "KMSInvalidStateException",
+    "NotFoundException",
+    "InvalidCiphertextException",
+    "IncorrectKeyException",
+    "ValidationException",
+    "InvalidRequestException",
+    "ThrottlingException",
+    "KMSInternalException",
+    "DependencyTimeoutException",
+    "UnrecognizedClientException",
+    "InvalidSignatureException",
+    "ExpiredTokenException",
+    "proxy_connect",
+    "tls",
+    "transport",
+    "timeout",
+    "credentials",
+    "breaker_open",
+    "other",
+];
+
+/// The KMS operations the enclave counts ([`KmsCallCount::operation`]).
+pub const KMS_OPERATIONS: &[&str] = &["Decrypt"];
+
+/// Most entries of [`KmsCallStats::calls`] a reader accepts.
+pub const MAX_KMS_CALL_COUNTS: usize = 256;
+
+/// KMS calls in [`StatusReport`], one entry per (operation, outcome) seen.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct KmsCallStats {
+    /// Counts since the enclave started (only non-zero ones are sent).
+    #[serde(default, deserialize_with = "bounded_kms_calls")]
+    pub calls: Vec<KmsCallCount>,
+}
+
+/// Deserializes KMS call counts, refusing more than [`MAX_KMS_CALL_COUNTS`].
+fn bounded_kms_calls<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<KmsCallCount>, D::Error> {
+    bounded_seq::<D, KmsCallCount>(deserializer, MAX_KMS_CALL_COUNTS, "KMS call counts")
+}
+
+/// Calls of one KMS operation that ended one way.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct KmsCallCount {
+    /// One of [`KMS_OPERATIONS`].
+    pub operation: String,
+    /// One of [`KMS_CALL_OUTCOMES`].
+    pub outcome: String,
+    /// How many.
+    pub count: u64,
+}
+
+/// The enclave's log ring in [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LogRingStatus {
+    /// Events waiting to be read.
+    #[serde(default)]
+    pub buffered: u64,
+    /// Events dropped since start (the ring was full).
+    #[serde(default)]
+    pub dropped: u64,
+    /// Sequence number of the newest event (0 before the first).
+    #[serde(default)]
+    pub last_seq: u64,
 }
 
 /// What an enclave's image pins for KMS, in [`StatusReport`].

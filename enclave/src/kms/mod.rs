@@ -21,6 +21,7 @@
 //! sense. Every failure is a [`KmsError`] naming its stage.
 
 pub mod breaker;
+pub mod calls;
 pub mod credentials;
 pub mod error_code;
 pub mod pinned;
@@ -46,6 +47,7 @@ use keystore_shared::endpoint::{Endpoint, VSOCK_CID_PARENT};
 use zeroize::Zeroizing;
 
 use breaker::{Breaker, BreakerConfig, BreakerSnapshot, Outcome};
+use calls::{KmsCalls, KmsOperation};
 
 use crate::recipient::{RecipientError, RecipientPair};
 use credentials::{CredentialsConfig, CredentialsError, CredentialsProvider};
@@ -349,6 +351,8 @@ pub struct Kms {
     preferred: Arc<AtomicUsize>,
     /// Shared by every clone: one view of KMS's health.
     breaker: Arc<Breaker>,
+    /// Calls by operation and outcome, shared by every clone.
+    calls: Arc<KmsCalls>,
 }
 
 impl fmt::Debug for Kms {
@@ -396,6 +400,7 @@ impl Kms {
             pinned: config.pinned_keys,
             preferred: Arc::new(AtomicUsize::new(0)),
             breaker: Arc::new(Breaker::new(config.breaker)),
+            calls: Arc::new(KmsCalls::default()),
         })
     }
 
@@ -420,6 +425,11 @@ impl Kms {
     /// The circuit breaker's state, for `status`.
     pub fn breaker(&self) -> BreakerSnapshot {
         self.breaker.snapshot()
+    }
+
+    /// KMS calls since start by operation and outcome, for `status`.
+    pub fn call_stats(&self) -> keystore_shared::protocol::KmsCallStats {
+        self.calls.snapshot()
     }
 
     /// The credentials provider (shared with the SDK).
@@ -484,10 +494,12 @@ impl Kms {
             // Resolve credentials first so a failure there is reported as
             // the credentials stage, not buried in the SDK's error chain.
             // The SDK then gets the same (cached) credentials.
-            self.credentials
-                .credentials()
-                .await
-                .map_err(KmsError::Credentials)?;
+            if let Err(err) = self.credentials.credentials().await {
+                let err = KmsError::Credentials(err);
+                self.calls
+                    .count(KmsOperation::Decrypt, calls::outcome_of(&err));
+                return Err(err);
+            }
             let recipient = RecipientInfo::builder()
                 .key_encryption_algorithm(KeyEncryptionMechanism::RsaesOaepSha256)
                 .attestation_document(Blob::new(pair.document().to_vec()))
@@ -503,16 +515,25 @@ impl Kms {
             }
             // Checked per HTTP call, so neither the loader's retries nor
             // the credentials retry can call an open breaker's KMS.
-            let permit = self.breaker.admit().map_err(|r| KmsError::BreakerOpen {
-                retry_in: r.retry_in,
-            })?;
+            let permit = match self.breaker.admit() {
+                Ok(permit) => permit,
+                Err(refused) => {
+                    self.calls.count(KmsOperation::Decrypt, "breaker_open");
+                    return Err(KmsError::BreakerOpen {
+                        retry_in: refused.retry_in,
+                    });
+                }
+            };
             match request.send().await {
                 Ok(output) => {
                     permit.finish(Outcome::Answered);
+                    self.calls.count(KmsOperation::Decrypt, "ok");
                     break output;
                 }
                 Err(err) => {
                     let err = classify(err, context, pair, &self.pinned);
+                    self.calls
+                        .count(KmsOperation::Decrypt, calls::outcome_of(&err));
                     permit.finish(if err.is_service_fault() {
                         Outcome::Fault
                     } else if matches!(err, KmsError::Credentials(_) | KmsError::Other(_)) {

@@ -195,6 +195,16 @@ async fn only_privileged_peers_reach_the_real_enclaves_ports() {
         (&load_port, load(Vec::new())),
         (&load_port, load(rollback())),
         (&load_port, Request::new(4, RequestOp::Status)),
+        (
+            &load_port,
+            Request::new(
+                5,
+                RequestOp::LogRead {
+                    after: None,
+                    max: 10,
+                },
+            ),
+        ),
     ] {
         let message = denied(as_nobody(endpoint, &request));
         assert!(message.contains("source port is above 1023"), "{message}");
@@ -231,6 +241,15 @@ async fn only_privileged_peers_reach_the_real_enclaves_ports() {
         .await
         .unwrap_err();
     assert_ne!(err.code(), Some(ErrorCode::Denied), "{err}");
+    // The log ring is read on the load port only (its `ready` event is
+    // there although `--log-level warn` kept it off stderr).
+    let batch = loader.log_read(None, 100).await.unwrap();
+    assert!(
+        batch.entries.iter().any(|e| e.message == "ready"),
+        "{batch:?}"
+    );
+    let err = client.log_read(None, 100).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadRequest), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -169,12 +169,13 @@ impl UnixHandler {
             RequestOp::Load { .. }
             | RequestOp::GetCredentials
             | RequestOp::AuditRead { .. }
-            | RequestOp::AuditCheckpoint => {
+            | RequestOp::AuditCheckpoint
+            | RequestOp::LogRead { .. } => {
                 return Response::error(
                     id,
                     ErrorCode::Denied,
                     format!(
-                        "the agent does not forward {kind}: loading and the audit trail are the host daemon's, on the enclave's load port"
+                        "the agent does not forward {kind}: loading, the audit trail and the enclave's log are the host daemon's, on the enclave's load port"
                     ),
                 );
             }

@@ -12,6 +12,7 @@ use keystore_host::doctor::network::{DaemonInfo, ForwardInfo};
 use keystore_host::metrics::Metrics;
 use keystore_host::proxy::audit_log::{self, AuditDrain, AuditLogConfig};
 use keystore_host::proxy::credentials::{self, CredentialCache, ServiceLimits};
+use keystore_host::proxy::enclave_logs::{LogRelay, LogRelayConfig};
 use keystore_host::proxy::forwarder::{Forward, ForwarderLimits};
 use keystore_host::proxy::source::{S3Source, SecretsLocation, SecretsSource};
 use keystore_host::proxy::{MetricsService, Proxy, ProxyConfig};
@@ -96,6 +97,13 @@ pub struct ProxyArgs {
     /// `keystore_audit`).
     #[arg(long)]
     pub audit_journald: bool,
+    /// Do not relay the enclave's log events into this daemon's log (they
+    /// then stay in the enclave's ring, readable only on its console).
+    #[arg(long)]
+    pub no_enclave_logs: bool,
+    /// Seconds between two reads of the enclave's log ring.
+    #[arg(long, value_name = "SECONDS", default_value_t = 2)]
+    pub enclave_log_poll: u64,
     /// Where the Prometheus metrics are served (`GET /metrics`); a tcp
     /// address must be a loopback one.
     #[arg(long, value_name = "ENDPOINT", default_value = keystore_host::metrics::DEFAULT_LISTEN)]
@@ -167,6 +175,12 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
             .context("--audit-log")?,
         )
     };
+    let relay = (!args.no_enclave_logs).then(|| {
+        LogRelay::new(LogRelayConfig {
+            poll: Duration::from_secs(args.enclave_log_poll.max(1)),
+            ..LogRelayConfig::new(args.load_to.clone())
+        })
+    });
     let mut config = ProxyConfig {
         forwards,
         forwarder_limits: ForwarderLimits {
@@ -205,6 +219,9 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
         let mut proxy = Proxy::bind(config, CredentialCache::new(provider)).await?;
         if let Some(drain) = audit {
             proxy = proxy.with_audit_drain(drain);
+        }
+        if let Some(relay) = relay {
+            proxy = proxy.with_log_relay(relay);
         }
         if let Some(metrics) = metrics {
             let listener = bind_metrics(&args.metrics_listen).await?;

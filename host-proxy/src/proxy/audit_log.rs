@@ -468,6 +468,7 @@ pub struct AuditDrain {
     config: AuditLogConfig,
     log: Option<AuditLogFile>,
     client: Option<Client>,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl AuditDrain {
@@ -479,7 +480,14 @@ impl AuditDrain {
             config,
             log: None,
             client: None,
+            metrics: None,
         })
+    }
+
+    /// Counts each poll (outcome, records written, time of the last
+    /// success) into `metrics`.
+    pub fn set_metrics(&mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) {
+        self.metrics = Some(metrics);
     }
 
     /// What went wrong so far (zero before the log is opened).
@@ -565,7 +573,11 @@ impl AuditDrain {
         tokio::pin!(stop);
         let mut failing = false;
         loop {
-            match self.drain_once().await {
+            let drained = self.drain_once().await;
+            if let Some(metrics) = &self.metrics {
+                metrics.audit_drain(drained.as_ref().ok().copied());
+            }
+            match drained {
                 Ok(written) => {
                     if failing {
                         tracing::info!("audit drain recovered");

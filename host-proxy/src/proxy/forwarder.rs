@@ -31,7 +31,10 @@ use std::time::{Duration, Instant};
 
 use keystore_shared::endpoint::{Endpoint, EndpointError, Listener};
 use keystore_shared::serve::{Accepted, Handler, ServeConfig, ServeError, VsockCidPeers, serve};
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::task::{Context, Poll};
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Copy buffer per direction. 64 KiB matches `socat -b 65536` and the
@@ -430,12 +433,16 @@ impl Forwarder {
         // An idle or over-long connection is cut by the accept loop, which
         // logs it; the counts below come from the stream it watches.
         let open = self.metrics.as_ref().map(|m| m.forwarder_opened());
-        let ended = pipe(&mut client, upstream).await;
+        // Counted live, per chunk: the enclave keeps its KMS connection
+        // open for a long time, so a count at close would hardly move.
+        let (up, down) = self
+            .metrics
+            .as_ref()
+            .map(|m| m.forwarder_byte_counters())
+            .unzip();
+        let ended = pipe(Metered::new(&mut client, up, down), upstream).await;
         drop(open);
         let (to_upstream, to_client) = (client.bytes_read(), client.bytes_written());
-        if let Some(metrics) = &self.metrics {
-            metrics.forwarder_bytes(to_upstream, to_client);
-        }
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match ended {
             Ok(_) => tracing::info!(
@@ -447,6 +454,72 @@ impl Forwarder {
                 elapsed_ms, error = %err, "connection failed"
             ),
         }
+    }
+}
+
+/// A stream whose bytes read and written are added to counters as they
+/// pass (reads from the enclave go upstream, writes go to the enclave).
+struct Metered<S> {
+    inner: S,
+    read: Option<Counter>,
+    written: Option<Counter>,
+}
+
+impl<S> Metered<S> {
+    fn new(inner: S, read: Option<Counter>, written: Option<Counter>) -> Self {
+        Metered {
+            inner,
+            read,
+            written,
+        }
+    }
+}
+
+fn add(counter: Option<&Counter>, bytes: usize) {
+    if let Some(counter) = counter
+        && bytes > 0
+    {
+        counter.inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &polled {
+            add(
+                self.read.as_ref(),
+                buf.filled().len().saturating_sub(before),
+            );
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &polled {
+            add(self.written.as_ref(), *n);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

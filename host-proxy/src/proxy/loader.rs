@@ -204,6 +204,9 @@ impl Loader {
 
     /// Counts each load (outcome and duration) into `metrics`.
     pub fn set_metrics(&mut self, metrics: Arc<crate::metrics::Metrics>) {
+        if let SecretsSource::S3(s3) = &mut self.config.source {
+            s3.set_metrics(metrics.clone());
+        }
         self.metrics = Some(metrics);
     }
 

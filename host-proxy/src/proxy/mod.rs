@@ -1,7 +1,8 @@
 //! The proxy daemon (`keystore-host proxy`): the KMS forwarders
 //! ([`forwarder`]), the credentials service ([`credentials`]), the
-//! secrets loader ([`loader`]) and the audit drain ([`audit_log`]), run
-//! together on the parent instance.
+//! secrets loader ([`loader`]), the audit drain ([`audit_log`]) and the
+//! enclave log relay ([`enclave_logs`]), run together on the parent
+//! instance.
 //!
 //! Every listener is bound before anything is served, so a bad address or a
 //! port in use fails start-up with a clear error instead of leaving a proxy
@@ -18,12 +19,14 @@ use tokio::task::JoinSet;
 
 pub mod audit_log;
 pub mod credentials;
+pub mod enclave_logs;
 pub mod forwarder;
 pub mod loader;
 pub mod source;
 
 use audit_log::AuditDrain;
 use credentials::{CredentialCache, CredentialsService, ServiceLimits};
+use enclave_logs::LogRelay;
 use forwarder::{Forward, Forwarder, ForwarderLimits};
 use loader::{Loader, LoaderConfig, ReloadTrigger};
 use source::SecretsSource;
@@ -99,6 +102,7 @@ pub struct Proxy {
     credentials: (CredentialsService, keystore_shared::Listener),
     loader: Option<Loader>,
     audit: Option<AuditDrain>,
+    logs: Option<LogRelay>,
     metrics: Option<MetricsService>,
     stop: watch::Sender<bool>,
 }
@@ -109,6 +113,7 @@ impl std::fmt::Debug for Proxy {
             .field("forwarders", &self.forwarders.len())
             .field("loader", &self.loader.is_some())
             .field("audit", &self.audit.is_some())
+            .field("logs", &self.logs.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -145,14 +150,27 @@ impl Proxy {
             ),
             loader,
             audit: None,
+            logs: None,
             metrics: None,
             stop: watch::channel(false).0,
         })
     }
 
     /// Also drains the enclave's audit trail into a log file.
-    pub fn with_audit_drain(mut self, drain: AuditDrain) -> Self {
+    pub fn with_audit_drain(mut self, mut drain: AuditDrain) -> Self {
+        if let Some(service) = &self.metrics {
+            drain.set_metrics(service.metrics.clone());
+        }
         self.audit = Some(drain);
+        self
+    }
+
+    /// Relays the enclave's log events into the daemon's log with `relay`.
+    pub fn with_log_relay(mut self, mut relay: LogRelay) -> Self {
+        if let Some(service) = &self.metrics {
+            relay.set_metrics(service.metrics.clone());
+        }
+        self.logs = Some(relay);
         self
     }
 
@@ -168,6 +186,12 @@ impl Proxy {
             .collect();
         if let Some(loader) = &mut self.loader {
             loader.set_metrics(service.metrics.clone());
+        }
+        if let Some(drain) = &mut self.audit {
+            drain.set_metrics(service.metrics.clone());
+        }
+        if let Some(relay) = &mut self.logs {
+            relay.set_metrics(service.metrics.clone());
         }
         self.metrics = Some(service);
         self
@@ -259,6 +283,13 @@ impl Proxy {
             let done = stopped(&self.stop);
             tasks.spawn(async move {
                 drain.run(done).await;
+                Ok(())
+            });
+        }
+        if let Some(relay) = self.logs {
+            let done = stopped(&self.stop);
+            tasks.spawn(async move {
+                relay.run(done).await;
                 Ok(())
             });
         }

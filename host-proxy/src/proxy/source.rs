@@ -11,11 +11,13 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::error::SdkError;
 use zeroize::Zeroizing;
 
+use crate::metrics::Metrics;
 use crate::secrets_file::dotenv::MAX_FILE_SIZE;
 use crate::secrets_file::{self, ReadError};
 
@@ -30,6 +32,78 @@ pub struct S3Source {
     url: S3Url,
     client: aws_sdk_s3::Client,
     timeout: Duration,
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// How an S3 fetch failed, as the `outcome` label of
+/// `keystore_s3_fetches_total` (a fixed set; the detail stays in the
+/// error's text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum S3ErrorKind {
+    /// No answer within the fetch timeout.
+    Timeout,
+    /// S3 refused the role (`AccessDenied`, HTTP 403).
+    AccessDenied,
+    /// No such bucket or key (HTTP 404).
+    NotFound,
+    /// Any other error S3 answered with.
+    Service,
+    /// Connecting or reading failed below HTTP.
+    Transport,
+    /// The object is larger than a secrets file may be.
+    TooLarge,
+    /// The answer lacked what a fetch needs (an ETag).
+    InvalidAnswer,
+    /// Anything else (building the request).
+    Other,
+}
+
+impl S3ErrorKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            S3ErrorKind::Timeout => "timeout",
+            S3ErrorKind::AccessDenied => "access_denied",
+            S3ErrorKind::NotFound => "not_found",
+            S3ErrorKind::Service => "service_error",
+            S3ErrorKind::Transport => "transport",
+            S3ErrorKind::TooLarge => "too_large",
+            S3ErrorKind::InvalidAnswer => "invalid_answer",
+            S3ErrorKind::Other => "other",
+        }
+    }
+
+    /// The kind of an SDK error.
+    fn of<E, R>(err: &SdkError<E, R>) -> S3ErrorKind
+    where
+        E: aws_sdk_s3::error::ProvideErrorMetadata,
+    {
+        match err {
+            SdkError::ServiceError(service) => {
+                let code = service.err().code().unwrap_or("");
+                match code {
+                    "AccessDenied"
+                    | "Forbidden"
+                    | "InvalidAccessKeyId"
+                    | "SignatureDoesNotMatch"
+                    | "ExpiredToken" => S3ErrorKind::AccessDenied,
+                    "NoSuchKey" | "NoSuchBucket" | "NotFound" => S3ErrorKind::NotFound,
+                    _ => S3ErrorKind::Service,
+                }
+            }
+            SdkError::TimeoutError(_) => S3ErrorKind::Timeout,
+            SdkError::DispatchFailure(failure) if failure.is_timeout() => S3ErrorKind::Timeout,
+            SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => S3ErrorKind::Transport,
+            _ => S3ErrorKind::Other,
+        }
+    }
+}
+
+/// A failed fetch before it becomes a [`SourceError`]: its kind for the
+/// metrics, and the value-free reason.
+struct S3Failure {
+    kind: S3ErrorKind,
+    reason: String,
 }
 
 impl S3Source {
@@ -40,7 +114,13 @@ impl S3Source {
             url,
             client,
             timeout,
+            metrics: None,
         }
+    }
+
+    /// Counts each fetch's outcome into `metrics`.
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
     }
 
     /// The object's URL.
@@ -54,22 +134,32 @@ impl S3Source {
         &self,
         etag: Option<&str>,
     ) -> Result<Option<(Zeroizing<Vec<u8>>, String)>, SourceError> {
-        tokio::time::timeout(self.timeout, self.fetch_unbounded(etag))
+        let fetched = tokio::time::timeout(self.timeout, self.fetch_unbounded(etag))
             .await
-            .map_err(|_| SourceError::S3 {
-                url: self.url.to_string(),
-                reason: format!("no answer within {:?}", self.timeout),
-            })?
+            .unwrap_or_else(|_| {
+                Err(S3Failure {
+                    kind: S3ErrorKind::Timeout,
+                    reason: format!("no answer within {:?}", self.timeout),
+                })
+            });
+        if let Some(metrics) = &self.metrics {
+            metrics.s3_fetch(match &fetched {
+                Ok(Some(_)) => "ok",
+                Ok(None) => "not_modified",
+                Err(failure) => failure.kind.as_str(),
+            });
+        }
+        fetched.map_err(|failure| SourceError::S3 {
+            url: self.url.to_string(),
+            reason: failure.reason,
+        })
     }
 
     async fn fetch_unbounded(
         &self,
         etag: Option<&str>,
-    ) -> Result<Option<(Zeroizing<Vec<u8>>, String)>, SourceError> {
-        let fail = |reason: String| SourceError::S3 {
-            url: self.url.to_string(),
-            reason,
-        };
+    ) -> Result<Option<(Zeroizing<Vec<u8>>, String)>, S3Failure> {
+        let fail = |kind: S3ErrorKind, reason: String| S3Failure { kind, reason };
         let mut request = self
             .client
             .get_object()
@@ -86,10 +176,20 @@ impl S3Source {
                 {
                     return Ok(None);
                 }
-                return Err(fail(describe(&err)));
+                let kind = match err.raw_response().map(|r| r.status().as_u16()) {
+                    Some(403) => S3ErrorKind::AccessDenied,
+                    Some(404) => S3ErrorKind::NotFound,
+                    _ => S3ErrorKind::of(&err),
+                };
+                return Err(fail(kind, describe(&err)));
             }
         };
-        let too_large = || fail(format!("object larger than {MAX_FILE_SIZE} bytes"));
+        let too_large = || {
+            fail(
+                S3ErrorKind::TooLarge,
+                format!("object larger than {MAX_FILE_SIZE} bytes"),
+            )
+        };
         if output
             .content_length()
             .is_some_and(|len| len < 0 || len as u64 > MAX_FILE_SIZE as u64)
@@ -98,15 +198,21 @@ impl S3Source {
         }
         let new_etag = output
             .e_tag()
-            .ok_or_else(|| fail("the answer carries no ETag".to_owned()))?
+            .ok_or_else(|| {
+                fail(
+                    S3ErrorKind::InvalidAnswer,
+                    "the answer carries no ETag".to_owned(),
+                )
+            })?
             .to_owned();
         let mut body = output.body;
         let mut bytes = Zeroizing::new(Vec::new());
-        while let Some(chunk) = body
-            .try_next()
-            .await
-            .map_err(|e| fail(format!("reading the object failed: {e}")))?
-        {
+        while let Some(chunk) = body.try_next().await.map_err(|e| {
+            fail(
+                S3ErrorKind::Transport,
+                format!("reading the object failed: {e}"),
+            )
+        })? {
             if bytes.len() + chunk.len() > MAX_FILE_SIZE {
                 return Err(too_large());
             }

@@ -21,6 +21,7 @@ mod doctor;
 mod dotenv;
 mod e2e;
 mod edit;
+mod enclave_logs;
 mod encrypt;
 mod file_key;
 mod formats;

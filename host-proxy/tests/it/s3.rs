@@ -291,6 +291,21 @@ pub async fn loaded_followed_by_etag_and_kept_on_failure(mut s: S3Stack) {
     for secret in ["from-s3-one", "from-s3-two", "from-s3-three"] {
         assert!(!log.contains(secret), "a value reached a log");
     }
+
+    // Each fetch was counted by outcome: bodies, 304s and the missing key.
+    let url = s.stack.metrics_url().await;
+    let (status, text) = crate::metrics::scrape(&url);
+    assert_eq!(status, 200, "{text}");
+    let samples = crate::metrics::parse(&text);
+    let get = |outcome: &str| {
+        samples
+            .get(&format!("keystore_s3_fetches_total{{outcome={outcome}}}"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    assert!(get("ok") >= 3.0, "{text}");
+    assert!(get("not_modified") >= 1.0, "{text}");
+    assert!(get("not_found") >= 1.0, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,7 +79,7 @@ fn response() -> impl Strategy<Value = Response> {
                     last_good_load_unix_ms: age,
                     max_stale_ms: bits.map(u64::from),
                     breaker: None,
-                    kms_pins: None,
+                    ..StatusReport::default()
                 })
             }),
         bytes(300).prop_map(|document| ResponseBody::Attestation { document }),

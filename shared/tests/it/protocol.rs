@@ -10,9 +10,10 @@ use keystore_shared::frame::{
 use keystore_shared::protocol::{
     AuditBatch, AuditCursor, AuditEntry, AuditStatus, BreakerStatus, Credentials,
     DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME,
-    DEFAULT_MAX_SECRET_VALUE, ErrorCode, KmsPins, LoadEntry, MAX_AUDIT_BATCH, PROTOCOL_VERSION,
-    ProtocolError, Request, RequestOp, Response, ResponseBody, SecretBytes, SecretString,
-    StatusReport, max_response_frame,
+    DEFAULT_MAX_SECRET_VALUE, ErrorCode, KmsCallCount, KmsCallStats, KmsPins, LoadEntry, LogBatch,
+    LogCursor, LogEvent, LogField, LogLevel, LogRingStatus, MAX_AUDIT_BATCH, MAX_KMS_CALL_COUNTS,
+    MAX_LOG_BATCH, MAX_LOG_FIELDS, PROTOCOL_VERSION, ProtocolError, Request, RequestOp, Response,
+    ResponseBody, SecretBytes, SecretString, StatusReport, max_response_frame,
 };
 use serde::{Deserialize, Serialize};
 use serde_cbor::Value;
@@ -44,6 +45,20 @@ fn all_requests() -> Vec<Request> {
             },
         ),
         Request::new(14, RequestOp::AuditCheckpoint),
+        Request::new(
+            15,
+            RequestOp::LogRead {
+                after: Some(LogCursor { run: 77, seq: 9 }),
+                max: 100,
+            },
+        ),
+        Request::new(
+            16,
+            RequestOp::LogRead {
+                after: None,
+                max: 1,
+            },
+        ),
         Request::new(
             1,
             RequestOp::Get {
@@ -152,6 +167,18 @@ fn all_responses() -> Vec<Response> {
                             .into(),
                     ],
                 })),
+                kms: Some(KmsCallStats {
+                    calls: vec![KmsCallCount {
+                        operation: "Decrypt".into(),
+                        outcome: "ThrottlingException".into(),
+                        count: 3,
+                    }],
+                }),
+                logs: Some(LogRingStatus {
+                    buffered: 4,
+                    dropped: 1,
+                    last_seq: 20,
+                }),
             }),
         ),
         Response::new(3, ResponseBody::Status(StatusReport::default())),
@@ -182,6 +209,15 @@ fn all_responses() -> Vec<Response> {
             }),
         ),
         Response::new(11, ResponseBody::AuditCheckpointed { seq: 12 }),
+        Response::new(
+            12,
+            ResponseBody::LogRecords(LogBatch {
+                run: 77,
+                entries: vec![log_event(10)],
+                more: true,
+                dropped: 2,
+            }),
+        ),
         Response::error(8, ErrorCode::NotFound, "no secret named x"),
         Response::error(9, ErrorCode::Denied, "denied"),
         Response::error(9, ErrorCode::NotReady, "not loaded"),
@@ -590,4 +626,66 @@ fn an_audit_batch_over_the_bound_is_refused_while_decoding() {
     let bytes = serde_cbor::to_vec(&over).unwrap();
     let err = serde_cbor::from_slice::<Response>(&bytes).unwrap_err();
     assert!(err.to_string().contains("audit entries"), "{err}");
+}
+
+fn log_event(seq: u64) -> LogEvent {
+    LogEvent {
+        seq,
+        unix_ms: 1_700_000_000_000,
+        level: LogLevel::Warn,
+        target: "keystore_enclave::load".into(),
+        message: "load failed".into(),
+        fields: vec![LogField {
+            name: "stage".into(),
+            value: "tls".into(),
+        }],
+    }
+}
+
+#[test]
+fn log_batches_and_kms_counts_over_their_bounds_are_refused_while_decoding() {
+    let batch = |entries: Vec<LogEvent>| {
+        Response::new(
+            1,
+            ResponseBody::LogRecords(LogBatch {
+                run: 1,
+                entries,
+                more: false,
+                dropped: 0,
+            }),
+        )
+    };
+    let at_bound = batch(vec![log_event(1); MAX_LOG_BATCH]);
+    let bytes = serde_cbor::to_vec(&at_bound).unwrap();
+    assert_eq!(
+        serde_cbor::from_slice::<Response>(&bytes).unwrap(),
+        at_bound
+    );
+    let bytes = serde_cbor::to_vec(&batch(vec![log_event(1); MAX_LOG_BATCH + 1])).unwrap();
+    let err = serde_cbor::from_slice::<Response>(&bytes).unwrap_err();
+    assert!(err.to_string().contains("log events"), "{err}");
+
+    let mut wide = log_event(1);
+    wide.fields = vec![wide.fields[0].clone(); MAX_LOG_FIELDS + 1];
+    let bytes = serde_cbor::to_vec(&batch(vec![wide])).unwrap();
+    let err = serde_cbor::from_slice::<Response>(&bytes).unwrap_err();
+    assert!(err.to_string().contains("log fields"), "{err}");
+
+    let count = KmsCallCount {
+        operation: "Decrypt".into(),
+        outcome: "ok".into(),
+        count: 1,
+    };
+    let status = Response::new(
+        1,
+        ResponseBody::Status(StatusReport {
+            kms: Some(KmsCallStats {
+                calls: vec![count; MAX_KMS_CALL_COUNTS + 1],
+            }),
+            ..StatusReport::default()
+        }),
+    );
+    let bytes = serde_cbor::to_vec(&status).unwrap();
+    let err = serde_cbor::from_slice::<Response>(&bytes).unwrap_err();
+    assert!(err.to_string().contains("KMS call counts"), "{err}");
 }

@@ -195,6 +195,28 @@ impl Stack {
         .await;
     }
 
+    /// The proxy's `/metrics` URL, from its start-up log line.
+    pub async fn metrics_url(&self) -> String {
+        let mut url = None;
+        self.until("the proxy's metrics endpoint in its log", || {
+            let log = self.proxy.as_ref().map(Running::log).unwrap_or_default();
+            url = log
+                .lines()
+                .filter(|line| line.contains("metrics"))
+                .find_map(|line| line.split("tcp://127.0.0.1:").nth(1))
+                .map(|rest| {
+                    rest.chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect::<String>()
+                })
+                .filter(|port| !port.is_empty())
+                .map(|port| format!("http://127.0.0.1:{port}/metrics"));
+            std::future::ready(url.is_some())
+        })
+        .await;
+        url.unwrap_or_default()
+    }
+
     /// How often `needle` occurs in the proxy's log.
     pub fn proxy_log_count(&self, needle: &str) -> usize {
         self.proxy
