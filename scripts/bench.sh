@@ -4,23 +4,29 @@
 # against its peer measured in the same run, medians of --runs runs.
 # Starts every server it needs and stops each by its PID on exit.
 #
-#   scripts/bench.sh [--quick] [--runs N] [--out FILE] [--bin DIR]
+#   scripts/bench.sh [--quick] [--runs N] [--duration SECONDS] [--out FILE] [--bin DIR]
 #
 # --quick: one short run of every case with small sizes (checks the script
 #          works; its numbers mean nothing).
+# --duration: seconds per load case (default 10; 1 with --quick).
+# BENCH_ENCLAVE_FLAGS: extra flags for every enclave started (word-split),
+#          e.g. "--worker-threads 1" to compare runtimes.
 # --bin:   use binaries built earlier (keystore-enclave with feature `mock`,
 #          keystore-host, mock-kms, loadgen) instead of release builds.
+# Without --bin every binary it runs (enclave, keystore-host, the KMS
+# emulator, loadgen) is a release build (lto, codegen-units = 1), made here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-runs=5 quick=0 out=BENCHMARKS.md bin=
+runs=5 quick=0 out=BENCHMARKS.md bin= duration=
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) quick=1; runs=1 ;;
     --runs) runs=$2; shift ;;
+    --duration) duration=$2; shift ;;
     --out) out=$2; shift ;;
     --bin) bin=$2; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "bench: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -34,6 +40,8 @@ else
   dur=10 warm=1 many=10000 pv_many=${BENCH_PV_SECRETS:-500} gib=$((1024 * 1024 * 1024)) burst=1000 refresh_dur=20 keygens=5 opens=300
   bits=(2048 3072 4096) redis_n=400000
 fi
+case $duration in '') ;; *[!0-9]*|0) echo "bench: --duration needs a positive number of seconds" >&2; exit 2 ;; *) dur=$duration ;; esac
+read -r -a enclave_flags <<< "${BENCH_ENCLAVE_FLAGS:-}"
 conns=64
 
 say() { printf '\n==> %s\n' "$*" >&2; }
@@ -59,6 +67,9 @@ if [ -z "$bin" ]; then
   cargo build --locked --release -p keystore-enclave --bins --features mock
   cargo build --locked --release -p keystore-host -p keystore-tests --bins
   bin=${CARGO_TARGET_DIR:-target}/release
+  built="release builds made by this script (\`cargo build --release\`: lto, codegen-units = 1) of every binary: enclave, keystore-host, mock-kms, loadgen"
+else
+  built="given with \`--bin\` (not built by this script; release or not as given)"
 fi
 for b in keystore-enclave keystore-host mock-kms loadgen; do
   [ -x "$bin/$b" ] || { echo "bench: $bin/$b is missing" >&2; exit 1; }
@@ -73,6 +84,8 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# kms_policy, start_kms_emulator (shared with scripts/demo.sh).
+. scripts/lib.sh
 
 # stop PID: stops one server this script started and forgets it.
 stop() {
@@ -122,23 +135,8 @@ export AWS_REGION=us-east-1
 unset AWS_SESSION_TOKEN AWS_PROFILE AWS_DEFAULT_REGION
 
 say "KMS emulator and key policy"
-pcr0=$(sha384sum "$bin/keystore-enclave" | cut -d' ' -f1)
-printf '{"Measurements":{"PCR0":"%s","PCR1":"%s","PCR2":"%s"}}\n' "$pcr0" "$pcr0" "$pcr0" \
-  > "$work/measurements.json"
-"$bin/keystore-host" policy --measurements "$work/measurements.json" \
-  --enclave-role arn:aws:iam::111122223333:role/bench-parent \
-  --admin arn:aws:iam::111122223333:role/bench-admin \
-  --encrypt-principal arn:aws:iam::111122223333:role/bench-operator > "$work/policy.json"
-"$bin/mock-kms" --listen 127.0.0.1:0 --tls-dir "$work/kms-tls" \
-  --attestation-root "$work/pki/root.pem" --region us-east-1 \
-  --access-key-id "$AWS_ACCESS_KEY_ID" --secret-access-key "$AWS_SECRET_ACCESS_KEY" \
-  --key-policy "$work/policy.json" --key-id-file "$work/key-id" \
-  --ready-file "$work/kms.url" 2> "$work/kms.log" &
-pids+=($!)
-wait_for 30 "the KMS emulator" test -s "$work/kms.url" || { cat "$work/kms.log" >&2; exit 1; }
-kms_url=$(cat "$work/kms.url")
-kms_port=${kms_url##*:}
-key_id=$(cat "$work/key-id")
+kms_policy "$bin" "$work" bench
+start_kms_emulator "$bin" "$work" || exit 1
 kms_admin() { curl -sS --cacert "$work/kms-tls/ca.pem" -X "$1" "$kms_url/__admin/calls"; }
 
 # make_env FILE COUNT: COUNT secrets of 100 bytes each.
@@ -172,6 +170,7 @@ echo "  per-value encrypt of $pv_many values: $(elapsed "$t0" "$(now)") s" >&2
 start_stack() {
   local d=$1 secrets=$2; shift 2
   mkdir -p "$d/tokens"
+  rm -f "$d/audit.jsonl"*
   printf 'token = bench-token-0123456789abcdef\nuid = 0\n' > "$d/tokens/bench"
   chmod 0640 "$d/tokens/bench"
   printf 'bench-token-0123456789abcdef\n' > "$d/token"
@@ -181,7 +180,7 @@ start_stack() {
     --listen "unix://$d/enclave.sock" --load-listen "unix://$d/load.sock" \
     --region us-east-1 --kms-key-arn "$key_id" --kms-host localhost \
     --kms-proxy "unix://$d/kms.sock" --credentials "unix://$d/credentials.sock" \
-    --kms-ca "$work/kms-tls/ca.pem" --log-level warn "$@" > "$d/enclave.out" 2> "$d/enclave.log" &
+    --kms-ca "$work/kms-tls/ca.pem" --log-level warn "${enclave_flags[@]}" "$@" > "$d/enclave.out" 2> "$d/enclave.log" &
   enclave_pid=$!
   pids+=("$enclave_pid")
   wait_for 120 "the enclave" test -s "$d/enclave.out" || { cat "$d/enclave.log" >&2; exit 1; }
@@ -258,7 +257,7 @@ for i in $(seq 0 9); do names+=(--name "S_$(printf %05d "$i")"); done
   echo "- kernel: $(uname -srm)"
   echo "- memory: $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
   echo "- redis: $(redis-server --version | cut -d' ' -f3), socat: $(socat -V 2>/dev/null | awk '/socat version/ { print $3; exit }'), wrk: $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')"
-  echo "- rustc: $(rustc --version 2>/dev/null || echo unknown); binaries: $bin"
+  echo "- rustc: $(rustc --version 2>/dev/null || echo unknown); binaries: $bin, $built"
 } > "$work/machine"
 
 for run in $(seq 1 "$runs"); do
@@ -288,6 +287,37 @@ for run in $(seq 1 "$runs"); do
   dur=$saved
   note steady.refreshes "$("$bin/keystore-host" --enclave "unix://$work/get/enclave.sock" status --json | jq -r '.refresh_count')"
   stop_stack
+
+  # 5. `audit verify` on the log the daemon drained from this stack's
+  # enclave (every Get above is a record; checkpoints signed by the mock
+  # NSM's root): a real chained log, not a generated one.
+  say "5. audit verify on the case 1 log"
+  t0=$(now)
+  verify_json=$("$bin/keystore-host" audit verify --root "$work/pki/root.pem" --json \
+    "$work/get/audit.jsonl" 2> "$work/verify.log") || true
+  verify_s=$(elapsed "$t0" "$(now)")
+  if [ "$(jq -r '.valid' <<<"$verify_json" 2>/dev/null)" != true ]; then
+    echo "bench: audit verify did not pass: $verify_json" >&2
+    cat "$work/verify.log" >&2
+    exit 1
+  fi
+  note audit.records "$(jq -r '.summary.records' <<<"$verify_json")"
+  note audit.checkpoints "$(jq -r '.summary.checkpoints' <<<"$verify_json")"
+  note audit.verify_s "$verify_s"
+  note audit.verify_rps "$(awk -v n="$(jq -r '.summary.records' <<<"$verify_json")" -v s="$verify_s" 'BEGIN { printf "%d", n / s }')"
+  note audit.log_mib "$(du -m "$work/get/audit.jsonl" | cut -f1)"
+
+  # 5. Get without the audit trail: the same enclave binary told to record
+  # no requests (`--bench-without-audit`, a hidden flag of `mock` builds
+  # only), against case 1's secret port with it.
+  say "5. Get without the audit trail"
+  start_stack "$work/noaudit" "$work/get.env" --bench-without-audit
+  cpu_pids=("$enclave_pid")
+  loadgen_run noaudit "unix://$work/noaudit/enclave.sock" "${names[@]}"
+  cpu_pids=()
+  stop_stack
+  note ratio.audit_vs_none_rps "$(ratio "$(awk '$1 == "secret.rps" { v = $2 } END { print v }' "$results")" "$(awk '$1 == "noaudit.rps" { v = $2 } END { print v }' "$results")")"
+  note ratio.audit_vs_none_cpu "$(ratio "$(awk '$1 == "secret.cpu_us" { v = $2 } END { print v }' "$results")" "$(awk '$1 == "noaudit.cpu_us" { v = $2 } END { print v }' "$results")")"
   redis-server --port 0 --unixsocket "$work/redis.sock" --save '' --appendonly no \
     > "$work/redis.log" 2>&1 &
   redis_pid=$!
@@ -404,7 +434,7 @@ report=$work/report.md
   cat <<EOF
 # Benchmarks
 
-Generated by \`scripts/bench.sh\` on $(date -u +%Y-%m-%dT%H:%MZ) ($mode).
+Generated by \`scripts/bench.sh\` on $(date -u +%Y-%m-%dT%H:%MZ) ($mode)${BENCH_ENCLAVE_FLAGS:+, enclave flags \`$BENCH_ENCLAVE_FLAGS\`}.
 Every number is the median over the runs; every ratio is computed inside a run
 against its peer measured in that same run, then the median taken.
 The enclave runs with the mock NSM and 2048-bit recipient keys (production
@@ -470,7 +500,7 @@ the file-key column $many.
 | \`--refresh-after 3s\` | $(m refresh.rps) | $(ms "$(m refresh.p99_us)") | $(m refresh.refreshes) |
 | ratio | | $(m ratio.refresh_vs_steady_p99)× ($(goal "$(m ratio.refresh_vs_steady_p99)" "<=" 1.2)) | |
 
-## 5. RSA and CMS (one thread, the binaries above)
+## 5. RSA, CMS (one thread, the binaries above) and the audit trail
 
 | bits | key generation, median ms | \`cms::open\`, median µs per call |
 | ---: | ---: | ---: |
@@ -480,9 +510,12 @@ EOF
   done
   cat <<EOF
 
-\`audit verify\` records/s and \`Get\` with and without the audit trail: not
-measured — this tree has no \`keystore-host audit verify\` command and no switch
-to turn the audit trail off yet (issue 14 is in progress).
+| audit trail | result |
+| --- | ---: |
+| \`keystore-host audit verify\` on case 1's log ($(m audit.records) records, $(m audit.checkpoints) checkpoints, $(m audit.log_mib) MiB) | $(m audit.verify_rps) records/s ($(m audit.verify_s) s) |
+| secret port \`Get\`, audited (case 1) | $(m secret.rps) requests/s, $(m secret.cpu_us) µs server CPU each |
+| the same, \`--bench-without-audit\` | $(m noaudit.rps) requests/s, $(m noaudit.cpu_us) µs server CPU each |
+| audited / not audited | $(m ratio.audit_vs_none_rps)× throughput, $(m ratio.audit_vs_none_cpu)× CPU per request |
 
 ## 6. Enclave peak RSS (goal < 32 MiB with 10,000 secrets)
 
@@ -503,7 +536,8 @@ head -c $gib /dev/zero | socat -u -b 65536 STDIN TCP:127.0.0.1:PORT   (PORT = fo
 keystore-host proxy --forward tcp://127.0.0.1:F=127.0.0.1:SINK --max-connections 2048 …
 socat -b 65536 TCP-LISTEN:R,reuseaddr,fork TCP:127.0.0.1:SINK; sink: socat -u -b 65536 TCP-LISTEN:SINK,fork OPEN:/dev/null
 loadgen echo --target tcp://127.0.0.1:F2 --connections $burst    vs    --connections 1 --rounds 200
-keystore-enclave --nsm mock --recipient-bits 2048 [--refresh-after 3s] …; keystore-host proxy --secrets FILE …
+keystore-enclave --nsm mock --recipient-bits 2048 [--refresh-after 3s | --bench-without-audit] …; keystore-host proxy --secrets FILE …
+keystore-host audit verify --root …/pki/root.pem --json …/get/audit.jsonl
 loadgen crypto --bits … --keygens $keygens --opens $opens
 \`\`\`
 

@@ -15,6 +15,8 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# kms_policy, start_kms_emulator (shared with scripts/bench.sh).
+. scripts/lib.sh
 
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
   local deadline=$((SECONDS + $1)) what=$2; shift 2
@@ -52,27 +54,12 @@ unset AWS_SESSION_TOKEN AWS_PROFILE AWS_DEFAULT_REGION
 
 # The mock NSM measures the enclave binary itself: PCR0 = SHA-384 of it,
 # just as a real PCR0 is the hash of the EIF.
-pcr0=$(sha384sum "$bin/keystore-enclave" | cut -d' ' -f1)
-say "Writing a KMS key policy that lets only PCR0 = ${pcr0:0:16}... decrypt"
-printf '{"Measurements":{"PCR0":"%s","PCR1":"%s","PCR2":"%s"}}\n' "$pcr0" "$pcr0" "$pcr0" \
-  > "$work/measurements.json"
-"$bin/keystore-host" policy --measurements "$work/measurements.json" \
-  --enclave-role arn:aws:iam::111122223333:role/demo-parent \
-  --admin arn:aws:iam::111122223333:role/demo-admin \
-  --encrypt-principal arn:aws:iam::111122223333:role/demo-operator > "$work/policy.json"
+kms_policy "$bin" "$work" demo
+say "Wrote a KMS key policy that lets only PCR0 = ${pcr0:0:16}... decrypt"
 jq -c '.Statement[] | select(.Sid == "EnclaveDecrypt") | .Condition' "$work/policy.json"
 
 say "Starting the KMS emulator: HTTPS on 127.0.0.1, checks SigV4, attestation documents and the policy"
-"$bin/mock-kms" --listen 127.0.0.1:0 --tls-dir "$work/kms-tls" \
-  --attestation-root "$work/pki/root.pem" --region us-east-1 \
-  --access-key-id "$AWS_ACCESS_KEY_ID" --secret-access-key "$AWS_SECRET_ACCESS_KEY" \
-  --key-policy "$work/policy.json" --key-id-file "$work/key-id" \
-  --ready-file "$work/kms.url" 2> "$work/kms.log" &
-pids+=($!)
-wait_for 30 "the KMS emulator" test -s "$work/kms.url" || { cat "$work/kms.log" >&2; exit 1; }
-kms_url=$(cat "$work/kms.url")
-kms_port=${kms_url##*:}
-key_id=$(cat "$work/key-id")
+start_kms_emulator "$bin" "$work" || exit 1
 echo "KMS emulator at $kms_url, key $key_id"
 
 # The enclave's ports serve privileged peers only: on EC2, the parent from a

@@ -146,6 +146,9 @@ pub struct AuditTrail {
     config: AuditConfig,
     /// One checkpoint at a time, so two never race for the same record.
     checkpointing: tokio::sync::Mutex<()>,
+    /// Set only by [`AuditTrail::skip_requests_for_benchmark`].
+    #[cfg(feature = "mock")]
+    skip_requests: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for AuditTrail {
@@ -183,6 +186,8 @@ impl AuditTrail {
             run: RunId(run),
             nsm,
             config,
+            #[cfg(feature = "mock")]
+            skip_requests: std::sync::atomic::AtomicBool::new(false),
             checkpointing: tokio::sync::Mutex::new(()),
         };
         trail.append(AuditEvent::Start { run: trail.run });
@@ -213,6 +218,13 @@ impl AuditTrail {
         peer: &str,
         outcome: Outcome,
     ) {
+        #[cfg(feature = "mock")]
+        if self
+            .skip_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
         let mut names = names;
         names.truncate(MAX_RECORD_NAMES);
         for name in &mut names {
@@ -228,6 +240,17 @@ impl AuditTrail {
             peer,
             outcome,
         });
+    }
+
+    /// Stops recording requests (start, checkpoints and gaps still are), so
+    /// `scripts/bench.sh` can measure what the trail costs a `Get` against
+    /// the same binary. Only in builds with feature `mock` (the mock NSM),
+    /// which never run in a real enclave; the production build has no way
+    /// to turn the trail off.
+    #[cfg(feature = "mock")]
+    pub fn skip_requests_for_benchmark(&self) {
+        self.skip_requests
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Appends `event` as the next record and returns its sequence number.

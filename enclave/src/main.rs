@@ -145,6 +145,20 @@ struct Args {
     /// How long in-flight requests may run after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Benchmarks only (`scripts/bench.sh`): record no requests in the
+    /// audit trail, to measure what it costs. Exists only in builds with
+    /// feature `mock`.
+    #[cfg(feature = "mock")]
+    #[arg(long, hide = true)]
+    bench_without_audit: bool,
+    /// Threads serving requests: 1 runs everything on one thread (tokio's
+    /// current_thread runtime), more a work-stealing pool of that many. Key
+    /// generation and attestation run on a separate blocking pool either
+    /// way. The default is the faster on a 2-vCPU enclave by measurement
+    /// (BENCHMARKS.md).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_WORKER_THREADS,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    worker_threads: u16,
     /// Log filter: a level (`info`, `debug`, …) or tracing directives
     /// (`keystore_enclave=debug,info`).
     #[arg(long, default_value = "info")]
@@ -192,6 +206,9 @@ enum LogFormat {
     Json,
 }
 
+/// `--worker-threads` by default (see its help).
+const DEFAULT_WORKER_THREADS: u16 = 2;
+
 fn main() -> ExitCode {
     match start() {
         Ok(()) => ExitCode::SUCCESS,
@@ -208,7 +225,14 @@ fn start() -> anyhow::Result<()> {
     disable_core_dumps()?;
     let args = Args::parse();
     let ring = init_tracing(&args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = if args.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(usize::from(args.worker_threads));
+        builder
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -316,6 +340,11 @@ async fn run(args: Args, ring: Option<Arc<LogRing>>) -> anyhow::Result<()> {
         .context("--audit-buffer, --audit-buffer-bytes, --audit-checkpoint-interval")?;
 
     let enclave = Enclave::start(config).await?;
+    #[cfg(feature = "mock")]
+    if args.bench_without_audit {
+        tracing::warn!("--bench-without-audit: requests are NOT recorded in the audit trail");
+        enclave.service().audit().skip_requests_for_benchmark();
+    }
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", enclave.secret_endpoint()).context("cannot write to stdout")?;
     stdout.flush().context("cannot write to stdout")?;

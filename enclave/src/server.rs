@@ -42,7 +42,7 @@ use keystore_shared::Caller;
 use keystore_shared::endpoint::{
     Endpoint, EndpointError, Listener as EndpointListener, Peer, Stream,
 };
-use keystore_shared::frame::{Connection, FrameError, FrameLimits, decode_body};
+use keystore_shared::frame::{Connection, FrameError, FrameLimits, decode_body, encode_frame_into};
 use keystore_shared::protocol::{
     DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME, ErrorCode,
     PROTOCOL_VERSION, ProtocolError, Request, RequestHeader, RequestOp, Response, ResponseBody,
@@ -52,6 +52,7 @@ use keystore_shared::serve::{
     Accepted, AnyPeer, Handler, PeerPolicy, PrivilegedPeers, Refusal, ServeConfig, ServeError,
     Shutdown, Watched, serve,
 };
+use zeroize::{Zeroize, Zeroizing};
 
 use keystore_shared::audit::{AuditOp, Outcome};
 
@@ -358,6 +359,7 @@ impl Handler for RequestHandler {
             idle_timeout: self.idle_timeout,
             request_timeout: self.request_timeout,
             shutdown: conn.shutdown,
+            out: Zeroizing::new(Vec::new()),
         };
         let (requests, reason) = session.run().await;
         tracing::info!(
@@ -389,10 +391,26 @@ struct Decoded {
     request: Result<Request, ServiceError>,
 }
 
-/// Decodes a request frame in two passes over the same bytes: the header,
-/// then (if the header is fine) the whole request straight into its typed,
-/// bounded form. A frame that is not even a map is a frame error.
+/// Decodes a request frame: straight into its typed, bounded form, which
+/// is all a well-formed request costs. Only a frame that is not a valid
+/// request is decoded again, as a bare header, to answer with its id and
+/// say what is wrong. A frame that is not even a map is a frame error.
 fn decode_request(body: &[u8]) -> Result<Decoded, FrameError> {
+    if let Ok(request) = decode_body::<Request>(body) {
+        let id = request.id;
+        let request = if request.v == PROTOCOL_VERSION {
+            Ok(request)
+        } else {
+            Err(ServiceError::BadRequest(
+                ProtocolError::UnsupportedVersion {
+                    got: request.v,
+                    expected: PROTOCOL_VERSION,
+                }
+                .to_string(),
+            ))
+        };
+        return Ok(Decoded { id, request });
+    }
     let header: RequestHeader = decode_body(body)?;
     let request = check_header(&header).and_then(|()| {
         decode_body::<Request>(body).map_err(|err| {
@@ -496,7 +514,20 @@ struct Session<'a> {
     idle_timeout: Duration,
     request_timeout: Duration,
     shutdown: Shutdown,
+    /// Encoded answers not yet written: every request one read delivered is
+    /// answered, then the answers leave in one write. May hold secrets, so
+    /// it is wiped after each write and on drop.
+    out: Zeroizing<Vec<u8>>,
 }
+
+/// Pending answers are written once they reach this many bytes even if more
+/// requests are buffered, so a pipelining peer costs at most this plus one
+/// response frame of memory.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// An answer buffer grown past this (by a large secret) is released after
+/// its write instead of kept for the connection's life.
+const OUT_KEEP: usize = 2 * FLUSH_AT;
 
 /// Whether the connection continues after a request.
 enum Next {
@@ -504,41 +535,90 @@ enum Next {
     Close(&'static str),
 }
 
+impl Next {
+    /// The first reason to close of the two, if any.
+    fn or(self, other: Next) -> Next {
+        match self {
+            Next::Continue => other,
+            close => close,
+        }
+    }
+}
+
 impl Session<'_> {
-    /// Reads and answers requests one at a time until the peer leaves,
-    /// misbehaves, idles out, or the server shuts down. Returns the number of
-    /// requests answered and why the connection ended.
+    /// Reads and answers requests until the peer leaves, misbehaves, idles
+    /// out, or the server shuts down. Every whole request a read delivered
+    /// is answered, in order, before the answers are written together (one
+    /// write per batch under pipelining). Returns the number of requests
+    /// answered and why the connection ended.
     async fn run(&mut self) -> (u64, &'static str) {
         let mut answered = 0u64;
+        // One timer for the connection's life: `deadline` moves on after
+        // every batch, and the sleep is re-armed only when it fires before
+        // it (a timeout per read registered a timer per request).
+        let mut deadline = tokio::time::Instant::now() + self.idle_timeout;
+        let idle = tokio::time::sleep_until(deadline);
+        tokio::pin!(idle);
         loop {
             let read = tokio::select! {
-                // read_message is cancellation safe: a partial frame stays
-                // buffered, but we are closing anyway.
                 () = self.shutdown.wait() => return (answered, "server shutdown"),
-                read = tokio::time::timeout(self.idle_timeout, self.connection.read_frame_with(decode_request)) => read,
+                () = &mut idle => {
+                    if tokio::time::Instant::now() < deadline {
+                        idle.as_mut().reset(deadline);
+                        continue;
+                    }
+                    return (answered, "idle timeout");
+                }
+                // Cancellation safe: a partial frame stays buffered.
+                read = self.connection.read_frame_with(decode_request) => read,
             };
-            let next = match read.map(|frame| frame.and_then(Option::transpose)) {
-                Err(_elapsed) => Next::Close("idle timeout"),
-                Ok(Ok(None)) => Next::Close("peer closed"),
-                Ok(Ok(Some(decoded))) => {
-                    // A real request is not evicted for a newcomer until it
-                    // is answered; a frame that is no request proves nothing.
-                    let _working = decoded
-                        .request
-                        .is_ok()
-                        .then(|| self.connection.get_ref().working());
+            // A real request keeps the connection from being evicted for a
+            // newcomer until its answer is written; a frame that is no
+            // request proves nothing.
+            let mut working = None;
+            let mut next = match read.and_then(Option::transpose) {
+                Ok(None) => Next::Close("peer closed"),
+                Ok(Some(decoded)) => {
+                    if decoded.request.is_ok() {
+                        working.get_or_insert_with(|| self.connection.get_ref().working());
+                    }
                     answered += 1;
                     self.answer(decoded).await
                 }
-                Ok(Err(err)) => self.frame_failed(err).await,
+                Err(err) => self.frame_failed(err).await,
             };
-            if let Next::Close(reason) = next {
+            // The rest of what that read delivered; a partial frame at the
+            // end stays buffered for the next read.
+            while let Next::Continue = next {
+                next = match self
+                    .connection
+                    .next_buffered_with(decode_request)
+                    .and_then(Option::transpose)
+                {
+                    Ok(None) => break,
+                    Ok(Some(decoded)) => {
+                        if decoded.request.is_ok() {
+                            working.get_or_insert_with(|| self.connection.get_ref().working());
+                        }
+                        answered += 1;
+                        self.answer(decoded).await
+                    }
+                    Err(err) => self.frame_failed(err).await,
+                };
+            }
+            // Answers already made are delivered even when closing (the
+            // peer may only have shut its write side).
+            let flushed = self.flush().await;
+            drop(working);
+            if let Next::Close(reason) = next.or(flushed) {
                 return (answered, reason);
             }
+            deadline = tokio::time::Instant::now() + self.idle_timeout;
         }
     }
 
-    /// Answers one decoded frame, logging the outcome.
+    /// Answers one decoded frame (into the pending answers), logging the
+    /// outcome.
     async fn answer(&mut self, decoded: Decoded) -> Next {
         let started = Instant::now();
         let id = decoded.id;
@@ -593,7 +673,7 @@ impl Session<'_> {
         // Recorded before the answer leaves: a read the peer received is
         // never missing from the trail.
         audit.record(self.service.audit(), &self.peer_text, &body);
-        let next = self.send(Response::new(id, body)).await;
+        let next = self.queue(Response::new(id, body)).await;
         tracing::info!(
             request_id = id,
             op = kind,
@@ -604,37 +684,60 @@ impl Session<'_> {
         next
     }
 
-    /// Writes a response within the request timeout. A response over the
-    /// write limit (a secret larger than the configured response frame) is
-    /// replaced by a `TooLarge` error; nothing of it was sent.
-    async fn send(&mut self, response: Response) -> Next {
+    /// Adds a response to the pending answers, writing them if they reached
+    /// [`FLUSH_AT`]. A response over the write limit (a secret larger than
+    /// the configured response frame) is replaced by a `TooLarge` error;
+    /// nothing of it was queued.
+    async fn queue(&mut self, response: Response) -> Next {
         let id = response.id;
-        let written = tokio::time::timeout(
-            self.request_timeout,
-            self.connection.write_message(&response),
-        )
-        .await;
+        let max = self.connection.limits().max_write;
+        let encoded = encode_frame_into(&response, max, &mut self.out);
         drop(response);
-        match written {
-            Ok(Ok(())) => Next::Continue,
-            Ok(Err(FrameError::OutgoingTooLarge { len, max })) => {
+        match encoded {
+            Ok(()) => {}
+            Err(FrameError::OutgoingTooLarge { len, max }) => {
                 let error = Response::error(
                     id,
                     ErrorCode::TooLarge,
                     format!("the response would be {len} bytes; this server sends at most {max}"),
                 );
-                match tokio::time::timeout(
-                    self.request_timeout,
-                    self.connection.write_message(&error),
-                )
-                .await
-                {
-                    Ok(Ok(())) => Next::Continue,
-                    _ => Next::Close("write failed"),
+                if let Err(err) = encode_frame_into(&error, max, &mut self.out) {
+                    tracing::debug!(error = %err, "encoding an error response failed");
+                    return Next::Close("write failed");
                 }
             }
+            Err(err) => {
+                tracing::debug!(error = %err, "encoding a response failed");
+                return Next::Close("write failed");
+            }
+        }
+        if self.out.len() >= FLUSH_AT {
+            self.flush().await
+        } else {
+            Next::Continue
+        }
+    }
+
+    /// Writes the pending answers in one write within the request timeout,
+    /// then wipes them (also when the write failed).
+    async fn flush(&mut self) -> Next {
+        if self.out.is_empty() {
+            return Next::Continue;
+        }
+        let written = tokio::time::timeout(
+            self.request_timeout,
+            self.connection.write_frames(&self.out),
+        )
+        .await;
+        self.out.as_mut_slice().zeroize();
+        self.out.clear();
+        if self.out.capacity() > OUT_KEEP {
+            self.out = Zeroizing::new(Vec::new());
+        }
+        match written {
+            Ok(Ok(())) => Next::Continue,
             Ok(Err(err)) => {
-                tracing::debug!(error = %err, "writing response failed");
+                tracing::debug!(error = %err, "writing responses failed");
                 Next::Close("write failed")
             }
             // A cancelled write may have left half a frame on the wire.
@@ -658,8 +761,11 @@ impl Session<'_> {
                 let message = format!(
                     "request frame of {len} bytes exceeds the limit of {max} bytes; closing the connection"
                 );
-                self.refuse(Response::error(0, ErrorCode::TooLarge, message))
-                    .await;
+                // The answers to the requests before it go first.
+                if let Next::Continue = self.flush().await {
+                    self.refuse(Response::error(0, ErrorCode::TooLarge, message))
+                        .await;
+                }
                 Next::Close("frame too large")
             }
             FrameError::Decode(reason) => {
@@ -678,7 +784,7 @@ impl Session<'_> {
                     outcome_of(ErrorCode::BadRequest),
                 );
                 let message = format!("request frame is not a valid request: {reason}");
-                self.send(Response::error(0, ErrorCode::BadRequest, message))
+                self.queue(Response::error(0, ErrorCode::BadRequest, message))
                     .await
             }
             FrameError::Truncated { .. } => Next::Close("peer closed mid-frame"),

@@ -18,12 +18,14 @@
 use std::fmt;
 use std::io;
 use std::net::{Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
 use std::task::{Context, Poll};
 
+use nix::sys::socket::Backlog;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream};
@@ -222,6 +224,7 @@ impl Endpoint {
                 let listener = TcpListener::bind((host.as_str(), *port))
                     .await
                     .map_err(bind_err)?;
+                widen_backlog(&listener, self);
                 let local = match listener.local_addr() {
                     Ok(addr) => Endpoint::tcp(addr.ip().to_string(), addr.port()),
                     Err(_) => self.clone(),
@@ -234,6 +237,7 @@ impl Endpoint {
             }
             Endpoint::Unix { path } => {
                 let (listener, file) = bind_unix(self, path).await?;
+                widen_backlog(&listener, self);
                 Ok(Listener {
                     inner: ListenerInner::Unix(listener),
                     local: self.clone(),
@@ -243,6 +247,7 @@ impl Endpoint {
             Endpoint::Vsock { cid, port } => {
                 let listener =
                     VsockListener::bind(VsockAddr::new(*cid, *port)).map_err(bind_err)?;
+                widen_backlog(&listener, self);
                 let local = match listener.local_addr() {
                     Ok(addr) => Endpoint::vsock(addr.cid(), addr.port()),
                     Err(_) => self.clone(),
@@ -441,6 +446,45 @@ fn connect_vsock_privileged(cid: u32, port: u32) -> io::Result<vsock::VsockStrea
         }
     }
     Err(last)
+}
+
+/// Where Linux publishes the largest accept queue a listener may ask for.
+const SOMAXCONN_PATH: &str = "/proc/sys/net/core/somaxconn";
+
+/// The accept-queue length used when `somaxconn` cannot be read.
+pub const FALLBACK_LISTEN_BACKLOG: i32 = 4096;
+
+/// The accept-queue length every listener asks for: the kernel's limit
+/// (`/proc/sys/net/core/somaxconn`), or [`FALLBACK_LISTEN_BACKLOG`] when that
+/// cannot be read. tokio's TCP listener asks for 1024 and tokio-vsock's for
+/// 128; a burst of more connections than that overflows the queue, and the
+/// kernel drops the excess handshakes, which then wait for a retransmit
+/// (200 ms to 1 s each). (std's unix listener already asks for the maximum.)
+pub fn listen_backlog() -> i32 {
+    parse_backlog(std::fs::read_to_string(SOMAXCONN_PATH).ok().as_deref())
+}
+
+/// [`listen_backlog`] from the text of `somaxconn` (`None`: unreadable).
+fn parse_backlog(somaxconn: Option<&str>) -> i32 {
+    somaxconn
+        .and_then(|text| text.trim().parse::<i32>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(FALLBACK_LISTEN_BACKLOG)
+}
+
+/// Raises a bound listener's accept queue to [`listen_backlog`]. Linux lets
+/// `listen(2)` be called again on a listening socket (TCP, unix and vsock
+/// alike) to change only its backlog, so the listeners keep being created by
+/// tokio; the kernel caps the value at `somaxconn`. Failing leaves the
+/// listener working with its old queue, so it is logged, not fatal.
+fn widen_backlog(listener: &impl AsFd, endpoint: &Endpoint) {
+    let wanted = listen_backlog();
+    // nix refuses values above libc's SOMAXCONN constant; -1 asks the kernel
+    // for its own maximum, which is `somaxconn` again.
+    let backlog = Backlog::new(wanted).unwrap_or(Backlog::MAXALLOWABLE);
+    if let Err(err) = nix::sys::socket::listen(listener, backlog) {
+        tracing::warn!(%endpoint, backlog = wanted, error = %err, "cannot raise the listen backlog; keeping the default");
+    }
 }
 
 /// Binds a Unix socket, replacing a stale socket file (one nobody accepts
@@ -856,5 +900,23 @@ impl AsyncWrite for Stream {
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Vsock(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod backlog_tests {
+    use super::*;
+
+    #[test]
+    fn backlog_is_somaxconn_or_the_fallback() {
+        assert_eq!(parse_backlog(Some("4096\n")), 4096);
+        assert_eq!(parse_backlog(Some("65535")), 65535);
+        assert_eq!(parse_backlog(Some("  128 \n")), 128);
+        assert_eq!(parse_backlog(None), FALLBACK_LISTEN_BACKLOG);
+        assert_eq!(parse_backlog(Some("")), FALLBACK_LISTEN_BACKLOG);
+        assert_eq!(parse_backlog(Some("lots")), FALLBACK_LISTEN_BACKLOG);
+        assert_eq!(parse_backlog(Some("0")), FALLBACK_LISTEN_BACKLOG);
+        assert_eq!(parse_backlog(Some("-5")), FALLBACK_LISTEN_BACKLOG);
+        assert_eq!(parse_backlog(Some("99999999999")), FALLBACK_LISTEN_BACKLOG);
     }
 }

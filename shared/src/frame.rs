@@ -217,6 +217,52 @@ pub fn encode_frame<T: Serialize>(msg: &T, max: usize) -> Result<Zeroizing<Vec<u
     Ok(frame)
 }
 
+/// Appends `msg` as one frame (prefix + CBOR body) to `out`, refusing bodies
+/// over `max` with nothing appended — the batching form of
+/// [`encode_frame`], for a server that writes several answers at once.
+///
+/// `out` may hold secrets: when it must grow, the bytes move to a new
+/// [`Zeroizing`] buffer and the old one is wiped as it drops, so growth
+/// leaves no unwiped copy behind (a plain `Vec` reallocation would).
+pub fn encode_frame_into<T: Serialize>(
+    msg: &T,
+    max: usize,
+    out: &mut Zeroizing<Vec<u8>>,
+) -> Result<(), FrameError> {
+    let max = clamp(max);
+    let mut counter = ByteCounter(0);
+    serde_cbor::to_writer(&mut counter, msg).map_err(|err| FrameError::Encode(err.to_string()))?;
+    let len = counter.0;
+    if len > max {
+        return Err(FrameError::OutgoingTooLarge { len, max });
+    }
+    let prefix = u32::try_from(len).map_err(|_| FrameError::OutgoingTooLarge { len, max })?;
+    let start = out.len();
+    let needed = start.saturating_add(HEADER_LEN).saturating_add(len);
+    if needed > out.capacity() {
+        let mut grown = Zeroizing::new(Vec::with_capacity(
+            needed.max(out.capacity().saturating_mul(2)),
+        ));
+        grown.extend_from_slice(out);
+        *out = grown;
+    }
+    out.extend_from_slice(&prefix.to_be_bytes());
+    let written = serde_cbor::to_writer(&mut **out, msg);
+    if written.is_err() || out.len() != needed {
+        // Take back the partial frame (capacity was reserved, so nothing
+        // moved); the bytes dropped from the end are wiped.
+        if let Some(partial) = out.get_mut(start..) {
+            partial.zeroize();
+        }
+        out.truncate(start);
+        return Err(match written {
+            Err(err) => FrameError::Encode(err.to_string()),
+            Ok(()) => FrameError::Encode("message changed size between encoding passes".to_owned()),
+        });
+    }
+    Ok(())
+}
+
 /// An `io::Write` that only counts bytes.
 struct ByteCounter(usize);
 
@@ -453,6 +499,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 });
             }
         }
+    }
+
+    /// The next frame if one is already complete in the read buffer, handed
+    /// to `decode` like [`Connection::read_frame_with`], without reading from
+    /// the stream: a server answers every request a read delivered before
+    /// writing them all at once. `Ok(None)`: no whole frame is buffered (a
+    /// partial one stays for the next read). An oversize prefix is refused
+    /// here as it would be by a read.
+    pub fn next_buffered_with<T>(
+        &mut self,
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Option<T>, FrameError> {
+        match frame_status(self.rbuf.pending(), self.limits.max_read)? {
+            FrameStatus::Complete { total } => {
+                let body = self
+                    .rbuf
+                    .pending()
+                    .get(HEADER_LEN..total)
+                    .unwrap_or_default();
+                let decoded = decode(body);
+                self.rbuf.consume(total);
+                Ok(Some(decoded))
+            }
+            FrameStatus::Incomplete { .. } => Ok(None),
+        }
+    }
+
+    /// Sends bytes that are already whole frames (from
+    /// [`encode_frame_into`]) in one write, then flushes. Not cancellation
+    /// safe, like [`Connection::write_message`].
+    pub async fn write_frames(&mut self, frames: &[u8]) -> Result<(), FrameError> {
+        self.stream.write_all(frames).await?;
+        self.stream.flush().await?;
+        Ok(())
     }
 
     /// Encodes and sends one message, then flushes. Messages over the write

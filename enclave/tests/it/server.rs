@@ -608,3 +608,117 @@ async fn a_load_over_the_entry_limit_is_refused_while_decoding() {
     assert_eq!(code, ErrorCode::Unavailable, "{message}");
     harness.stop().await.unwrap();
 }
+
+/// Several requests delivered by one write are all answered, in order
+/// (a frame that is not a request included), and a partial frame at the end
+/// of the write is kept until its rest arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_in_one_write_get_every_answer_in_order() {
+    let harness = Harness::start(Options::default()).await;
+    let mut stream = harness.endpoint.connect_privileged().await.unwrap();
+    let get = |id: u64, name: &str| Request {
+        id,
+        v: PROTOCOL_VERSION,
+        op: RequestOp::Get {
+            name: name.to_owned(),
+        },
+        caller: None,
+    };
+    let frame = |request: &Request| {
+        keystore_shared::frame::encode_frame(request, 64 * 1024)
+            .unwrap()
+            .to_vec()
+    };
+    let mut bytes = frame(&get(1, "db/password"));
+    bytes.extend(frame(&get(2, "no/such")));
+    // A frame that is CBOR but not a request: BadRequest with id 0.
+    bytes.extend([0, 0, 0, 1, 0x01]);
+    bytes.extend(frame(&Request {
+        id: 3,
+        v: PROTOCOL_VERSION,
+        op: RequestOp::Status,
+        caller: None,
+    }));
+    let last = frame(&get(4, "api/token"));
+    let split = last.len() - 3;
+    bytes.extend_from_slice(&last[..split]);
+    stream.write_all(&bytes).await.unwrap();
+
+    let mut conn = Connection::with_limits(
+        stream,
+        FrameLimits::new(DEFAULT_MAX_RESPONSE_FRAME, 64 * 1024),
+    );
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(30), conn.read_message::<Response>())
+            .await
+            .expect("no answer within 30 s")
+            .unwrap()
+            .expect("server closed instead of answering")
+    };
+    let one = next().await;
+    assert_eq!(one.id, 1);
+    assert!(
+        matches!(&one.result, ResponseBody::Secret { value, .. } if value.expose() == b"hunter2"),
+        "{one:?}"
+    );
+    let two = next().await;
+    assert_eq!((two.id, error_of(&two).0), (2, ErrorCode::NotFound));
+    let bad = next().await;
+    assert_eq!((bad.id, error_of(&bad).0), (0, ErrorCode::BadRequest));
+    let three = next().await;
+    assert_eq!(three.id, 3);
+    assert!(matches!(three.result, ResponseBody::Status(_)), "{three:?}");
+
+    conn.get_mut().write_all(&last[split..]).await.unwrap();
+    let four = tokio::time::timeout(Duration::from_secs(30), conn.read_message::<Response>())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(four.id, 4);
+    assert!(
+        matches!(&four.result, ResponseBody::Secret { value, .. } if value.expose() == b"tok-\x00\x01\xffbinary"),
+        "{four:?}"
+    );
+    harness.stop().await.unwrap();
+}
+
+/// Requests before an oversize prefix in the same write are answered
+/// before the `TooLarge` refusal and the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_before_an_oversize_frame_are_delivered_first() {
+    let harness = Harness::start(Options::default()).await;
+    let mut stream = harness.endpoint.connect_privileged().await.unwrap();
+    let mut bytes = keystore_shared::frame::encode_frame(
+        &Request {
+            id: 5,
+            v: PROTOCOL_VERSION,
+            op: RequestOp::Get {
+                name: "db/password".to_owned(),
+            },
+            caller: None,
+        },
+        64 * 1024,
+    )
+    .unwrap()
+    .to_vec();
+    bytes.extend_from_slice(&u32::MAX.to_be_bytes());
+    stream.write_all(&bytes).await.unwrap();
+    let mut conn = Connection::with_limits(
+        stream,
+        FrameLimits::new(DEFAULT_MAX_RESPONSE_FRAME, 64 * 1024),
+    );
+    let first = conn.read_message::<Response>().await.unwrap().unwrap();
+    assert_eq!(first.id, 5);
+    assert!(
+        matches!(first.result, ResponseBody::Secret { .. }),
+        "{first:?}"
+    );
+    let refusal = conn.read_message::<Response>().await.unwrap().unwrap();
+    assert_eq!(error_of(&refusal).0, ErrorCode::TooLarge);
+    let end = tokio::time::timeout(Duration::from_secs(30), conn.read_message::<Response>())
+        .await
+        .unwrap();
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+    harness.stop().await.unwrap();
+}

@@ -409,3 +409,30 @@ fn transient_accept_errors() {
     assert!(!accept(std::io::ErrorKind::InvalidInput).is_transient());
     assert!(!"x".parse::<Endpoint>().unwrap_err().is_transient());
 }
+
+/// A burst of connections larger than tokio's default TCP accept queue
+/// (1024) all complete their handshakes while nobody accepts: `bind` raises
+/// the backlog to `somaxconn`. With a full queue the kernel drops further
+/// SYNs, and since nothing drains the queue here their connects would hang
+/// until the bound below.
+#[tokio::test]
+async fn tcp_listener_queues_a_burst_beyond_tokios_default_backlog() {
+    let listener = Endpoint::tcp("127.0.0.1", 0).bind().await.unwrap();
+    let Endpoint::Tcp { port, .. } = listener.local_endpoint().clone() else {
+        panic!("not a tcp endpoint");
+    };
+    let backlog = keystore_shared::endpoint::listen_backlog();
+    let burst = usize::try_from(backlog).unwrap().min(1500);
+    let mut held = Vec::with_capacity(burst);
+    for i in 0..burst {
+        match tokio::time::timeout(TIMEOUT, tokio::net::TcpStream::connect(("127.0.0.1", port)))
+            .await
+        {
+            Ok(Ok(stream)) => held.push(stream),
+            Ok(Err(err)) => panic!("connect {i} of {burst} (backlog {backlog}) failed: {err}"),
+            Err(_) => panic!("connect {i} of {burst} (backlog {backlog}) got no handshake"),
+        }
+    }
+    assert_eq!(held.len(), burst);
+    drop(listener);
+}

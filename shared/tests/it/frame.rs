@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use keystore_shared::frame::{
     Connection, DEFAULT_MAX_FRAME, FrameError, FrameLimits, HEADER_LEN, MAX_ENCODABLE_FRAME,
-    decode_frame, encode_frame,
+    decode_frame, encode_frame, encode_frame_into,
 };
 use keystore_shared::protocol::{Request, RequestOp, Response, ResponseBody, SecretBytes};
 use tokio::io::{AsyncWriteExt, DuplexStream, duplex};
+use zeroize::Zeroizing;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -375,4 +376,87 @@ fn connection_debug_shows_no_buffered_bytes() {
     let conn = Connection::new(a);
     let dbg = format!("{conn:?}");
     assert!(dbg.contains("limits"), "{dbg}");
+}
+
+/// What a batching server relies on: after one read, every whole frame it
+/// delivered comes out of the buffer in order without further reads, and a
+/// partial frame at the end stays buffered until the rest arrives.
+#[tokio::test]
+async fn buffered_frames_come_out_in_order_and_a_partial_one_is_kept() {
+    let (a, mut peer) = duplex(1 << 16);
+    let mut conn = Connection::new(a);
+    let mut bytes = Vec::new();
+    for id in 1..=3 {
+        bytes.extend_from_slice(&encode_frame(&get(id, "x"), DEFAULT_MAX_FRAME).unwrap());
+    }
+    let fourth = encode_frame(&get(4, "x"), DEFAULT_MAX_FRAME).unwrap();
+    let split = fourth.len() / 2;
+    bytes.extend_from_slice(&fourth[..split]);
+    peer.write_all(&bytes).await.unwrap();
+
+    // Nothing is buffered before the first read.
+    let none: Option<Result<Request, FrameError>> = conn
+        .next_buffered_with(keystore_shared::frame::decode_body)
+        .unwrap();
+    assert!(none.is_none());
+    let first: Request = conn.read_message().await.unwrap().unwrap();
+    assert_eq!(first.id, 1);
+    let mut ids = Vec::new();
+    while let Some(request) = conn
+        .next_buffered_with(keystore_shared::frame::decode_body::<Request>)
+        .unwrap()
+    {
+        ids.push(request.unwrap().id);
+    }
+    assert_eq!(ids, vec![2, 3], "the whole frames, in order, then none");
+    // The half frame is still there: the rest completes it.
+    peer.write_all(&fourth[split..]).await.unwrap();
+    let last: Request = tokio::time::timeout(TIMEOUT, conn.read_message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(last, get(4, "x"));
+}
+
+#[tokio::test]
+async fn buffered_oversize_prefix_is_refused_like_a_read() {
+    let (a, mut peer) = duplex(1 << 16);
+    let mut conn = Connection::new(a);
+    let mut bytes = encode_frame(&get(1, "x"), DEFAULT_MAX_FRAME)
+        .unwrap()
+        .to_vec();
+    bytes.extend_from_slice(&u32::MAX.to_be_bytes());
+    peer.write_all(&bytes).await.unwrap();
+    let first: Request = conn.read_message().await.unwrap().unwrap();
+    assert_eq!(first.id, 1);
+    let err = conn
+        .next_buffered_with(keystore_shared::frame::decode_body::<Request>)
+        .unwrap_err();
+    assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+}
+
+/// Frames appended into one buffer are exactly the frames `encode_frame`
+/// makes, one after another; an oversize one appends nothing.
+#[test]
+fn encode_frame_into_appends_whole_frames_only() {
+    let mut out = Zeroizing::new(Vec::new());
+    let small = get(7, "db/password");
+    encode_frame_into(&small, DEFAULT_MAX_FRAME, &mut out).unwrap();
+    encode_frame_into(&get(8, "b"), DEFAULT_MAX_FRAME, &mut out).unwrap();
+    let mut expected = encode_frame(&small, DEFAULT_MAX_FRAME).unwrap().to_vec();
+    expected.extend_from_slice(&encode_frame(&get(8, "b"), DEFAULT_MAX_FRAME).unwrap());
+    assert_eq!(out.as_slice(), expected.as_slice());
+    let before = out.len();
+    let err = encode_frame_into(&get(9, &"n".repeat(200)), 64, &mut out).unwrap_err();
+    assert!(matches!(err, FrameError::OutgoingTooLarge { .. }), "{err}");
+    assert_eq!(out.len(), before);
+    let (decoded, used) = decode_frame::<Request>(&out, DEFAULT_MAX_FRAME)
+        .unwrap()
+        .unwrap();
+    assert_eq!(decoded, small);
+    let (second, _) = decode_frame::<Request>(&out[used..], DEFAULT_MAX_FRAME)
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.id, 8);
 }
