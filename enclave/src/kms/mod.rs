@@ -231,13 +231,17 @@ pub enum KmsError {
     #[error("CMS: cannot open CiphertextForRecipient: {0}")]
     Cms(#[source] CmsError),
     /// The circuit breaker is open after repeated service failures: the
-    /// call was not made.
+    /// call was not made. Names the last failure, so `status` keeps saying
+    /// why KMS is being spared.
     #[error(
-        "KMS calls paused after repeated failures (circuit breaker open); next try in {retry_in:?}"
+        "KMS calls paused after repeated failures (circuit breaker open; last failure: {last_failure}); next try in {retry_in:?}"
     )]
     BreakerOpen {
         /// When a call may go again.
         retry_in: Duration,
+        /// The last service failure seen (a KMS error code or transport
+        /// failure; never secret material).
+        last_failure: String,
     },
     /// Any other SDK failure (request construction).
     #[error("KMS client: {0}")]
@@ -349,6 +353,9 @@ pub struct Kms {
     preferred: Arc<AtomicUsize>,
     /// Shared by every clone: one view of KMS's health.
     breaker: Arc<Breaker>,
+    /// The last service failure (shared by every clone), named while the
+    /// breaker is open.
+    last_fault: Arc<std::sync::Mutex<String>>,
 }
 
 impl fmt::Debug for Kms {
@@ -396,6 +403,7 @@ impl Kms {
             pinned: config.pinned_keys,
             preferred: Arc::new(AtomicUsize::new(0)),
             breaker: Arc::new(Breaker::new(config.breaker)),
+            last_fault: Arc::new(std::sync::Mutex::new(String::from("unknown"))),
         })
     }
 
@@ -500,6 +508,11 @@ impl Kms {
             // the credentials retry can call an open breaker's KMS.
             let permit = self.breaker.admit().map_err(|r| KmsError::BreakerOpen {
                 retry_in: r.retry_in,
+                last_failure: self
+                    .last_fault
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone(),
             })?;
             match request.send().await {
                 Ok(output) => {
@@ -508,6 +521,12 @@ impl Kms {
                 }
                 Err(err) => {
                     let err = classify(err, context, pair, &self.pinned);
+                    if err.is_service_fault() {
+                        *self
+                            .last_fault
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = err.to_string();
+                    }
                     permit.finish(if err.is_service_fault() {
                         Outcome::Fault
                     } else if matches!(err, KmsError::Credentials(_) | KmsError::Other(_)) {
