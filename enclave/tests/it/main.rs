@@ -11,6 +11,7 @@ mod support;
 mod access;
 mod audit;
 mod breaker;
+mod fault_matrix;
 mod file_key;
 mod kms_client;
 mod kms_credentials;

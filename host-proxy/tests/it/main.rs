@@ -19,6 +19,7 @@ mod dotenv;
 mod e2e;
 mod edit;
 mod encrypt;
+mod fault_matrix;
 mod file_key;
 mod formats;
 mod forwarder;
