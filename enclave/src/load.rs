@@ -812,6 +812,23 @@ impl Loader {
                 Ok(done) => done,
                 Err(e) => {
                     job.failed.store(true, Ordering::Relaxed);
+                    if matches!(
+                        e,
+                        LoadError::Kms {
+                            source: KmsError::BreakerOpen { .. },
+                            ..
+                        }
+                    ) {
+                        // Another worker's call may be the breaker's
+                        // half-open probe: aborting it would leave the
+                        // breaker open for good whenever loads are all
+                        // the traffic (each load's probe cancelled by its
+                        // own fast failures). Let in-flight calls end
+                        // (`failed` stops retries and new entries; each
+                        // call is bounded by the KMS timeouts).
+                        drop(rx);
+                        while tasks.join_next().await.is_some() {}
+                    }
                     return Err(e);
                 }
             };

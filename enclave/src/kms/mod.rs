@@ -233,13 +233,17 @@ pub enum KmsError {
     #[error("CMS: cannot open CiphertextForRecipient: {0}")]
     Cms(#[source] CmsError),
     /// The circuit breaker is open after repeated service failures: the
-    /// call was not made.
+    /// call was not made. Names the last failure, so `status` keeps saying
+    /// why KMS is being spared.
     #[error(
-        "KMS calls paused after repeated failures (circuit breaker open); next try in {retry_in:?}"
+        "KMS calls paused after repeated failures (circuit breaker open; last failure: {last_failure}); next try in {retry_in:?}"
     )]
     BreakerOpen {
         /// When a call may go again.
         retry_in: Duration,
+        /// The last service failure seen (a KMS error code or transport
+        /// failure; never secret material).
+        last_failure: String,
     },
     /// Any other SDK failure (request construction).
     #[error("KMS client: {0}")]
@@ -353,6 +357,9 @@ pub struct Kms {
     breaker: Arc<Breaker>,
     /// Calls by operation and outcome, shared by every clone.
     calls: Arc<KmsCalls>,
+    /// The last service failure (shared by every clone), named while the
+    /// breaker is open.
+    last_fault: Arc<std::sync::Mutex<String>>,
 }
 
 impl fmt::Debug for Kms {
@@ -401,6 +408,7 @@ impl Kms {
             preferred: Arc::new(AtomicUsize::new(0)),
             breaker: Arc::new(Breaker::new(config.breaker)),
             calls: Arc::new(KmsCalls::default()),
+            last_fault: Arc::new(std::sync::Mutex::new(String::from("unknown"))),
         })
     }
 
@@ -521,6 +529,11 @@ impl Kms {
                     self.calls.count(KmsOperation::Decrypt, "breaker_open");
                     return Err(KmsError::BreakerOpen {
                         retry_in: refused.retry_in,
+                        last_failure: self
+                            .last_fault
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .clone(),
                     });
                 }
             };
@@ -534,6 +547,12 @@ impl Kms {
                     let err = classify(err, context, pair, &self.pinned);
                     self.calls
                         .count(KmsOperation::Decrypt, calls::outcome_of(&err));
+                    if err.is_service_fault() {
+                        *self
+                            .last_fault
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = err.to_string();
+                    }
                     permit.finish(if err.is_service_fault() {
                         Outcome::Fault
                     } else if matches!(err, KmsError::Credentials(_) | KmsError::Other(_)) {

@@ -12,6 +12,7 @@ mod abuse_matrix;
 mod access;
 mod audit;
 mod breaker;
+mod fault_matrix;
 mod file_key;
 mod kms_client;
 mod kms_credentials;

@@ -23,6 +23,7 @@ mod e2e;
 mod edit;
 mod enclave_logs;
 mod encrypt;
+mod fault_matrix;
 mod file_key;
 mod formats;
 mod forwarder;

@@ -28,6 +28,13 @@ impl Running {
         assert!(status.success());
     }
 
+    /// Kills the process with SIGKILL (no clean-up of any kind) and reaps
+    /// it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The process's stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -41,6 +48,16 @@ impl Drop for Running {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `path` opened for appending (created if missing): a restarted process
+/// logs after its predecessor.
+fn append(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap()
 }
 
 /// Where the enclave's KMS is: an HTTPS server on 127.0.0.1.
@@ -85,6 +102,12 @@ impl Stack {
 
     /// Starts the enclave with its KMS at `kms` (through the proxy).
     pub fn start_enclave(&mut self, kms: &KmsUpstream) {
+        self.start_enclave_with(kms, &[]);
+    }
+
+    /// Starts the enclave with its KMS at `kms` and `extra` flags. Its log
+    /// is appended to, so a restarted enclave's log follows the first's.
+    pub fn start_enclave_with(&mut self, kms: &KmsUpstream, extra: &[&str]) {
         let log = self.path("enclave.log");
         let child = Command::new(enclave_binary())
             .arg("--kms-ca")
@@ -99,9 +122,10 @@ impl Stack {
             .args(["--load-listen", &self.unix("load.sock")])
             .args(["--kms-proxy", &self.unix("kms.sock")])
             .args(["--credentials", &self.unix("credentials.sock")])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(append(&log))
             .spawn()
             .unwrap();
         self.enclave = Some(Running { child, log });
