@@ -131,7 +131,8 @@ mod tests {
         assert_eq!(outcome_of(&KmsError::Timeout("slow".into())), "timeout");
         assert_eq!(
             outcome_of(&KmsError::BreakerOpen {
-                retry_in: std::time::Duration::from_secs(1)
+                retry_in: std::time::Duration::from_secs(1),
+                last_failure: "throttled".into(),
             }),
             "breaker_open"
         );

@@ -261,32 +261,6 @@ impl Stack {
 }
 
 impl Stack {
-    /// Starts the enclave like [`Stack::start_enclave`], with `extra`
-    /// flags (e.g. `--mock-debug-pcrs`). Added for the doctor tests.
-    pub fn start_enclave_with(&mut self, kms: &KmsUpstream, extra: &[&str]) {
-        let log = self.path("enclave.log");
-        let child = Command::new(enclave_binary())
-            .arg("--kms-ca")
-            .arg(&kms.ca_pem)
-            .args(["--nsm", "mock", "--recipient-bits", "2048"])
-            .args(["--region", super::moto::REGION])
-            .args(["--kms-host", "localhost"])
-            .args(["--kms-key-arn", &kms.key_arn])
-            .arg("--mock-pki")
-            .arg(&kms.mock_pki)
-            .args(["--listen", &self.unix("enclave.sock")])
-            .args(["--load-listen", &self.unix("load.sock")])
-            .args(["--kms-proxy", &self.unix("kms.sock")])
-            .args(["--credentials", &self.unix("credentials.sock")])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        self.enclave = Some(Running { child, log });
-    }
-
     /// The proxy's `/metrics` (and `/health`) endpoint, from its log
     /// (tests bind it to port 0); waits until the proxy has logged it.
     /// Added for the doctor tests.
