@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-runs=5 quick=0 out=BENCHMARKS.md bin= duration=
+runs=5 quick=0 out=BENCHMARKS.md bin='' duration=''
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) quick=1; runs=1 ;;

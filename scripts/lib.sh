@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shell functions shared by scripts/bench.sh and scripts/demo.sh (sourced,
 # not run). They expect the caller's `pids` array (everything started is
 # added to it, for the caller's cleanup) and its
@@ -34,6 +35,9 @@ start_kms_emulator() {
   pids+=($!)
   wait_for 30 "the KMS emulator" test -s "$work/kms.url" || { cat "$work/kms.log" >&2; return 1; }
   kms_url=$(cat "$work/kms.url")
+  # Read by the caller.
+  # shellcheck disable=SC2034
   kms_port=${kms_url##*:}
+  # shellcheck disable=SC2034
   key_id=$(cat "$work/key-id")
 }
