@@ -50,7 +50,7 @@ use keystore_shared::protocol::{
 };
 use keystore_shared::serve::{
     Accepted, AnyPeer, Handler, PeerPolicy, PrivilegedPeers, Refusal, ServeConfig, ServeError,
-    Shutdown, Watched, serve,
+    Shutdown, Watched, Working, serve,
 };
 use zeroize::{Zeroize, Zeroizing};
 
@@ -573,38 +573,24 @@ impl Session<'_> {
                 read = self.connection.read_frame_with(decode_request) => read,
             };
             // A real request keeps the connection from being evicted for a
-            // newcomer until its answer is written; a frame that is no
-            // request proves nothing.
+            // newcomer until its answer is written.
             let mut working = None;
-            let mut next = match read.and_then(Option::transpose) {
-                Ok(None) => Next::Close("peer closed"),
-                Ok(Some(decoded)) => {
-                    if decoded.request.is_ok() {
-                        working.get_or_insert_with(|| self.connection.get_ref().working());
-                    }
-                    answered += 1;
-                    self.answer(decoded).await
-                }
-                Err(err) => self.frame_failed(err).await,
-            };
+            let first = read.and_then(Option::transpose);
+            let mut next = self
+                .take(first, &mut working, &mut answered)
+                .await
+                .unwrap_or(Next::Close("peer closed"));
             // The rest of what that read delivered; a partial frame at the
             // end stays buffered for the next read.
             while let Next::Continue = next {
-                next = match self
+                let buffered = self
                     .connection
                     .next_buffered_with(decode_request)
-                    .and_then(Option::transpose)
-                {
-                    Ok(None) => break,
-                    Ok(Some(decoded)) => {
-                        if decoded.request.is_ok() {
-                            working.get_or_insert_with(|| self.connection.get_ref().working());
-                        }
-                        answered += 1;
-                        self.answer(decoded).await
-                    }
-                    Err(err) => self.frame_failed(err).await,
-                };
+                    .and_then(Option::transpose);
+                match self.take(buffered, &mut working, &mut answered).await {
+                    Some(then) => next = then,
+                    None => break,
+                }
             }
             // Answers already made are delivered even when closing (the
             // peer may only have shut its write side).
@@ -614,6 +600,28 @@ impl Session<'_> {
                 return (answered, reason);
             }
             deadline = tokio::time::Instant::now() + self.idle_timeout;
+        }
+    }
+
+    /// Handles one frame a read or the buffer delivered; `None` when there
+    /// was no whole frame. A frame that is a request marks the connection
+    /// `working` (a frame that is no request proves nothing).
+    async fn take(
+        &mut self,
+        frame: Result<Option<Decoded>, FrameError>,
+        working: &mut Option<Working>,
+        answered: &mut u64,
+    ) -> Option<Next> {
+        match frame {
+            Ok(None) => None,
+            Ok(Some(decoded)) => {
+                if decoded.request.is_ok() {
+                    working.get_or_insert_with(|| self.connection.get_ref().working());
+                }
+                *answered += 1;
+                Some(self.answer(decoded).await)
+            }
+            Err(err) => Some(self.frame_failed(err).await),
         }
     }
 
