@@ -24,7 +24,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use keystore_shared::endpoint::{Endpoint, Listener, Stream};
 use keystore_shared::protocol::{
-    ErrorCode, KMS_CALL_OUTCOMES, KMS_OPERATIONS, LogLevel, RequestOp, StatusReport,
+    ErrorCode, KMS_CALL_OUTCOMES, KMS_OPERATIONS, LogLevel, StatusReport,
 };
 use keystore_shared::serve::{Accepted, Handler, Refusal, ServeConfig, ServeError, serve};
 use keystore_shared::{Client, ClientConfig};
@@ -458,7 +458,7 @@ impl Metrics {
         }
     }
 
-    /// Counts one agent request: its operation ([`op_name`]), how it ended (`ok` or the
+    /// Counts one agent request: its operation ([`keystore_shared::protocol::RequestOp::kind`]), how it ended (`ok` or the
     /// protocol error code), its duration, and a denial by `uid`.
     pub fn agent_request(
         &self,
@@ -726,21 +726,6 @@ impl Metrics {
     }
 }
 
-/// The low-cardinality name of an operation (never its argument).
-pub fn op_name(op: &RequestOp) -> &'static str {
-    match op {
-        RequestOp::Get { .. } => "get",
-        RequestOp::List => "list",
-        RequestOp::Status => "status",
-        RequestOp::Attest { .. } => "attest",
-        RequestOp::Load { .. } => "load",
-        RequestOp::GetCredentials => "get_credentials",
-        RequestOp::AuditRead { .. } => "audit_read",
-        RequestOp::AuditCheckpoint => "audit_checkpoint",
-        RequestOp::LogRead { .. } => "log_read",
-    }
-}
-
 /// An error code as a Prometheus label value.
 fn outcome_name(code: ErrorCode) -> &'static str {
     match code {
@@ -879,7 +864,7 @@ mod tests {
     #[test]
     fn denials_by_many_uids_stay_bounded() {
         let metrics = Metrics::new();
-        let op = op_name(&RequestOp::List);
+        let op = keystore_shared::protocol::RequestOp::List.kind();
         for uid in 0..1000 {
             metrics.agent_request(op, Some(ErrorCode::Denied), Some(uid), Duration::ZERO);
         }

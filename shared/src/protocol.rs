@@ -863,14 +863,22 @@ pub struct LogRingStatus {
     pub last_seq: u64,
 }
 
+/// Most key ARNs a [`KmsPins`] reader accepts (the enclave pins at most 8).
+pub const MAX_KMS_PINS: usize = 8;
+
+/// Deserializes pinned key ARNs, refusing more than [`MAX_KMS_PINS`].
+fn bounded_kms_pins<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    bounded_seq::<D, String>(deserializer, MAX_KMS_PINS, "pinned KMS keys")
+}
+
 /// What an enclave's image pins for KMS, in [`StatusReport`].
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct KmsPins {
     /// The AWS region KMS calls are sent to.
     #[serde(default)]
     pub region: String,
-    /// The key ARNs `Decrypt` may use.
-    #[serde(default)]
+    /// The key ARNs `Decrypt` may use (at most [`MAX_KMS_PINS`]).
+    #[serde(default, deserialize_with = "bounded_kms_pins")]
     pub key_arns: Vec<String>,
 }
 

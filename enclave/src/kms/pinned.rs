@@ -16,7 +16,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Most keys one enclave pins (each `Decrypt` may try every one of them).
-pub const MAX_PINNED_KEYS: usize = 8;
+pub const MAX_PINNED_KEYS: usize = keystore_shared::protocol::MAX_KMS_PINS;
 /// Longest ARN accepted (KMS key ARNs are well under 128 characters).
 const MAX_ARN_LEN: usize = 256;
 

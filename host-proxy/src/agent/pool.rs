@@ -127,7 +127,7 @@ impl Pool {
             return self.forward(op, caller).await;
         };
         let start = std::time::Instant::now();
-        let name = crate::metrics::op_name(&op);
+        let name = op.kind();
         let uid = caller.as_ref().and_then(|caller| caller.uid);
         let answer = self.forward(op, caller).await;
         let error = answer.as_ref().err().map(PoolError::code);

@@ -12,8 +12,8 @@ use keystore_shared::protocol::{
     DEFAULT_MAX_LOAD_FRAME, DEFAULT_MAX_REQUEST_FRAME, DEFAULT_MAX_RESPONSE_FRAME,
     DEFAULT_MAX_SECRET_VALUE, ErrorCode, KmsCallCount, KmsCallStats, KmsPins, LoadEntry, LogBatch,
     LogCursor, LogEvent, LogField, LogLevel, LogRingStatus, MAX_AUDIT_BATCH, MAX_KMS_CALL_COUNTS,
-    MAX_LOG_BATCH, MAX_LOG_FIELDS, PROTOCOL_VERSION, ProtocolError, Request, RequestOp, Response,
-    ResponseBody, SecretBytes, SecretString, StatusReport, max_response_frame,
+    MAX_KMS_PINS, MAX_LOG_BATCH, MAX_LOG_FIELDS, PROTOCOL_VERSION, ProtocolError, Request,
+    RequestOp, Response, ResponseBody, SecretBytes, SecretString, StatusReport, max_response_frame,
 };
 use serde::{Deserialize, Serialize};
 use serde_cbor::Value;
@@ -688,4 +688,28 @@ fn log_batches_and_kms_counts_over_their_bounds_are_refused_while_decoding() {
     let bytes = serde_cbor::to_vec(&status).unwrap();
     let err = serde_cbor::from_slice::<Response>(&bytes).unwrap_err();
     assert!(err.to_string().contains("KMS call counts"), "{err}");
+}
+
+#[test]
+fn status_with_too_many_pinned_keys_is_refused_while_decoding() {
+    let pins = |n: usize| {
+        Response::new(
+            1,
+            ResponseBody::Status(StatusReport {
+                kms_pins: Some(Box::new(KmsPins {
+                    region: "eu-west-1".into(),
+                    key_arns: vec!["arn:aws:kms:eu-west-1:111122223333:key/k".into(); n],
+                })),
+                ..StatusReport::default()
+            }),
+        )
+    };
+    let most = serde_cbor::to_vec(&pins(MAX_KMS_PINS)).unwrap();
+    assert_eq!(
+        serde_cbor::from_slice::<Response>(&most).unwrap(),
+        pins(MAX_KMS_PINS)
+    );
+    let bytes = serde_cbor::to_vec(&pins(MAX_KMS_PINS + 1)).unwrap();
+    let err = serde_cbor::from_slice::<Response>(&bytes).unwrap_err();
+    assert!(err.to_string().contains("pinned KMS keys"), "{err}");
 }
