@@ -571,7 +571,7 @@ impl AuditDrain {
             "audit drain started"
         );
         tokio::pin!(stop);
-        let mut failing = false;
+        let mut outage = super::outage::Outage::new("audit drain");
         loop {
             let drained = self.drain_once().await;
             if let Some(metrics) = &self.metrics {
@@ -579,22 +579,13 @@ impl AuditDrain {
             }
             match drained {
                 Ok(written) => {
-                    if failing {
-                        tracing::info!("audit drain recovered");
-                        failing = false;
-                    }
+                    outage.ok();
                     if written > 0 {
                         tracing::debug!(written, "audit records written");
                     }
                 }
                 Err(err) => {
-                    // Once per outage at warn level, then quietly.
-                    if failing {
-                        tracing::debug!(error = %err, "audit drain still failing");
-                    } else {
-                        tracing::warn!(error = %err, "audit drain failed; retrying every poll");
-                    }
-                    failing = true;
+                    outage.failed(&err);
                     self.client = None;
                 }
             }

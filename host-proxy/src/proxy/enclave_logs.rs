@@ -190,23 +190,12 @@ impl LogRelay {
     pub async fn run(mut self, stop: impl std::future::Future) {
         tracing::info!(enclave = %self.config.enclave, "enclave log relay started");
         tokio::pin!(stop);
-        let mut failing = false;
+        let mut outage = super::outage::Outage::new("enclave log relay");
         loop {
             match self.relay_once().await {
-                Ok(_) => {
-                    if failing {
-                        tracing::info!("enclave log relay recovered");
-                        failing = false;
-                    }
-                }
+                Ok(_) => outage.ok(),
                 Err(err) => {
-                    // Once per outage at warn level, then quietly.
-                    if failing {
-                        tracing::debug!(error = %err, "enclave log relay still failing");
-                    } else {
-                        tracing::warn!(error = %err, "enclave log relay failed; retrying every poll");
-                    }
-                    failing = true;
+                    outage.failed(&err);
                     self.client = None;
                 }
             }

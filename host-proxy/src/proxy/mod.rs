@@ -22,6 +22,7 @@ pub mod credentials;
 pub mod enclave_logs;
 pub mod forwarder;
 pub mod loader;
+pub mod outage;
 pub mod source;
 
 use audit_log::AuditDrain;
