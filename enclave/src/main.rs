@@ -126,6 +126,12 @@ struct Args {
     #[cfg_attr(not(feature = "mock"), arg(hide = true))]
     #[arg(long, requires = "mock_pki")]
     mock_debug_pcrs: bool,
+    /// With `--nsm mock`: the mock's clock runs this far behind (e.g.
+    /// `10m`), so every document looks that old to KMS (for tests of
+    /// what notices one).
+    #[cfg_attr(not(feature = "mock"), arg(hide = true))]
+    #[arg(long, requires = "mock_pki", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    mock_clock_behind: Option<Duration>,
     /// RSA recipient key size: 2048, 3072 or 4096.
     #[arg(long, default_value = "4096", value_name = "BITS")]
     recipient_bits: RecipientBits,
@@ -293,6 +299,9 @@ async fn run(args: Args, ring: Option<Arc<LogRing>>) -> anyhow::Result<()> {
     if args.nsm == NsmKind::Device && args.mock_debug_pcrs {
         bail!("--mock-debug-pcrs only makes sense with --nsm mock");
     }
+    if args.nsm == NsmKind::Device && args.mock_clock_behind.is_some() {
+        bail!("--mock-clock-behind only makes sense with --nsm mock");
+    }
     // Installed before anything slow so a signal during start-up is not
     // the default (immediate) termination.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -414,15 +423,22 @@ fn open_mock_nsm(args: &Args) -> anyhow::Result<Arc<dyn Nsm>> {
         .as_ref()
         .context("--nsm mock needs --mock-pki DIR")?;
     tracing::warn!(pki = %dir.display(), "using the MOCK NSM: attestation documents prove nothing");
+    let config = MockConfig {
+        clock_behind: args.mock_clock_behind.unwrap_or_default(),
+        ..MockConfig::default()
+    };
+    if !config.clock_behind.is_zero() {
+        tracing::warn!(behind = ?config.clock_behind, "the mock NSM's clock runs behind");
+    }
     if args.mock_debug_pcrs {
         tracing::warn!("the mock NSM reports all-zero PCRs, as a debug-mode enclave");
         return Ok(Arc::new(MockNsm::open_with_pcr0(
             dir,
-            MockConfig::default(),
+            config,
             [0; keystore_nsm::mock::PCR_LEN],
         )?));
     }
-    Ok(Arc::new(MockNsm::open(dir, MockConfig::default())?))
+    Ok(Arc::new(MockNsm::open(dir, config)?))
 }
 
 #[cfg(not(feature = "mock"))]

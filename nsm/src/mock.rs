@@ -66,6 +66,10 @@ pub struct MockConfig {
     /// `module_id` to report; by default `i-00000000000000000-enc` followed by
     /// 16 hex digits derived from the PKI's root certificate.
     pub module_id: Option<String>,
+    /// How far the mock's clock runs behind the host's: documents are
+    /// stamped (and leaf certificates issued) this much in the past, as by
+    /// an NSM whose clock disagrees with KMS's.
+    pub clock_behind: Duration,
 }
 
 /// The mock Nitro Security Module.
@@ -73,6 +77,7 @@ pub struct MockNsm {
     pki: MockPki,
     pcrs: [[u8; PCR_LEN]; DOCUMENT_PCRS as usize],
     module_id: String,
+    clock_behind: Duration,
     leaf: Mutex<Arc<Leaf>>,
 }
 
@@ -151,7 +156,11 @@ impl MockNsm {
                 format!("i-00000000000000000-enc{}", hex::encode(&digest[..8]))
             }
         };
-        let leaf = pki.issue_leaf(&module_id, SystemTime::now())?;
+        let now = SystemTime::now();
+        let leaf = pki.issue_leaf(
+            &module_id,
+            now.checked_sub(config.clock_behind).unwrap_or(now),
+        )?;
         tracing::warn!(
             marker = MOCK_NSM_MARKER,
             module_id = %module_id,
@@ -163,6 +172,7 @@ impl MockNsm {
             pki,
             pcrs,
             module_id,
+            clock_behind: config.clock_behind,
             leaf: Mutex::new(Arc::new(leaf)),
         })
     }
@@ -321,7 +331,8 @@ fn validate_module_id(id: &str) -> Result<(), NsmError> {
 
 impl Nsm for MockNsm {
     fn attest(&self, req: &AttestationRequest) -> Result<Vec<u8>, NsmError> {
-        self.attest_at(req, SystemTime::now())
+        let now = SystemTime::now();
+        self.attest_at(req, now.checked_sub(self.clock_behind).unwrap_or(now))
     }
 
     fn fill_random(&self, buf: &mut [u8]) -> Result<(), NsmError> {

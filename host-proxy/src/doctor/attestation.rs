@@ -358,9 +358,34 @@ pub fn check_document(status: Option<&StatusReport>, fetched: Option<&Fetched>) 
         age.as_secs(),
         MAX_DOCUMENT_AGE.as_secs()
     );
-    let leaf = fetched
+    let fresh = fetched
         .and_then(|f| f.as_ref().ok())
-        .and_then(|(bytes, _)| AttestationDocument::parse_unverified(bytes).ok())
+        .and_then(|(bytes, _)| AttestationDocument::parse_unverified(bytes).ok());
+    // KMS judges age by its clock against the NSM's timestamp: a document
+    // made just now that is already old by this host's clock means the
+    // one in use is older still to KMS.
+    let behind = fresh
+        .as_ref()
+        .and_then(AttestationDocument::time)
+        .and_then(|made| SystemTime::now().duration_since(made).ok())
+        .unwrap_or_default();
+    if behind + age > MAX_DOCUMENT_AGE {
+        return Finding::fail(
+            DOCUMENT,
+            format!(
+                "the enclave's documents are stale when made: one made just now is already {} \
+                 s old by this host's clock, so the one it sends KMS is {} s old; KMS refuses \
+                 documents older than {} s",
+                behind.as_secs(),
+                (behind + age).as_secs(),
+                MAX_DOCUMENT_AGE.as_secs()
+            ),
+            "the NSM's clock and this host's disagree: check this host's clock (chronyc \
+             tracking); if it is right, KMS (on AWS time) refuses every document the enclave \
+             sends",
+        );
+    }
+    let leaf = fresh
         .and_then(|doc| doc.certificate_chain().ok())
         .and_then(|chain| chain.into_iter().find(|c| c.depth == 0));
     if let Some(leaf) = leaf {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
-use keystore_tests::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle};
+use keystore_tests::kms::{Credential, Fault, MockKms, MockKmsConfig, MockKmsHandle, Operation};
 use serde_json::Value;
 use sha2::{Digest, Sha384};
 use time::OffsetDateTime;
@@ -705,4 +705,80 @@ async fn audit_trail_not_drained() {
         "audit lag: the daemon does not drain the audit trail (--no-audit-log)",
         "without --no-audit-log",
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kms_breaker_open() {
+    // Re-decrypts every second; two failures open the breaker for a minute,
+    // longer than the doctor run, so it is seen open, not half-open.
+    let d = Deployment::start(
+        &[
+            "--reload-every",
+            "1s",
+            "--breaker-threshold",
+            "2",
+            "--breaker-initial-open",
+            "60s",
+            "--breaker-max-open",
+            "60s",
+        ],
+        Some(&[]),
+    )
+    .await;
+    assert!(
+        d.kms
+            .inject(Fault::internal_error().fraction(1.0).on(Operation::Decrypt))
+    );
+    d.stack
+        .until("the breaker opens", || async {
+            d.stack
+                .status()
+                .await
+                .and_then(|s| s.breaker)
+                .is_some_and(|b| b.state == "open")
+        })
+        .await;
+    let run = doctor_async(d.flags().await).await;
+    run.assert_fails(
+        "loads",
+        "the KMS breaker is open after 2 failure(s) in a row",
+        "the breaker probes KMS again by itself",
+    );
+    assert!(
+        run.finding("loads")["saw"]
+            .as_str()
+            .unwrap()
+            .contains("KMSInternalException"),
+        "the cause names KMS's error: {:#?}",
+        run.finding("loads")
+    );
+    // The set is still served (serve-last-good): the enclave check passes.
+    assert_eq!(run.status("enclave"), "ok", "{:#?}", run.findings);
+    assert_eq!(d.stack.get("DB_PASSWORD").await.as_deref(), Some("hunter2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn document_older_than_5_minutes() {
+    // The NSM's clock 10 minutes behind: every document the enclave makes,
+    // however fresh, is 10 minutes old to KMS (the emulator refuses it as
+    // the fault matrix shows).
+    let d = Deployment::start(&["--mock-clock-behind", "10m"], None).await;
+    let flags = with(
+        d.flags().await,
+        &[("--policy-file", &d.policy_file(&enclave_pcr0()))],
+    );
+    let run = doctor_async(flags).await;
+    run.assert_fails(
+        "document",
+        "the enclave's documents are stale when made: one made just now is already",
+        "chronyc tracking",
+    );
+    let saw = run.finding("document")["saw"].as_str().unwrap().to_owned();
+    assert!(
+        saw.contains("KMS refuses documents older than 300 s"),
+        "{saw}"
+    );
+    // The document itself verifies (its chain is genuine, only old) and
+    // matches the policy.
+    assert_eq!(run.status("pcrs"), "ok", "{:#?}", run.findings);
 }

@@ -378,6 +378,27 @@ mod nsm {
     }
 
     #[test]
+    fn a_clock_behind_stamps_documents_in_the_past() {
+        let dir = tempfile::tempdir().unwrap();
+        let behind = Duration::from_secs(600);
+        let config = MockConfig {
+            clock_behind: behind,
+            ..Default::default()
+        };
+        let nsm = MockNsm::open_with_pcr0(dir.path(), config, [0; PCR_LEN]).unwrap();
+        let before = millis(SystemTime::now() - behind);
+        let doc = nsm.attest(&AttestationRequest::default()).unwrap();
+        let after = millis(SystemTime::now() - behind);
+        let verified =
+            AttestationDoc::from_cose(&doc, nsm.pki().root_der(), Time::default()).unwrap();
+        assert!(
+            (before..=after).contains(&verified.timestamp),
+            "{before} <= {} <= {after}",
+            verified.timestamp
+        );
+    }
+
+    #[test]
     fn pcr0_is_the_sha384_of_the_running_executable() {
         let dir = tempfile::tempdir().unwrap();
         let nsm = MockNsm::open(dir.path(), MockConfig::default()).unwrap();
