@@ -107,6 +107,8 @@ SEEDS = {
     "req-audit-read-first": request(10, {"AuditRead": {"max": 1024}}),
     "req-audit-checkpoint": request(11, "AuditCheckpoint"),
     "req-header-only": {"id": 12, "v": 2},
+    "req-log-read": request(13, {"LogRead": {"after": {"run": 7, "seq": 41}, "max": 512}}),
+    "req-log-read-first": request(14, {"LogRead": {"max": 64}}),
     "resp-secret": response(1, {"Secret": {"name": "DB_PASSWORD", "value": b"hunter2"}}),
     "resp-names": response(3, {"Names": {"names": ["A", "db/password"]}}),
     "resp-status": response(4, {"Status": {
@@ -116,6 +118,14 @@ SEEDS = {
         "audit": {"last_seq": 3, "buffered": 1, "dropped": 0, "gaps": 0, "dropping": False},
         "last_good_load_unix_ms": 1_700_000_000_000, "max_stale_ms": 60_000,
         "breaker": {"state": "closed", "consecutive_failures": 0, "next_probe_in_ms": None, "opened": 0},
+        "kms_pins": {"region": "us-east-1", "key_arns": [
+            "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+        ]},
+        "kms": {"calls": [
+            {"operation": "Decrypt", "outcome": "ok", "count": 3},
+            {"operation": "Decrypt", "outcome": "ThrottlingException", "count": 1},
+        ]},
+        "logs": {"buffered": 2, "dropped": 0, "last_seq": 9},
     }}),
     "resp-attestation": response(5, {"Attestation": {"document": b"\xd2\x84\x44\xa1\x01\x38\x22\xa0"}}),
     "resp-loaded": response(7, {"Loaded": {"count": 2}}),
@@ -129,6 +139,12 @@ SEEDS = {
         {"record": CHECKPOINT, "hash": b"\x03" * 32},
     ], "more": True}}),
     "resp-audit-checkpointed": response(11, {"AuditCheckpointed": {"seq": 3}}),
+    "resp-log-records": response(13, {"LogRecords": {"run": 7, "entries": [
+        {"seq": 42, "unix_ms": 1_700_000_000_000, "level": "Info", "target": "keystore_enclave::load",
+         "message": "loaded", "fields": [{"name": "count", "value": "3"}]},
+        {"seq": 43, "unix_ms": 1_700_000_000_001, "level": "Warn", "target": "keystore_enclave::kms",
+         "message": "Decrypt failed", "fields": []},
+    ], "more": False, "dropped": 1}}),
     "resp-error": response(0, {"Error": {"code": "Denied", "message": "not allowed"}}),
 }
 

@@ -49,6 +49,21 @@ fn frame_seeds_cover_every_request_and_response_variant() {
                     assert_eq!(record.canonical_bytes().unwrap(), entry.record);
                 }
             }
+            if let ResponseBody::Status(status) = &response.result {
+                // Every optional part present, so the fuzzer mutates each
+                // (a misspelt key would silently decode as absent).
+                assert!(
+                    status.audit.is_some()
+                        && status.breaker.is_some()
+                        && status.kms_pins.is_some()
+                        && status.kms.is_some()
+                        && status.logs.is_some(),
+                    "{name}: {status:?}"
+                );
+            }
+            if let ResponseBody::LogRecords(batch) = &response.result {
+                assert!(batch.entries.iter().any(|e| !e.fields.is_empty()), "{name}");
+            }
             answers.push(response.result.kind());
         }
     }
@@ -66,6 +81,7 @@ fn frame_seeds_cover_every_request_and_response_variant() {
             "get_credentials",
             "list",
             "load",
+            "log_read",
             "status"
         ]
     );
@@ -78,6 +94,7 @@ fn frame_seeds_cover_every_request_and_response_variant() {
             "Credentials",
             "Error",
             "Loaded",
+            "LogRecords",
             "Names",
             "Secret",
             "Status"
