@@ -19,6 +19,7 @@ use zeroize::Zeroizing;
 
 use crate::support::moto::Moto;
 use crate::support::peer::{AwsPeer, REGION};
+use crate::support::relay::Relay;
 use crate::support::stack::{KmsUpstream, Stack};
 
 const ACCESS_KEY: &str = "AKIAS3TESTS3TESTS301";
@@ -188,6 +189,12 @@ impl S3Stack {
     }
 
     fn run(&mut self, poll_seconds: &str) {
+        let endpoint = self.peer.endpoint_url();
+        self.run_via(poll_seconds, &endpoint);
+    }
+
+    /// Like [`S3Stack::run`], with the daemon reaching S3 at `endpoint`.
+    fn run_via(&mut self, poll_seconds: &str, endpoint: &str) {
         let upstream = KmsUpstream {
             port: self.kms.local_addr().port(),
             ca_pem: self.kms.ca_pem_path().to_owned(),
@@ -196,13 +203,12 @@ impl S3Stack {
         };
         self.stack.start_enclave(&upstream);
         let ca = self.peer.ca_pem_path();
-        let endpoint = self.peer.endpoint_url();
         self.stack.start_proxy(
             upstream.port,
             &url(),
             &[
                 "--s3-endpoint-url",
-                &endpoint,
+                endpoint,
                 "--s3-ca-bundle",
                 ca.to_str().unwrap(),
                 "--s3-timeout",
@@ -347,6 +353,41 @@ async fn sighup_fetches_the_object_now_and_unreachable_s3_keeps_the_set() {
     s.stack.proxy.as_ref().unwrap().signal("-HUP");
     s.stack.wait_for_proxy_log(&fetch_error, before).await;
     still_serves(&s.stack, "API_TOKEN", "tok-two").await;
+}
+
+/// S3 unreachable (the fault matrix's last row), then reachable again: the
+/// polls fail naming the URL while the enclave serves its set whole; once
+/// S3 answers, the next poll loads the object changed meanwhile, unaided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_s3_keeps_the_set_and_recovers_by_itself() {
+    let mut s = S3Stack::start().await;
+    let mut relay = Relay::start(s.peer.port()).await;
+    let v1 = s.encrypt("API_TOKEN", "tok-one").await;
+    s.upload(&format!("API_TOKEN={v1}\n"));
+    // The name the server's certificate holds, the relay's port.
+    s.run_via("1", &format!("https://localhost:{}", relay.port()));
+    s.stack.wait_for_value("API_TOKEN", "tok-one").await;
+
+    relay.cut();
+    // Changed while the daemon cannot see it.
+    let v2 = s.encrypt("API_TOKEN", "tok-two").await;
+    s.upload(&format!("API_TOKEN={v2}\n"));
+    let fetch_error = format!("cannot fetch {}: connecting to S3", url());
+    let before = s.stack.proxy_log_count(&fetch_error);
+    // Two failed polls in a row: the daemon keeps trying, and the set stays.
+    s.stack.wait_for_proxy_log(&fetch_error, before + 1).await;
+    still_serves(&s.stack, "API_TOKEN", "tok-one").await;
+
+    relay.restore().await;
+    s.stack.wait_for_value("API_TOKEN", "tok-two").await;
+    assert!(
+        s.stack
+            .status()
+            .await
+            .is_some_and(|st| st.ready && st.last_error.is_none()),
+        "{}",
+        s.stack.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,4 +7,5 @@ pub mod localstack;
 pub mod moto;
 pub mod ops;
 pub mod peer;
+pub mod relay;
 pub mod stack;
