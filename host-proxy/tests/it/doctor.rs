@@ -9,8 +9,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
-use keystore_tests::kms::{Credential, Fault, MockKms, MockKmsConfig, MockKmsHandle, Operation};
+use keystore_tests::kms::{Fault, MockKms, MockKmsConfig, MockKmsHandle, Operation};
 use serde_json::Value;
 use sha2::{Digest, Sha384};
 use time::OffsetDateTime;
@@ -18,8 +17,9 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::agent::open_dir;
 use crate::support::common::enclave_binary;
+use crate::support::emulator::Emulator;
 use crate::support::imds::{FakeImds, ImdsAnswers};
-use crate::support::stack::{KmsUpstream, Stack};
+use crate::support::stack::Stack;
 
 const ACCESS_KEY: &str = "AKIADOCTORDOCTOR0001";
 const SECRET_KEY: &str = "doctor-secret-access-key";
@@ -192,23 +192,9 @@ struct Deployment {
 impl Deployment {
     async fn start(enclave_extra: &[&str], proxy_extra: Option<&[&str]>) -> Deployment {
         let dir = open_dir();
-        let kms = MockKms::start(
-            MockKmsConfig::new(
-                dir.path().join("kms-tls"),
-                vec![Credential::new(ACCESS_KEY, SECRET_KEY)],
-            )
-            .with_attestation_root(dir.path().join("pki/root.pem")),
-        )
-        .await
-        .unwrap();
-        let key_arn = kms.create_key(None).unwrap().arn;
+        let emulator = Emulator::start(dir.path(), (ACCESS_KEY, SECRET_KEY)).await;
+        let upstream = emulator.upstream();
         let mut stack = Stack::new(dir.path());
-        let upstream = KmsUpstream {
-            port: kms.local_addr().port(),
-            ca_pem: kms.ca_pem_path().to_owned(),
-            key_arn: key_arn.clone(),
-            mock_pki: dir.path().join("pki"),
-        };
         stack.start_enclave_with(&upstream, enclave_extra);
         stack
             .until("the enclave answers Status", || async {
@@ -217,7 +203,7 @@ impl Deployment {
             .await;
         if let Some(extra) = proxy_extra {
             let secrets = dir.path().join("secrets.env");
-            let sealed = seal(&kms, &key_arn, "DB_PASSWORD", "hunter2").await;
+            let sealed = emulator.seal("DB_PASSWORD", "hunter2").await;
             std::fs::write(&secrets, format!("PLAIN=visible\nDB_PASSWORD={sealed}\n")).unwrap();
             stack.start_proxy(
                 upstream.port,
@@ -233,9 +219,9 @@ impl Deployment {
         }
         Deployment {
             dir,
-            kms,
+            kms: emulator.kms,
             stack,
-            key_arn,
+            key_arn: emulator.key_arn,
         }
     }
 
@@ -289,38 +275,6 @@ impl Deployment {
         std::fs::write(&path, policy.to_string()).unwrap();
         path.to_str().unwrap().to_owned()
     }
-}
-
-/// `value` encrypted for `name` under `key_arn` by the emulator, as a
-/// secrets file holds it.
-async fn seal(kms: &MockKmsHandle, key_arn: &str, name: &str, value: &str) -> String {
-    let sdk = keystore_host::aws::sdk_config(
-        Some(kms.region().to_owned()),
-        Some(kms.endpoint_url().to_owned()),
-        Some(std::fs::read(kms.ca_pem_path()).unwrap()),
-    )
-    .await
-    .unwrap();
-    let client = aws_sdk_kms::Client::from_conf(
-        aws_sdk_kms::config::Builder::from(&sdk)
-            .credentials_provider(aws_sdk_kms::config::Credentials::new(
-                ACCESS_KEY, SECRET_KEY, None, None, "doctor",
-            ))
-            .build(),
-    );
-    let out = client
-        .encrypt()
-        .key_id(key_arn)
-        .plaintext(aws_sdk_kms::primitives::Blob::new(
-            value.as_bytes().to_vec(),
-        ))
-        .encryption_context(NAME_CONTEXT_KEY, name)
-        .send()
-        .await
-        .unwrap();
-    Envelope::kms(out.ciphertext_blob().unwrap().as_ref().to_vec())
-        .unwrap()
-        .to_string()
 }
 
 /// The mock NSM's PCR0: the enclave binary's SHA-384.

@@ -14,18 +14,15 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use aws_sdk_kms::config::Credentials;
-use aws_sdk_kms::primitives::Blob;
 use keystore_shared::StatusReport;
-use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
 use keystore_shared::protocol::DEFAULT_MAX_LOAD_FRAME;
-use keystore_tests::kms::{Credential, Fault, MockKms, MockKmsConfig, MockKmsHandle, Operation};
+use keystore_tests::kms::{Fault, MockKmsHandle, Operation};
 
+use crate::support::emulator::Emulator;
 use crate::support::stack::{KmsUpstream, Stack};
 
 const ACCESS_KEY: &str = "AKIAFAULTMATRIX00001";
 const SECRET_KEY: &str = "fault-matrix-secret-access-key";
-const REGION: &str = crate::support::moto::REGION;
 /// The names of both sets: the old set's values start with `old-`, the
 /// new set's with `new-`.
 const NAMES: [&str; 3] = ["DB_PASSWORD", "API_TOKEN", "SIGNING_KEY"];
@@ -59,65 +56,14 @@ impl Matrix {
     /// until the old set is served.
     async fn start(enclave: &[&str]) -> Matrix {
         let dir = tempfile::tempdir().unwrap();
-        let kms = MockKms::start(
-            MockKmsConfig::new(
-                dir.path().join("kms-tls"),
-                vec![Credential::new(ACCESS_KEY, SECRET_KEY)],
-            )
-            .with_attestation_root(dir.path().join("pki/root.pem")),
-        )
-        .await
-        .unwrap();
-        // The default policy lets these credentials decrypt for an attested
-        // enclave; pinning is e2e's subject.
-        let key_arn = kms.create_key(None).unwrap().arn;
-        let sdk = keystore_host::aws::sdk_config(
-            Some(REGION.into()),
-            Some(kms.endpoint_url().into()),
-            Some(std::fs::read(kms.ca_pem_path()).unwrap()),
-        )
-        .await
-        .unwrap();
-        let client = aws_sdk_kms::Client::from_conf(
-            aws_sdk_kms::config::Builder::from(&sdk)
-                .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "fm"))
-                .build(),
-        );
-        let seal = |prefix: &'static str| {
-            let client = client.clone();
-            let key_arn = key_arn.clone();
-            async move {
-                let mut out = Vec::new();
-                for name in NAMES {
-                    let value = format!("{prefix}-{}", name.to_lowercase());
-                    let blob = client
-                        .encrypt()
-                        .key_id(&key_arn)
-                        .plaintext(Blob::new(value.into_bytes()))
-                        .encryption_context(NAME_CONTEXT_KEY, name)
-                        .send()
-                        .await
-                        .unwrap()
-                        .ciphertext_blob
-                        .unwrap()
-                        .into_inner();
-                    out.push((name.to_owned(), Envelope::kms(blob).unwrap().to_string()));
-                }
-                out
-            }
-        };
-        let old = seal("old").await;
-        let new = seal("new").await;
-        let upstream = KmsUpstream {
-            port: kms.local_addr().port(),
-            ca_pem: kms.ca_pem_path().to_owned(),
-            key_arn,
-            mock_pki: dir.path().join("pki"),
-        };
+        let emulator = Emulator::start(dir.path(), (ACCESS_KEY, SECRET_KEY)).await;
+        let old = sealed_set(&emulator, "old").await;
+        let new = sealed_set(&emulator, "new").await;
+        let upstream = emulator.upstream();
         let mut m = Matrix {
             stack: Stack::new(dir.path()),
             _dir: dir,
-            kms,
+            kms: emulator.kms,
             upstream,
             old,
             new,
@@ -230,6 +176,16 @@ impl Matrix {
         })
         .await
     }
+}
+
+/// Every name sealed with its `prefix` (`old`/`new`) value.
+async fn sealed_set(emulator: &Emulator, prefix: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for name in NAMES {
+        let value = format!("{prefix}-{}", name.to_lowercase());
+        out.push((name.to_owned(), emulator.seal(name, &value).await));
+    }
+    out
 }
 
 /// Successful `Decrypt` calls the enclave counted.

@@ -10,17 +10,15 @@ use std::process::Command;
 use std::time::Duration;
 
 use aws_sdk_kms::config::Credentials;
-use aws_sdk_kms::primitives::Blob;
 use keystore_host::secrets_file::dotenv::{DotEnv, MAX_FILE_SIZE};
 use keystore_host::secrets_file::location::{self, Location, LocationError, S3Access, Updated};
-use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
-use keystore_tests::kms::{Credential, MockKms, MockKmsConfig, MockKmsHandle};
 use zeroize::Zeroizing;
 
+use crate::support::emulator::Emulator;
 use crate::support::moto::Moto;
 use crate::support::peer::{AwsPeer, REGION};
 use crate::support::relay::Relay;
-use crate::support::stack::{KmsUpstream, Stack};
+use crate::support::stack::Stack;
 
 const ACCESS_KEY: &str = "AKIAS3TESTS3TESTS301";
 const SECRET_KEY: &str = "s3-secret-access-key";
@@ -52,12 +50,11 @@ sys.stdout.write(out["ETag"] + "\n" + out["Body"].read().decode())
 
 pub struct S3Stack {
     dir: tempfile::TempDir,
-    kms: MockKmsHandle,
+    /// KMS: values are sealed under its key.
+    emulator: Emulator,
     /// The S3 server (moto or LocalStack).
     peer: Box<dyn AwsPeer>,
     stack: Stack,
-    client: aws_sdk_kms::Client,
-    key_arn: String,
 }
 
 impl S3Stack {
@@ -69,54 +66,18 @@ impl S3Stack {
     pub async fn start_with(start: impl FnOnce(&std::path::Path) -> Box<dyn AwsPeer>) -> S3Stack {
         let dir = tempfile::tempdir().unwrap();
         let peer = start(dir.path());
-        let kms = MockKms::start(
-            MockKmsConfig::new(
-                dir.path().join("kms-tls"),
-                vec![Credential::new(ACCESS_KEY, SECRET_KEY)],
-            )
-            .with_attestation_root(dir.path().join("pki/root.pem")),
-        )
-        .await
-        .unwrap();
-        // The default policy lets these credentials decrypt for an
-        // attested enclave: enough here, the pinning tests are in e2e.
-        let key_arn = kms.create_key(None).unwrap().arn;
-        let sdk = keystore_host::aws::sdk_config(
-            Some(REGION.into()),
-            Some(kms.endpoint_url().into()),
-            Some(std::fs::read(kms.ca_pem_path()).unwrap()),
-        )
-        .await
-        .unwrap();
-        let client = aws_sdk_kms::Client::from_conf(
-            aws_sdk_kms::config::Builder::from(&sdk)
-                .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "s3"))
-                .build(),
-        );
+        let emulator = Emulator::start(dir.path(), (ACCESS_KEY, SECRET_KEY)).await;
         let stack = Stack::new(dir.path());
         S3Stack {
             dir,
-            kms,
+            emulator,
             peer,
             stack,
-            client,
-            key_arn,
         }
     }
 
     async fn encrypt(&self, name: &str, value: &str) -> String {
-        let out = self
-            .client
-            .encrypt()
-            .key_id(&self.key_arn)
-            .plaintext(Blob::new(value.as_bytes().to_vec()))
-            .encryption_context(NAME_CONTEXT_KEY, name)
-            .send()
-            .await
-            .unwrap();
-        Envelope::kms(out.ciphertext_blob().unwrap().as_ref().to_vec())
-            .unwrap()
-            .to_string()
+        self.emulator.seal(name, value).await
     }
 
     fn upload(&self, text: &str) {
@@ -147,10 +108,16 @@ impl S3Stack {
     /// `keystore-host encrypt ... URL`.
     fn encrypt_url(&self, url: &str, extra: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_keystore-host"))
-            .args(["encrypt", "--key-id", &self.key_arn, "--region", REGION])
-            .args(["--endpoint-url", self.kms.endpoint_url()])
+            .args([
+                "encrypt",
+                "--key-id",
+                &self.emulator.key_arn,
+                "--region",
+                REGION,
+            ])
+            .args(["--endpoint-url", self.emulator.kms.endpoint_url()])
             .arg("--ca-bundle")
-            .arg(self.kms.ca_pem_path())
+            .arg(self.emulator.kms.ca_pem_path())
             .args(["--s3-endpoint-url", &self.peer.endpoint_url()])
             .arg("--s3-ca-bundle")
             .arg(self.peer.ca_pem_path())
@@ -195,12 +162,7 @@ impl S3Stack {
 
     /// Like [`S3Stack::run`], with the daemon reaching S3 at `endpoint`.
     fn run_via(&mut self, poll_seconds: &str, endpoint: &str) {
-        let upstream = KmsUpstream {
-            port: self.kms.local_addr().port(),
-            ca_pem: self.kms.ca_pem_path().to_owned(),
-            key_arn: self.key_arn.clone(),
-            mock_pki: self.dir.path().join("pki"),
-        };
+        let upstream = self.emulator.upstream();
         self.stack.start_enclave(&upstream);
         let ca = self.peer.ca_pem_path();
         self.stack.start_proxy(

@@ -2,6 +2,7 @@
 
 pub mod audit_log;
 pub mod common;
+pub mod emulator;
 pub mod imds;
 pub mod localstack;
 pub mod moto;
