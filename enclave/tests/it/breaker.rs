@@ -4,19 +4,17 @@
 //! `status`. KMS calls are counted at the emulator.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use crate::support::emulator::Emulator;
+use crate::support::emulator::{Emulator, Serving};
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_kms::primitives::Blob;
-use keystore_enclave::audit::{AuditConfig, AuditTrail};
 use keystore_enclave::kms::breaker::{BreakerConfig, BreakerState};
 use keystore_enclave::kms::{Kms, KmsError};
-use keystore_enclave::load::{LoadConfig, LoadError, Loader};
+use keystore_enclave::load::{LoadError, Loader};
 use keystore_enclave::service::KeystoreService;
-use keystore_enclave::store::{SealKey, Store, StoreConfig};
-use keystore_shared::envelope::{Envelope, NAME_CONTEXT_KEY};
+use keystore_enclave::store::Store;
+use keystore_shared::envelope::Envelope;
 use keystore_shared::protocol::{ErrorCode, LoadEntry};
 use keystore_tests::kms::{Fault, Operation};
 
@@ -38,23 +36,12 @@ async fn start() -> Setup {
         max_open: Duration::from_millis(400),
     };
     let kms = Kms::new(config).unwrap();
-    let store = Arc::new(Store::new(
-        SealKey::from_entropy(&[3; 32], &[4; 32]),
-        StoreConfig::default(),
-    ));
     // One call at a time, so "calls before the breaker opens" is exact.
-    let load = LoadConfig {
-        concurrency: 1,
-        max_attempts: 2,
-        initial_backoff: Duration::from_millis(5),
-        max_backoff: Duration::from_millis(20),
-        ..LoadConfig::default()
-    };
-    let loader = Arc::new(Loader::new(kms, em.recipient.clone(), store.clone(), load).unwrap());
-    let nsm: Arc<dyn keystore_nsm::Nsm> = em.nsm.clone();
-    let audit = Arc::new(AuditTrail::new(nsm.clone(), AuditConfig::default()).unwrap());
-    let service = KeystoreService::new(store.clone(), em.recipient.clone(), nsm, audit)
-        .with_loader(loader.clone());
+    let Serving {
+        store,
+        loader,
+        service,
+    } = em.serving(kms, 1);
     Setup {
         em,
         store,
@@ -70,18 +57,8 @@ impl Setup {
             let name = format!("{prefix}{i}");
             let blob = self
                 .em
-                .fx
-                .client()
-                .encrypt()
-                .key_id(&self.em.key_arn)
-                .plaintext(Blob::new(format!("value-{name}").into_bytes()))
-                .encryption_context(NAME_CONTEXT_KEY, &name)
-                .send()
-                .await
-                .unwrap()
-                .ciphertext_blob
-                .unwrap()
-                .into_inner();
+                .encrypt(&self.em.key_arn, &name, format!("value-{name}").as_bytes())
+                .await;
             out.push(LoadEntry {
                 name,
                 envelope: Envelope::kms(blob).unwrap().to_string(),

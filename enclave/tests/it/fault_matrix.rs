@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use crate::support::emulator::{
-    Emulator, SECRET_KEY, SESSION_TOKEN, credentials, kms_config, pinned,
+    Emulator, SECRET_KEY, SESSION_TOKEN, Serving, credentials, kms_config, pinned,
 };
 
 use std::sync::Arc;
@@ -14,12 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use crate::support::emulator::CredentialsService;
-use keystore_enclave::audit::{AuditConfig, AuditTrail};
 use keystore_enclave::kms::Kms;
 use keystore_enclave::kms::breaker::BreakerConfig;
-use keystore_enclave::load::{LoadConfig, Loader};
+use keystore_enclave::load::Loader;
 use keystore_enclave::service::KeystoreService;
-use keystore_enclave::store::{SealKey, Store, StoreConfig};
+use keystore_enclave::store::Store;
 use keystore_shared::envelope::Envelope;
 use keystore_shared::protocol::LoadEntry;
 use keystore_tests::kms::{Credential, Fault, Operation};
@@ -67,24 +66,13 @@ async fn start_with(concurrency: usize, breaker: BreakerConfig) -> Setup {
     config.pinned_keys = pinned(&[&em.key_arn]);
     config.breaker = breaker;
     let kms = Kms::new(config).unwrap();
-    let store = Arc::new(Store::new(
-        SealKey::from_entropy(&[5; 32], &[6; 32]),
-        StoreConfig::default(),
-    ));
     // One call at a time (by default): the expiry lands between two calls
     // of one load.
-    let load = LoadConfig {
-        concurrency,
-        max_attempts: 2,
-        initial_backoff: Duration::from_millis(5),
-        max_backoff: Duration::from_millis(20),
-        ..LoadConfig::default()
-    };
-    let loader = Arc::new(Loader::new(kms, em.recipient.clone(), store.clone(), load).unwrap());
-    let nsm: Arc<dyn keystore_nsm::Nsm> = em.nsm.clone();
-    let audit = Arc::new(AuditTrail::new(nsm.clone(), AuditConfig::default()).unwrap());
-    let service = KeystoreService::new(store.clone(), em.recipient.clone(), nsm, audit)
-        .with_loader(loader.clone());
+    let Serving {
+        store,
+        loader,
+        service,
+    } = em.serving(kms, concurrency);
     Setup {
         em,
         generation,

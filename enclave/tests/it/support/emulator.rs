@@ -14,11 +14,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_kms::primitives::Blob;
 pub use fixture::{Fixture, PCR0};
+use keystore_enclave::audit::{AuditConfig, AuditTrail};
 use keystore_enclave::kms::breaker::BreakerConfig;
 use keystore_enclave::kms::credentials::CredentialsConfig;
 use keystore_enclave::kms::transport::TransportConfig;
 use keystore_enclave::kms::{Kms, KmsConfig, PinnedKeys};
+use keystore_enclave::load::{LoadConfig, Loader};
 use keystore_enclave::recipient::{Recipient, RecipientBits, RecipientConfig, RecipientHandle};
+use keystore_enclave::service::KeystoreService;
+use keystore_enclave::store::{SealKey, Store, StoreConfig};
 use keystore_nsm::{AttestationRequest, MockConfig, MockNsm, Nsm, NsmError, PcrDescription};
 use keystore_shared::endpoint::Endpoint;
 use keystore_shared::envelope::NAME_CONTEXT_KEY;
@@ -178,6 +182,43 @@ impl Emulator {
     pub fn age_documents(&self, secs: u64) {
         self.fx.kms.advance_clock(Duration::from_secs(secs));
         self.nsm.ahead_secs.store(secs, Ordering::SeqCst);
+    }
+}
+
+/// A store, a loader over a `Kms` that retries fast (two attempts, 5–20
+/// ms apart) and the service that answers `status` for them: what the
+/// fault tests drive.
+pub struct Serving {
+    pub store: Arc<Store>,
+    pub loader: Arc<Loader>,
+    pub service: KeystoreService,
+}
+
+impl Emulator {
+    /// [`Serving`] over `kms`, `concurrency` KMS calls at a time.
+    pub fn serving(&self, kms: Kms, concurrency: usize) -> Serving {
+        let store = Arc::new(Store::new(
+            SealKey::from_entropy(&[5; 32], &[6; 32]),
+            StoreConfig::default(),
+        ));
+        let load = LoadConfig {
+            concurrency,
+            max_attempts: 2,
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+            ..LoadConfig::default()
+        };
+        let loader =
+            Arc::new(Loader::new(kms, self.recipient.clone(), store.clone(), load).unwrap());
+        let nsm: Arc<dyn Nsm> = self.nsm.clone();
+        let audit = Arc::new(AuditTrail::new(nsm.clone(), AuditConfig::default()).unwrap());
+        let service = KeystoreService::new(store.clone(), self.recipient.clone(), nsm, audit)
+            .with_loader(loader.clone());
+        Serving {
+            store,
+            loader,
+            service,
+        }
     }
 }
 

@@ -42,3 +42,18 @@ pub fn enclave_binary() -> PathBuf {
     assert!(binary.exists(), "{} is missing", binary.display());
     binary
 }
+
+/// The daemon's `/metrics` URL from its start-up log line (tests bind it to
+/// `tcp://127.0.0.1:0`), once it has logged it.
+pub fn metrics_url_in(log: &str) -> Option<String> {
+    log.lines()
+        .filter(|line| line.contains("metrics"))
+        .find_map(|line| line.split("tcp://127.0.0.1:").nth(1))
+        .map(|rest| {
+            rest.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .filter(|port| !port.is_empty())
+        .map(|port| format!("http://127.0.0.1:{port}/metrics"))
+}

@@ -224,17 +224,7 @@ impl Stack {
         let mut url = None;
         self.until("the proxy's metrics endpoint in its log", || {
             let log = self.proxy.as_ref().map(Running::log).unwrap_or_default();
-            url = log
-                .lines()
-                .filter(|line| line.contains("metrics"))
-                .find_map(|line| line.split("tcp://127.0.0.1:").nth(1))
-                .map(|rest| {
-                    rest.chars()
-                        .take_while(char::is_ascii_digit)
-                        .collect::<String>()
-                })
-                .filter(|port| !port.is_empty())
-                .map(|port| format!("http://127.0.0.1:{port}/metrics"));
+            url = crate::support::common::metrics_url_in(&log);
             std::future::ready(url.is_some())
         })
         .await;
