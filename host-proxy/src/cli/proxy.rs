@@ -65,6 +65,15 @@ pub struct ProxyArgs {
     /// conditional GetObject).
     #[arg(long, value_name = "SECONDS", default_value_t = 2)]
     pub secrets_poll: u64,
+    /// The longest wait, in seconds, between two attempts to load the
+    /// secrets after a failure (the first wait is 0.5 s, doubling).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub load_retry_max: u64,
+    /// Seconds between two checks that the enclave still holds its
+    /// secrets; a restarted enclave is loaded again within this and one
+    /// poll.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+    pub enclave_check: u64,
     /// Connections each forwarder serves at once; more wait.
     #[arg(long, default_value_t = 256)]
     pub max_connections: usize,
@@ -194,6 +203,8 @@ pub fn run(enclave: Option<&Endpoint>, args: ProxyArgs) -> anyhow::Result<ExitCo
         load_to: args.load_to.clone(),
         secrets: None,
         secrets_poll: Duration::from_secs(args.secrets_poll.max(1)),
+        load_retry_max: Duration::from_secs(args.load_retry_max.max(1)),
+        enclave_check: Duration::from_secs(args.enclave_check.max(1)),
         enclave_cid: args.enclave_cid,
     };
     let load_to = args.load_to;

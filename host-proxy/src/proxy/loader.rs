@@ -107,8 +107,12 @@ pub async fn send_load(
 }
 
 /// How often an idle loader asks the enclave whether it still holds its
-/// secrets (restart detection takes at most this long plus one poll).
+/// secrets by default (restart detection takes at most this long plus one
+/// poll).
 pub const ENCLAVE_CHECK_INTERVAL: Duration = Duration::from_secs(15);
+
+/// The longest wait between two load attempts after failures, by default.
+pub const LOAD_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Asks the enclave's load port whether it holds a loaded set. `None` when
 /// it cannot say (unreachable, slow, odd answer): only a clear "not ready"
@@ -140,11 +144,15 @@ pub struct LoaderConfig {
     pub backoff_initial: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
+    /// How often an idle loader checks that the enclave still holds its
+    /// secrets (each check is one `Status` on the load port).
+    pub enclave_check: Duration,
 }
 
 impl LoaderConfig {
     /// Defaults: poll every 2 s, 60 s per attempt (the enclave decrypts
-    /// every value through KMS before answering), backoff 0.5 s to 30 s.
+    /// every value through KMS before answering), backoff 0.5 s to 30 s,
+    /// the enclave checked every 15 s.
     pub fn new(source: impl Into<SecretsSource>, load_to: Endpoint) -> Self {
         LoaderConfig {
             source: source.into(),
@@ -153,7 +161,8 @@ impl LoaderConfig {
             poll_interval: Duration::from_secs(2),
             attempt_timeout: Duration::from_secs(60),
             backoff_initial: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(30),
+            backoff_max: LOAD_RETRY_MAX,
+            enclave_check: ENCLAVE_CHECK_INTERVAL,
         }
     }
 }
@@ -256,7 +265,7 @@ impl Loader {
             let check_enclave = !forced
                 && !failing
                 && loaded.is_some()
-                && last_enclave_check.elapsed() >= ENCLAVE_CHECK_INTERVAL;
+                && last_enclave_check.elapsed() >= self.config.enclave_check;
             if check_enclave {
                 last_enclave_check = std::time::Instant::now();
             }

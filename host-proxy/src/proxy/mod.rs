@@ -70,6 +70,11 @@ pub struct ProxyConfig {
     pub secrets: Option<SecretsSource>,
     /// How often the loader checks the secrets file for changes.
     pub secrets_poll: std::time::Duration,
+    /// The longest wait between two load attempts after failures.
+    pub load_retry_max: std::time::Duration,
+    /// How often the loader checks that the enclave still holds its secrets
+    /// (a restarted enclave comes back empty).
+    pub enclave_check: std::time::Duration,
     /// The only vsock CID the forwarders and the credentials service serve.
     pub enclave_cid: u32,
 }
@@ -139,6 +144,8 @@ impl Proxy {
         let loader = config.secrets.map(|source| {
             Loader::new(LoaderConfig {
                 poll_interval: config.secrets_poll,
+                backoff_max: config.load_retry_max,
+                enclave_check: config.enclave_check,
                 ..LoaderConfig::new(source, config.load_to.clone())
             })
         });

@@ -85,7 +85,7 @@ impl Matrix {
         self.stack.start_proxy(
             self.upstream.port,
             secrets.to_str().unwrap(),
-            &["--secrets-poll", "1"],
+            &["--secrets-poll", "1", "--enclave-check", "1"],
             (ACCESS_KEY, SECRET_KEY),
         );
     }
@@ -391,6 +391,14 @@ async fn the_enclave_killed_and_restarted() {
     assert!(m.stack.status().await.is_none(), "the enclave is gone");
     m.start_enclave(&[]);
     m.wait_for_set("old").await;
+    // Reloaded by the daemon's enclave check (--enclave-check 1), not by a
+    // file change.
+    m.stack
+        .wait_for_proxy_log(
+            "the enclave holds no secrets (restarted?); loading again",
+            0,
+        )
+        .await;
     let after = m.wait_healthy().await;
     assert_eq!(after.secret_count, 3);
     assert!(after.last_good_load_unix_ms.is_some());

@@ -49,6 +49,8 @@ async fn sighup_reloads_and_sigterm_stops() {
         load_to: enclave,
         secrets: Some(path.into()),
         secrets_poll: Duration::from_secs(2),
+        load_retry_max: keystore_host::proxy::loader::LOAD_RETRY_MAX,
+        enclave_check: keystore_host::proxy::loader::ENCLAVE_CHECK_INTERVAL,
         enclave_cid: keystore_host::proxy::DEFAULT_ENCLAVE_CID,
     };
     let creds = aws_credential_types::Credentials::new("AKID", "SECRET", None, None, "test");
