@@ -252,6 +252,10 @@ impl AuditLogFile {
     /// written.
     pub fn append(&mut self, batch: &AuditBatch) -> Result<usize, AuditLogError> {
         let mut written = 0;
+        // The batch's lines go out in one write, not a syscall per record
+        // (per request served); a crash mid-write leaves a torn line that
+        // reopening cuts, as before.
+        let mut pending = Vec::new();
         for entry in &batch.entries {
             let Some((record, hash)) = self.check(&entry.record, &entry.hash) else {
                 continue;
@@ -266,9 +270,11 @@ impl AuditLogFile {
                 .unwrap_or(u64::MAX)
                 .saturating_add(1);
             if self.has_records && self.size.saturating_add(len) > self.max_bytes {
+                self.write_pending(&mut pending)?;
                 self.rotate()?;
             }
-            write_line(&mut self.file, &self.path, &line)?;
+            pending.extend_from_slice(line.as_bytes());
+            pending.push(b'\n');
             if self.journald {
                 tracing::info!(target: JOURNAL_TARGET, "{line}");
             }
@@ -277,9 +283,16 @@ impl AuditLogFile {
             self.last = Some((seq, hash));
             written += 1;
         }
+        self.write_pending(&mut pending)?;
         self.file.sync_data().map_err(io_error(&self.path))?;
         self.stats.written = self.stats.written.saturating_add(written as u64);
         Ok(written)
+    }
+
+    fn write_pending(&mut self, pending: &mut Vec<u8>) -> Result<(), AuditLogError> {
+        self.file.write_all(pending).map_err(io_error(&self.path))?;
+        pending.clear();
+        Ok(())
     }
 
     /// Decodes one entry and recomputes its hash from where the chain
