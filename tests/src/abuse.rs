@@ -23,6 +23,19 @@ use keystore_shared::protocol::{ErrorCode, Request, RequestOp, Response, Respons
 use keystore_shared::{Endpoint, Stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Bound on every phase of an abuse test.
+pub const BOUND: Duration = Duration::from_secs(120);
+/// Rounds the normal client completes at least, however fast the abuse is.
+pub const MIN_ROUNDS: usize = 5;
+/// Idle sockets per target.
+pub const IDLE: usize = 1000;
+/// Slow writers per target (more than the enclave secret port's 256 slots).
+pub const SLOW: usize = 300;
+/// How long the slow writers trickle, one byte a second.
+pub const SLOW_SECONDS: usize = 8;
+/// Malformed frames per target.
+pub const MALFORMED: usize = 10_000;
+
 /// Who the hostile peer is, as the kernel will report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Who {

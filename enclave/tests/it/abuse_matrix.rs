@@ -18,24 +18,13 @@ use std::time::Duration;
 use keystore_enclave::server::{DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_LOAD_CONNECTIONS};
 use keystore_shared::protocol::ErrorCode;
 use keystore_shared::{Client, Endpoint};
-use keystore_tests::abuse::{self, Abuse, Who};
+use keystore_tests::abuse::{
+    self, Abuse, BOUND, IDLE, MALFORMED, MIN_ROUNDS, SLOW, SLOW_SECONDS, Who,
+};
 use tokio::io::AsyncReadExt;
 use tokio::task::JoinSet;
 
 use crate::support::server::{Harness, Options, Transport, fixtures, patient};
-
-/// Bound on every phase of these tests.
-const BOUND: Duration = Duration::from_secs(120);
-/// Rounds the normal client completes at least, however fast the abuse is.
-const MIN_ROUNDS: usize = 5;
-/// Idle sockets per port.
-const IDLE: usize = 1000;
-/// Slow writers per port (more than the secret port's 256 slots).
-const SLOW: usize = 300;
-/// How long the slow writers trickle.
-const SLOW_SECONDS: usize = 8;
-/// Malformed frames per port.
-const MALFORMED: usize = 10_000;
 
 /// The normal client: until `stop`, and at least [`MIN_ROUNDS`] times, a
 /// fresh connection asks Get/List/Status on the secret port and Status on

@@ -17,19 +17,15 @@ use std::time::Duration;
 
 use keystore_shared::protocol::ErrorCode;
 use keystore_shared::{Client, ClientConfig, Endpoint};
-use keystore_tests::abuse::{self, Abuse, Who};
+use keystore_tests::abuse::{
+    self, Abuse, BOUND, IDLE, MALFORMED, MIN_ROUNDS, SLOW, SLOW_SECONDS, Who,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
 use crate::agent::{open_dir, real_enclave_with_rules, start_agent_with};
 
 const TOKEN: &str = "ci-token-0123456789abcdef";
-const BOUND: Duration = Duration::from_secs(120);
-const MIN_ROUNDS: usize = 5;
-const IDLE: usize = 1000;
-const SLOW: usize = 300;
-const SLOW_SECONDS: usize = 8;
-const MALFORMED: usize = 10_000;
 /// Malformed HTTP requests per connection.
 const HTTP_PER_CONNECTION: usize = 50;
 
