@@ -193,27 +193,11 @@ pub fn decode_frame<T: DeserializeOwned>(
 /// `max` before allocating them. The buffer is wiped on drop because it may
 /// hold a secret value.
 pub fn encode_frame<T: Serialize>(msg: &T, max: usize) -> Result<Zeroizing<Vec<u8>>, FrameError> {
-    let max = clamp(max);
-    // First pass only counts, so the real buffer is allocated once at its
-    // exact size: no reallocation leaves copies of secrets behind, and an
-    // oversize message is refused without allocating it.
-    let mut counter = ByteCounter(0);
-    serde_cbor::to_writer(&mut counter, msg).map_err(|err| FrameError::Encode(err.to_string()))?;
-    let len = counter.0;
-    if len > max {
-        return Err(FrameError::OutgoingTooLarge { len, max });
-    }
-    let prefix = u32::try_from(len).map_err(|_| FrameError::OutgoingTooLarge { len, max })?;
-    let mut frame = Zeroizing::new(Vec::with_capacity(HEADER_LEN + len));
-    frame.extend_from_slice(&prefix.to_be_bytes());
-    serde_cbor::to_writer(&mut *frame, msg).map_err(|err| FrameError::Encode(err.to_string()))?;
-    if frame.len() != HEADER_LEN + len {
-        // Only a Serialize impl whose output differs between two calls can
-        // get here; the prefix would then lie, so refuse to send it.
-        return Err(FrameError::Encode(
-            "message changed size between encoding passes".to_owned(),
-        ));
-    }
+    // A first pass only counts, so an empty buffer is allocated once at the
+    // frame's exact size: no reallocation leaves copies of secrets behind,
+    // and an oversize message is refused without allocating it.
+    let mut frame = Zeroizing::new(Vec::new());
+    encode_frame_into(msg, max, &mut frame)?;
     Ok(frame)
 }
 

@@ -45,6 +45,9 @@ fn encode_layout_is_be_length_then_cbor() {
     let (back, used): (Request, usize) = decode_frame(&frame, DEFAULT_MAX_FRAME).unwrap().unwrap();
     assert_eq!(back, req);
     assert_eq!(used, frame.len());
+    // Allocated once at its exact size: nothing was reallocated (and left
+    // behind unwiped) on the way.
+    assert_eq!(frame.capacity(), frame.len());
 }
 
 #[test]
