@@ -286,6 +286,7 @@ impl KeystoreService {
                     consecutive_failures: u64::from(b.consecutive_failures),
                     next_probe_in_ms: b.next_probe_in.map(millis),
                     opened: b.opened,
+                    last_failure: loader.kms().last_fault(),
                 }
             }),
             kms_pins: self.loader.as_ref().map(|loader| {

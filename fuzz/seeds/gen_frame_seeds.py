@@ -117,7 +117,8 @@ SEEDS = {
         "last_error": None, "secret_peers": "privileged", "last_decrypt_age_ms": 7,
         "audit": {"last_seq": 3, "buffered": 1, "dropped": 0, "gaps": 0, "dropping": False},
         "last_good_load_unix_ms": 1_700_000_000_000, "max_stale_ms": 60_000,
-        "breaker": {"state": "closed", "consecutive_failures": 0, "next_probe_in_ms": None, "opened": 0},
+        "breaker": {"state": "closed", "consecutive_failures": 0, "next_probe_in_ms": None, "opened": 0,
+                    "last_failure": "KMS refused: ThrottlingException (HTTP 400)"},
         "kms_pins": {"region": "us-east-1", "key_arns": [
             "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
         ]},

@@ -901,6 +901,7 @@ mod tests {
                 consecutive_failures: 4,
                 next_probe_in_ms: Some(100),
                 opened,
+                last_failure: None,
             }),
             ..StatusReport::default()
         }

@@ -897,6 +897,10 @@ pub struct BreakerStatus {
     /// Times the breaker opened since the enclave started.
     #[serde(default)]
     pub opened: u64,
+    /// The last KMS service failure the breaker counted (why it opened,
+    /// while it is open); never secret material.
+    #[serde(default)]
+    pub last_failure: Option<String>,
 }
 
 /// The audit trail's state in [`StatusReport`].

@@ -359,7 +359,7 @@ pub struct Kms {
     calls: Arc<KmsCalls>,
     /// The last service failure (shared by every clone), named while the
     /// breaker is open.
-    last_fault: Arc<std::sync::Mutex<String>>,
+    last_fault: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl fmt::Debug for Kms {
@@ -408,7 +408,7 @@ impl Kms {
             preferred: Arc::new(AtomicUsize::new(0)),
             breaker: Arc::new(Breaker::new(config.breaker)),
             calls: Arc::new(KmsCalls::default()),
-            last_fault: Arc::new(std::sync::Mutex::new(String::from("unknown"))),
+            last_fault: Arc::new(std::sync::Mutex::new(None)),
         })
     }
 
@@ -433,6 +433,15 @@ impl Kms {
     /// The circuit breaker's state, for `status`.
     pub fn breaker(&self) -> BreakerSnapshot {
         self.breaker.snapshot()
+    }
+
+    /// The last KMS service failure (what opened the breaker, while it is
+    /// open), for `status`.
+    pub fn last_fault(&self) -> Option<String> {
+        self.last_fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// KMS calls since start by operation and outcome, for `status`.
@@ -529,11 +538,7 @@ impl Kms {
                     self.calls.count(KmsOperation::Decrypt, "breaker_open");
                     return Err(KmsError::BreakerOpen {
                         retry_in: refused.retry_in,
-                        last_failure: self
-                            .last_fault
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .clone(),
+                        last_failure: self.last_fault().unwrap_or_else(|| "unknown".to_owned()),
                     });
                 }
             };
@@ -551,7 +556,8 @@ impl Kms {
                         *self
                             .last_fault
                             .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = err.to_string();
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some(err.to_string());
                     }
                     permit.finish(if err.is_service_fault() {
                         Outcome::Fault

@@ -130,6 +130,14 @@ async fn breaker_storm(fault: Fault) {
     assert_eq!(breaker.state, "open");
     assert!(breaker.consecutive_failures >= u64::from(THRESHOLD));
     assert!(breaker.next_probe_in_ms.is_some());
+    // Why it opened (whether or not a load has finished since): the same
+    // failure the last load's error names.
+    let cause = breaker.last_failure.unwrap_or_default();
+    let last_error = status.last_error.clone().unwrap_or_default();
+    assert!(
+        !cause.is_empty() && last_error.contains(&cause),
+        "{cause:?} in {last_error:?}"
+    );
     assert_eq!(status.secret_count, 2);
     assert_eq!(status.last_good_load_unix_ms, before.last_good_load_unix_ms);
     assert_eq!(status.max_stale_ms, Some(24 * 3600 * 1000));

@@ -385,6 +385,7 @@ mod tests {
                 consecutive_failures: 5,
                 next_probe_in_ms: Some(1730),
                 opened: 2,
+                last_failure: None,
             }),
             ..StatusReport::default()
         };

@@ -353,7 +353,7 @@ pub fn check_document(status: Option<&StatusReport>, fetched: Option<&Fetched>) 
              a new one",
         );
     }
-    let mut saw = format!(
+    let saw = format!(
         "the enclave's document is {} s old (KMS allows {} s)",
         age.as_secs(),
         MAX_DOCUMENT_AGE.as_secs()
@@ -388,49 +388,55 @@ pub fn check_document(status: Option<&StatusReport>, fetched: Option<&Fetched>) 
     let leaf = fresh
         .and_then(|doc| doc.certificate_chain().ok())
         .and_then(|chain| chain.into_iter().find(|c| c.depth == 0));
-    if let Some(leaf) = leaf {
-        let now = SystemTime::now();
-        if leaf.not_before > now {
-            return Finding::fail(
-                DOCUMENT,
-                format!(
-                    "{saw}; its leaf certificate is valid only from {}: the clock here is behind",
-                    rfc3339(&leaf.not_before)
-                ),
-                "fix the instance clock (chronyc tracking)",
-            );
-        }
-        match leaf.not_after.duration_since(now) {
-            Err(_) => {
-                return Finding::fail(
-                    DOCUMENT,
-                    format!(
-                        "{saw}; its leaf certificate expired at {}",
-                        rfc3339(&leaf.not_after)
-                    ),
-                    "fix the instance clock (chronyc tracking); the NSM issues fresh \
-                     certificates",
-                );
-            }
-            Ok(left) if left < MIN_LEAF_VALIDITY => {
-                return Finding::warn(
-                    DOCUMENT,
-                    format!(
-                        "{saw}; its leaf certificate expires in {} s",
-                        left.as_secs()
-                    ),
-                    "the NSM renews it; if this stays, check the instance clock",
-                );
-            }
-            Ok(left) => {
-                saw.push_str(&format!(
-                    "; its leaf certificate is valid for {} more minute(s)",
-                    left.as_secs() / 60
-                ));
-            }
+    match leaf {
+        Some(leaf) => leaf_lifetime(saw, leaf.not_before, leaf.not_after, SystemTime::now()),
+        None => Finding::ok(DOCUMENT, saw),
+    }
+}
+
+/// The document finding from its leaf certificate's validity at `now`
+/// (`saw` says what was seen of the document so far).
+fn leaf_lifetime(
+    mut saw: String,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    now: SystemTime,
+) -> Finding {
+    if not_before > now {
+        return Finding::fail(
+            DOCUMENT,
+            format!(
+                "{saw}; its leaf certificate is valid only from {}: the clock here is behind",
+                rfc3339(&not_before)
+            ),
+            "fix the instance clock (chronyc tracking)",
+        );
+    }
+    match not_after.duration_since(now) {
+        Err(_) => Finding::fail(
+            DOCUMENT,
+            format!(
+                "{saw}; its leaf certificate expired at {}",
+                rfc3339(&not_after)
+            ),
+            "fix the instance clock (chronyc tracking); the NSM issues fresh certificates",
+        ),
+        Ok(left) if left < MIN_LEAF_VALIDITY => Finding::warn(
+            DOCUMENT,
+            format!(
+                "{saw}; its leaf certificate expires in {} s",
+                left.as_secs()
+            ),
+            "the NSM renews it; if this stays, check the instance clock",
+        ),
+        Ok(left) => {
+            saw.push_str(&format!(
+                "; its leaf certificate is valid for {} more minute(s)",
+                left.as_secs() / 60
+            ));
+            Finding::ok(DOCUMENT, saw)
         }
     }
-    Finding::ok(DOCUMENT, saw)
 }
 
 #[cfg(test)]
@@ -479,6 +485,38 @@ mod tests {
         assert_eq!(stale.status, Outcome::Fail);
         assert!(stale.saw.contains("stale: 301 s old"), "{stale:?}");
         assert_eq!(check_document(None, None).status, Outcome::Skip);
+    }
+
+    #[test]
+    fn leaf_lifetimes() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let minutes = |m: u64| Duration::from_secs(60 * m);
+        let at = |from: SystemTime, to: SystemTime| leaf_lifetime("saw".into(), from, to, now);
+        let fine = at(now - minutes(1), now + minutes(179));
+        assert_eq!(fine.status, Outcome::Ok);
+        assert!(
+            fine.saw.ends_with("valid for 179 more minute(s)"),
+            "{fine:?}"
+        );
+        let soon = at(now - minutes(175), now + minutes(5));
+        assert_eq!(soon.status, Outcome::Warn);
+        assert!(soon.saw.contains("expires in 300 s"), "{soon:?}");
+        let expired = at(now - minutes(200), now - minutes(20));
+        assert_eq!(expired.status, Outcome::Fail);
+        assert!(expired.saw.contains("expired at"), "{expired:?}");
+        let future = at(now + minutes(2), now + minutes(182));
+        assert_eq!(future.status, Outcome::Fail);
+        assert!(
+            future.saw.contains("the clock here is behind"),
+            "{future:?}"
+        );
+        assert!(
+            future
+                .hint
+                .as_deref()
+                .unwrap_or_default()
+                .contains("chronyc")
+        );
     }
 
     #[test]

@@ -117,11 +117,14 @@ pub fn check_loads(status: Option<&StatusReport>) -> Finding {
     if let Some(breaker) = &status.breaker
         && breaker.state == "open"
     {
+        // The breaker's own last failure: `last_error` is set only when
+        // the load or re-decrypt that tripped it has finished.
+        let cause = breaker.last_failure.as_deref().unwrap_or(last_error);
         return Finding::fail(
             LOADS,
             format!(
                 "the KMS breaker is open after {} failure(s) in a row (opened {} time(s){}); \
-                 last error: {last_error}",
+                 last failure: {cause}",
                 breaker.consecutive_failures,
                 breaker.opened,
                 breaker
@@ -303,11 +306,15 @@ mod tests {
             consecutive_failures: 5,
             next_probe_in_ms: Some(900),
             opened: 1,
+            last_failure: Some("KMS refused: ThrottlingException (HTTP 400)".into()),
         });
         let finding = check_loads(Some(&open));
         assert_eq!(finding.status, Outcome::Fail);
         assert!(
-            finding.saw.contains("breaker is open after 5"),
+            finding.saw.contains("breaker is open after 5")
+                && finding
+                    .saw
+                    .contains("last failure: KMS refused: ThrottlingException"),
             "{finding:?}"
         );
         let mut stale = ready();

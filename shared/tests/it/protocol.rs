@@ -159,6 +159,7 @@ fn all_responses() -> Vec<Response> {
                     consecutive_failures: 5,
                     next_probe_in_ms: Some(900),
                     opened: 2,
+                    last_failure: Some("KMS refused: ThrottlingException".into()),
                 }),
                 kms_pins: Some(Box::new(KmsPins {
                     region: "eu-west-1".into(),
