@@ -357,7 +357,7 @@ for run in $(seq 1 "$runs"); do
 
   # 2. Forwarder vs socat on the same path: sender -> relay -> sink.
   say "2. forwarder: $((gib / 1048576)) MiB, and $burst connections at once"
-  sink_port=$(free_port) fwd_port=$(free_port) socat_port=$(free_port) echo_port=$(free_port) fwd_echo_port=$(free_port)
+  sink_port=$(free_port) fwd_port=$(free_port) socat_port=$(free_port) echo_port=$(free_port) fwd_echo_port=$(free_port) socat_echo_port=$(free_port)
   socat -u -b 65536 "TCP-LISTEN:$sink_port,reuseaddr,fork" OPEN:/dev/null &
   sink_pid=$!
   pids+=("$sink_pid")
@@ -374,8 +374,13 @@ for run in $(seq 1 "$runs"); do
   socat -b 65536 "TCP-LISTEN:$socat_port,reuseaddr,fork" "TCP:127.0.0.1:$sink_port" &
   socat_pid=$!
   pids+=("$socat_pid")
+  # The burst's peer: socat relaying to the same echo server, with the same
+  # accept queue as the forwarder (socat's default backlog is 5).
+  socat "TCP-LISTEN:$socat_echo_port,reuseaddr,fork,backlog=4096" "TCP:127.0.0.1:$echo_port" &
+  socat_echo_pid=$!
+  pids+=("$socat_echo_pid")
   port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-  for p in "$sink_port" "$fwd_port" "$socat_port" "$echo_port" "$fwd_echo_port"; do
+  for p in "$sink_port" "$fwd_port" "$socat_port" "$echo_port" "$fwd_echo_port" "$socat_echo_port"; do
     wait_for 30 "port $p" port_open "$p"
   done
   push() { # push PORT: seconds to send $gib bytes through it
@@ -395,7 +400,11 @@ for run in $(seq 1 "$runs"); do
   note burst.p99_us "$(jq -r '.latency_us.p99' <<<"$many_json")"
   note one.p99_us "$(jq -r '.latency_us.p99' <<<"$one")"
   note ratio.burst_vs_one_p99 "$(ratio "$(jq -r '.latency_us.p99' <<<"$many_json")" "$(jq -r '.latency_us.p99' <<<"$one")")"
-  for p in "$socat_pid" "$fwd_pid" "$echo_pid" "$sink_pid"; do stop "$p"; done
+  socat_many=$("$bin/loadgen" echo --target "tcp://127.0.0.1:$socat_echo_port" --connections "$burst" --json)
+  note socat_burst.completed "$(jq -r '.completed' <<<"$socat_many")"
+  note socat_burst.p99_us "$(jq -r '.latency_us.p99' <<<"$socat_many")"
+  note ratio.burst_vs_socat_p99 "$(ratio "$(jq -r '.latency_us.p99' <<<"$many_json")" "$(jq -r '.latency_us.p99' <<<"$socat_many")")"
+  for p in "$socat_echo_pid" "$socat_pid" "$fwd_pid" "$echo_pid" "$sink_pid"; do stop "$p"; done
 
   # 3 and 6. Loading $many secrets: per-value envelopes vs one file key;
   # KMS calls counted by the emulator; the enclave's peak RSS.
@@ -496,6 +505,8 @@ p99 < 1 ms: secret port $(goal "$(m secret.p99_us)" "<" 1000), agent $(goal "$(m
 | their p99 | $(ms "$(m burst.p99_us)") ms |
 | one connection, 200 echoes: p99 | $(ms "$(m one.p99_us)") ms |
 | burst p99 / one-connection p99 | $(m ratio.burst_vs_one_p99)× ($(goal "$(m ratio.burst_vs_one_p99)" "<=" 2.0)) |
+| the same burst through \`socat\` (fork, backlog 4096): completed, p99 | $(m socat_burst.completed) of $burst, $(ms "$(m socat_burst.p99_us)") ms |
+| forwarder burst p99 / socat burst p99 | $(m ratio.burst_vs_socat_p99)× |
 
 ## 3. Loading secrets (goal for $many with a file key: 1 KMS call, ready < 1.5 s + one key generation)
 
@@ -554,6 +565,7 @@ head -c $gib /dev/zero | socat -u -b 65536 STDIN TCP:127.0.0.1:PORT   (PORT = fo
 keystore-host proxy --forward tcp://127.0.0.1:F=127.0.0.1:SINK --max-connections 2048 …
 socat -b 65536 TCP-LISTEN:R,reuseaddr,fork TCP:127.0.0.1:SINK; sink: socat -u -b 65536 TCP-LISTEN:SINK,fork OPEN:/dev/null
 loadgen echo --target tcp://127.0.0.1:F2 --connections $burst    vs    --connections 1 --rounds 200
+socat TCP-LISTEN:S2,reuseaddr,fork,backlog=4096 TCP:127.0.0.1:ECHO; loadgen echo --target tcp://127.0.0.1:S2 --connections $burst
 keystore-enclave --nsm mock --recipient-bits 2048 [--refresh-after 3s | --bench-without-audit] …; keystore-host proxy --secrets FILE …
 keystore-host audit verify --root …/pki/root.pem --json …/get/audit.jsonl
 loadgen crypto --bits … --keygens $keygens --opens $opens
