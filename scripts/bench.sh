@@ -584,7 +584,8 @@ EOF
 # Hand-written analysis below the marker in an existing report is kept.
 marker='<!-- analysis: kept by scripts/bench.sh -->'
 if [ -f "$out" ] && grep -qF "$marker" "$out"; then
-  { echo; sed -n "/$marker/,\$p" "$out"; } >> "$report"
+  # (awk's index, not a sed address: the marker holds slashes)
+  { echo; awk -v m="$marker" 'index($0, m) { on = 1 } on' "$out"; } >> "$report"
 fi
 cp "$report" "$out"
 say "wrote $out"
