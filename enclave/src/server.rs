@@ -617,6 +617,8 @@ impl Session<'_> {
             Ok(Some(decoded)) => {
                 if decoded.request.is_ok() {
                     working.get_or_insert_with(|| self.connection.get_ref().working());
+                } else {
+                    self.connection.get_ref().misbehaved();
                 }
                 *answered += 1;
                 Some(self.answer(decoded).await)
@@ -777,6 +779,7 @@ impl Session<'_> {
                 Next::Close("frame too large")
             }
             FrameError::Decode(reason) => {
+                self.connection.get_ref().misbehaved();
                 // The frame was consumed, so the stream is still in sync.
                 tracing::info!(
                     op = "invalid",

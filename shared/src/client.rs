@@ -152,6 +152,8 @@ pub struct Client {
     config: ClientConfig,
     next_id: u64,
     broken: bool,
+    /// Whether the server ever answered on this connection.
+    answered: bool,
 }
 
 impl Client {
@@ -186,6 +188,7 @@ impl Client {
             config,
             next_id: 1,
             broken: false,
+            answered: false,
         })
     }
 
@@ -300,23 +303,18 @@ impl Client {
         // Pessimistic until the exchange completes: a timeout or error
         // below leaves the stream in an unknown state.
         self.broken = true;
-        let exchange = async {
-            self.connection
-                .write_message(&request)
-                .await
-                .map_err(|source| ClientError::Frame { op: kind, source })?;
-            self.connection
-                .read_message::<Response>()
-                .await
-                .map_err(|source| ClientError::Frame { op: kind, source })
-        };
-        let response = tokio::time::timeout(self.config.request_timeout, exchange)
-            .await
-            .map_err(|_| ClientError::Timeout {
-                op: kind,
-                after: self.config.request_timeout,
-            })??
-            .ok_or(ClientError::Closed { op: kind })?;
+        let mut response = self.exchange(&request, kind).await;
+        // A server evicts a connection only while it waits for a request
+        // (shared::serve, `evict_idle`): one closed before it ever answered
+        // was cut before our request was read, so a new connection asks
+        // again, once.
+        if !self.answered && response.as_ref().is_err_and(cut_before_answer) {
+            let fresh = Client::connect_with(&self.endpoint, self.config.clone()).await?;
+            self.connection = fresh.connection;
+            response = self.exchange(&request, kind).await;
+        }
+        let response = response?;
+        self.answered = true;
         response
             .check_version()
             .map_err(|source| ClientError::Version { op: kind, source })?;
@@ -345,6 +343,56 @@ impl Client {
                 got: body.kind(),
             }),
         }
+    }
+}
+
+impl Client {
+    /// Writes `request` and reads one answer, within the request timeout.
+    async fn exchange(
+        &mut self,
+        request: &Request,
+        kind: &'static str,
+    ) -> Result<Response, ClientError> {
+        let exchange = async {
+            self.connection
+                .write_message(request)
+                .await
+                .map_err(|source| ClientError::Frame { op: kind, source })?;
+            self.connection
+                .read_message::<Response>()
+                .await
+                .map_err(|source| ClientError::Frame { op: kind, source })
+        };
+        tokio::time::timeout(self.config.request_timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                op: kind,
+                after: self.config.request_timeout,
+            })??
+            .ok_or(ClientError::Closed { op: kind })
+    }
+}
+
+/// Whether the server closed the connection without answering (not a
+/// timeout, not a malformed answer).
+fn cut_before_answer(err: &ClientError) -> bool {
+    match err {
+        ClientError::Closed { .. }
+        | ClientError::Frame {
+            source: FrameError::Truncated { .. },
+            ..
+        } => true,
+        ClientError::Frame {
+            source: FrameError::Io(io),
+            ..
+        } => matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
     }
 }
 

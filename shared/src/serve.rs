@@ -22,8 +22,9 @@
 //!    first **evicts** one connection that is waiting for its next request
 //!    rather than queueing behind it: a peer that connects and says nothing,
 //!    or trickles a frame, cannot hold slots that someone else needs. The
-//!    victim is chosen among connections that never had a request answered
-//!    (else among all waiting ones), from the peer (unix uid; every tcp or
+//!    victim is chosen among connections that sent a frame that was no
+//!    request ([`Watched::misbehaved`]), else among those that never had a
+//!    request answered, else among all waiting ones; from the peer (unix uid; every tcp or
 //!    vsock peer counts as one) holding the most of them, so one local
 //!    user's squatting sockets go before another user's, and of that peer's
 //!    the one waiting longest. A connection is never evicted while its handler marks
@@ -572,6 +573,7 @@ impl Admission {
             evicted: Notify::new(),
             owner,
             proven: AtomicBool::new(false),
+            misbehaved: AtomicBool::new(false),
             slot: Mutex::new(Some(slot)),
         });
         self.lock().insert(id, standing.clone());
@@ -588,9 +590,11 @@ impl Admission {
     }
 
     /// Takes the slot of one connection waiting for a request, and tells
-    /// it to close. Connections that never had a request answered go
-    /// first; among them (or else among the rest), the owner with the most
-    /// waiting connections, and of its, the one waiting longest. The slot
+    /// it to close. Connections that sent garbage go first, then those
+    /// that never had a request answered (a newcomer that has not spoken
+    /// yet is not outranked by a stream of garbage senders), then the rest;
+    /// within that class, the owner with the most waiting connections, and
+    /// of its, the one waiting longest. The slot
     /// passes straight to the newcomer, so a burst of newcomers never
     /// queues behind victims still closing.
     fn evict_one(&self) -> Option<OwnedSemaphorePermit> {
@@ -603,8 +607,8 @@ impl Admission {
                     .values()
                     .filter_map(|s| s.waiting_since().map(|since| (since, s)))
             };
-            let proven = !waiting().any(|(_, s)| !s.proven.load(Ordering::Acquire));
-            let class = || waiting().filter(|(_, s)| s.proven.load(Ordering::Acquire) == proven);
+            let rank = waiting().map(|(_, s)| s.rank()).min()?;
+            let class = || waiting().filter(|(_, s)| s.rank() == rank);
             let mut per_owner: HashMap<Option<u32>, usize> = HashMap::new();
             for (_, standing) in class() {
                 *per_owner.entry(standing.owner).or_default() += 1;
@@ -763,11 +767,26 @@ struct Standing {
     owner: Option<u32>,
     /// Whether a request was ever in progress on it ([`Watched::working`]).
     proven: AtomicBool,
+    /// Whether it ever sent a frame that was no request
+    /// ([`Watched::misbehaved`]).
+    misbehaved: AtomicBool,
     /// The connection's slot, until it ends or a newcomer evicts it.
     slot: Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 impl Standing {
+    /// Its eviction class, lowest first: sent garbage, never had a request
+    /// answered, the rest.
+    fn rank(&self) -> u8 {
+        if self.misbehaved.load(Ordering::Acquire) {
+            0
+        } else if !self.proven.load(Ordering::Acquire) {
+            1
+        } else {
+            2
+        }
+    }
+
     /// Since when it has been waiting for a request, if it is.
     fn waiting_since(&self) -> Option<u64> {
         let state = self.state.load(Ordering::Acquire);
@@ -841,6 +860,12 @@ impl<S> Watched<S> {
     /// is taken.
     pub fn working(&self) -> Working {
         self.standing().working()
+    }
+
+    /// Records that the peer sent a frame that is no request: such a
+    /// connection is the first to be evicted for a newcomer.
+    pub fn misbehaved(&self) {
+        self.standing.misbehaved.store(true, Ordering::Release);
     }
 
     /// A handle that marks requests in progress on this connection, for a

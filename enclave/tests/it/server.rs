@@ -361,6 +361,60 @@ async fn a_newcomer_takes_the_slot_of_the_connection_idle_longest() {
     harness.stop().await.unwrap();
 }
 
+/// A connection that sent a frame that is no request goes before one that
+/// has said nothing yet, however long that one has waited: a flood of
+/// garbage senders cannot evict a client between its connect and its first
+/// request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_sender_is_evicted_before_a_silent_newcomer() {
+    let harness = Harness::start(Options {
+        config: ServerConfig {
+            max_connections: 2,
+            admission_wait: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    // The silent one connects first, so it has waited longest.
+    let silent = harness.endpoint.connect_privileged().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut garbage = harness.endpoint.connect_privileged().await.unwrap();
+    let mut frame = 4u32.to_be_bytes().to_vec();
+    frame.extend([0xff; 4]);
+    garbage.write_all(&frame).await.unwrap();
+    let mut garbage = Connection::new(garbage);
+    let answer = garbage.read_message::<Response>().await.unwrap().unwrap();
+    assert_eq!(error_of(&answer).0, ErrorCode::BadRequest);
+
+    // Both slots are taken; a newcomer takes the garbage sender's.
+    let mut third = harness.client().await;
+    assert!(third.status().await.unwrap().ready);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(30),
+        garbage.get_mut().read_to_end(&mut rest),
+    )
+    .await
+    .unwrap();
+    assert!(
+        closed.is_err() || rest.is_empty(),
+        "the garbage sender was evicted"
+    );
+    // The silent one kept its slot and is answered when it speaks.
+    let mut silent = Connection::new(silent);
+    silent
+        .write_message(&Request::new(9, RequestOp::Status))
+        .await
+        .unwrap();
+    let answer = silent.read_message::<Response>().await.unwrap().unwrap();
+    assert!(
+        matches!(answer.result, ResponseBody::Status(_)),
+        "{answer:?}"
+    );
+    harness.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_finishes_in_flight_requests_and_stops_accepting() {
     let mut harness = Harness::start(Options {

@@ -109,13 +109,19 @@ impl Handler for UnixHandler {
                         working = Some(connection.get_ref().working());
                         self.answer(id, request, &caller).await
                     }
-                    Err(message) => Response::error(id, ErrorCode::BadRequest, message),
+                    Err(message) => {
+                        connection.get_ref().misbehaved();
+                        Response::error(id, ErrorCode::BadRequest, message)
+                    }
                 },
-                Ok(Err(FrameError::Decode(reason))) => Response::error(
-                    0,
-                    ErrorCode::BadRequest,
-                    format!("request frame is not a valid request: {reason}"),
-                ),
+                Ok(Err(FrameError::Decode(reason))) => {
+                    connection.get_ref().misbehaved();
+                    Response::error(
+                        0,
+                        ErrorCode::BadRequest,
+                        format!("request frame is not a valid request: {reason}"),
+                    )
+                }
                 Ok(Err(err @ FrameError::TooLarge { .. })) => {
                     let response = Response::error(0, ErrorCode::TooLarge, err.to_string());
                     let _ = connection.write_message(&response).await;

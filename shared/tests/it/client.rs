@@ -138,3 +138,44 @@ async fn connecting_to_nothing_fails_with_one_message() {
     assert!(std::error::Error::source(&err).is_none());
     assert!(err.to_string().contains("none.sock"), "{err}");
 }
+
+/// A connection the server closes before answering anything (as an
+/// evicted one is: only while it waits for a request) is asked again once
+/// on a new connection; after an answer, a close is an error, never a
+/// silent retry.
+#[tokio::test]
+async fn a_connection_cut_before_its_first_answer_is_asked_again_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = Endpoint::unix(dir.path().join("cut.sock"));
+    let listener = endpoint.bind().await.unwrap();
+    let served = tokio::spawn(async move {
+        // The first connection: closed unread (its request pending).
+        let (first, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(first);
+        // The second: one answer, then closed.
+        let (second, _) = listener.accept().await.unwrap();
+        let mut conn = Connection::new(second);
+        let request = conn.read_message::<Request>().await.unwrap().unwrap();
+        let names = ResponseBody::Names { names: vec![] };
+        conn.write_message(&Response::new(request.id, names))
+            .await
+            .unwrap();
+        // Wait for the client's next request, then close unanswered.
+        let _ = conn.read_message::<Request>().await;
+        drop(conn);
+        let third = tokio::time::timeout(Duration::from_millis(500), listener.accept()).await;
+        third.is_ok()
+    });
+    let mut client = Client::connect_with(&endpoint, quick()).await.unwrap();
+    assert!(client.list().await.unwrap().is_empty());
+    let err = client.list().await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Closed { .. } | ClientError::Frame { .. }),
+        "{err}"
+    );
+    assert!(
+        !served.await.unwrap(),
+        "no third connection: no retry after an answer"
+    );
+}
