@@ -344,9 +344,7 @@ impl Client {
             }),
         }
     }
-}
 
-impl Client {
     /// Writes `request` and reads one answer, within the request timeout.
     async fn exchange(
         &mut self,

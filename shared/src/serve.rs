@@ -24,11 +24,12 @@
 //!    or trickles a frame, cannot hold slots that someone else needs. The
 //!    victim is chosen among connections that sent a frame that was no
 //!    request ([`Watched::misbehaved`]), else among those that never had a
-//!    request answered, else among all waiting ones; from the peer (unix uid; every tcp or
-//!    vsock peer counts as one) holding the most of them, so one local
-//!    user's squatting sockets go before another user's, and of that peer's
-//!    the one waiting longest. A connection is never evicted while its handler marks
-//!    a request in progress ([`Watched::working`]). The victim's slot passes
+//!    request answered, else among all waiting ones; from the peer (unix
+//!    uid; every tcp or vsock peer counts as one) holding the most of them,
+//!    so one local user's squatting sockets go before another user's, and
+//!    of that peer's the one waiting longest. A connection is never evicted
+//!    while its handler marks a request in progress ([`Watched::working`]).
+//!    The victim's slot passes
 //!    to the newcomer at once, so a burst of newcomers does not queue
 //!    behind victims still closing. When every slot is busy with requests,
 //!    the newcomer waits as above.
@@ -594,9 +595,9 @@ impl Admission {
     /// that never had a request answered (a newcomer that has not spoken
     /// yet is not outranked by a stream of garbage senders), then the rest;
     /// within that class, the owner with the most waiting connections, and
-    /// of its, the one waiting longest. The slot
-    /// passes straight to the newcomer, so a burst of newcomers never
-    /// queues behind victims still closing.
+    /// of its, the one waiting longest. The slot passes straight to the
+    /// newcomer, so a burst of newcomers never queues behind victims still
+    /// closing.
     fn evict_one(&self) -> Option<OwnedSemaphorePermit> {
         let admitted = self.lock();
         // A candidate may start a request between the choice and the

@@ -14,6 +14,7 @@ use keystore_host::proxy::audit_log::{self, AuditDrain, AuditLogConfig};
 use keystore_host::proxy::credentials::{self, CredentialCache, ServiceLimits};
 use keystore_host::proxy::enclave_logs::{LogRelay, LogRelayConfig};
 use keystore_host::proxy::forwarder::{Forward, ForwarderLimits};
+use keystore_host::proxy::loader::{ENCLAVE_CHECK_INTERVAL, LOAD_RETRY_MAX};
 use keystore_host::proxy::source::{S3Source, SecretsLocation, SecretsSource};
 use keystore_host::proxy::{MetricsService, Proxy, ProxyConfig};
 use keystore_shared::Endpoint;
@@ -67,12 +68,12 @@ pub struct ProxyArgs {
     pub secrets_poll: u64,
     /// The longest wait, in seconds, between two attempts to load the
     /// secrets after a failure (the first wait is 0.5 s, doubling).
-    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    #[arg(long, value_name = "SECONDS", default_value_t = LOAD_RETRY_MAX.as_secs())]
     pub load_retry_max: u64,
     /// Seconds between two checks that the enclave still holds its
     /// secrets; a restarted enclave is loaded again within this and one
     /// poll.
-    #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+    #[arg(long, value_name = "SECONDS", default_value_t = ENCLAVE_CHECK_INTERVAL.as_secs())]
     pub enclave_check: u64,
     /// Connections each forwarder serves at once; more wait.
     #[arg(long, default_value_t = 256)]

@@ -369,7 +369,8 @@ pub fn check_document(status: Option<&StatusReport>, fetched: Option<&Fetched>) 
         .and_then(AttestationDocument::time)
         .and_then(|made| SystemTime::now().duration_since(made).ok())
         .unwrap_or_default();
-    if behind + age > MAX_DOCUMENT_AGE {
+    let seen_by_kms = behind.saturating_add(age);
+    if seen_by_kms > MAX_DOCUMENT_AGE {
         return Finding::fail(
             DOCUMENT,
             format!(
@@ -377,7 +378,7 @@ pub fn check_document(status: Option<&StatusReport>, fetched: Option<&Fetched>) 
                  s old by this host's clock, so the one it sends KMS is {} s old; KMS refuses \
                  documents older than {} s",
                 behind.as_secs(),
-                (behind + age).as_secs(),
+                seen_by_kms.as_secs(),
                 MAX_DOCUMENT_AGE.as_secs()
             ),
             "the NSM's clock and this host's disagree: check this host's clock (chronyc \
